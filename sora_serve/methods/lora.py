@@ -1,0 +1,20 @@
+"""LoRA (Hu et al. 2021):  y = W0 x + b + s B A x,  s = lora_alpha / r."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, ServingFactors
+
+
+class LoRA(Adapter):
+    """Low-rank update on the input side. Parameters: lora_A (r x in), lora_B (out x r, init 0)."""
+
+    method = "lora"
+
+    def forward(self, x, base_out, weight, bias):
+        return base_out + self.lora_term(x)
+
+    def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
+        a, b = self.scaled_lora(dtype)
+        return ServingFactors(lora_A=a, lora_B=b)

@@ -1,0 +1,75 @@
+"""SORA (arXiv 2511.00051): Pre-Diag followed by a low-rank output rotation.
+
+    z = d * (W0 x + b) + s B A x
+    y = R z,   K = s_p (D C^T - C D^T),   s_p = min(1, s0 / (|C|_F + |D|_F + 1e-6))
+
+C, D are (out x r_p). K is skew-symmetric of rank <= 2 r_p. With U = [C D] and
+M = s_p [[0, -I], [I, 0]] we have K = U M U^T, and the two rotation modes are
+
+    first_order:  R = I + K = I + U M U^T             (the paper's forward, exactly)
+    cayley:       R = (I - K)^-1 (I + K) = I + U G U^T,   G = 2 M (I - U^T U M)^-1
+
+The Cayley form follows from (I - U M U^T)^-1 = I + U M (I - U^T U M)^-1 U^T (Woodbury /
+push-through); R is exactly orthogonal and only 2r_p x 2r_p systems are solved. Both modes
+are applied as y = z + (z U) V^T with V = U M or U G: no (out x out) tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from .base import ServingFactors
+from .prediag import PreDiag
+
+
+def rotation_factors(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with R = I + V U^T, in the dtype of c and d, differentiable in both."""
+    s_p = torch.clamp(s0 / (c.norm() + d.norm() + 1e-6), max=1.0)
+    r_p = c.shape[1]
+    u = torch.cat([c, d], dim=1)
+    eye = torch.eye(r_p, dtype=c.dtype, device=c.device)
+    zero = torch.zeros_like(eye)
+    m = s_p * torch.cat([torch.cat([zero, -eye], 1), torch.cat([eye, zero], 1)], 0)
+    if rotation == "first_order":
+        return u, u @ m
+    if rotation == "cayley":
+        system = torch.eye(2 * r_p, dtype=c.dtype, device=c.device) - (u.T @ u) @ m
+        g = torch.linalg.solve(system, 2 * m, left=False)  # 2 M (I - U^T U M)^-1
+        return u, u @ g
+    raise ValueError(f"unknown rotation {rotation!r}")
+
+
+class SORA(PreDiag):
+    """Parameters: lora_A, lora_B, d (from Pre-Diag), sora_C, sora_D (out x r_p).
+
+    Init as the paper's code: C kaiming-uniform (fan_out), D = C, so K = 0 and the adapted
+    layer starts equal to the base while both C and D get gradients.
+    """
+
+    method = "sora"
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__(in_features, out_features, config)
+        self.s0 = config.s0
+        self.rotation = config.rotation
+        c = torch.empty(out_features, config.r_p)
+        nn.init.kaiming_uniform_(c, a=math.sqrt(5), mode="fan_out")
+        self.sora_C = nn.Parameter(c)
+        self.sora_D = nn.Parameter(c.clone())
+
+    def rotate(self, z: torch.Tensor) -> torch.Tensor:
+        u, v = rotation_factors(self.sora_C, self.sora_D, self.s0, self.rotation)
+        return z + (z @ u.to(z.dtype)) @ v.to(z.dtype).T
+
+    def forward(self, x, base_out, weight, bias):
+        return self.rotate(super().forward(x, base_out, weight, bias))
+
+    def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
+        factors = super().serving_factors(weight, bias, dtype)
+        c, d = (p.detach().to(dtype) for p in (self.sora_C, self.sora_D))
+        factors.rot_U, factors.rot_V = rotation_factors(c, d, self.s0, self.rotation)
+        return factors
