@@ -1,0 +1,38 @@
+"""sora-serve: exact training, folding, export and serving of LoRA, DoRA, Pre-Diag and SORA adapters.
+
+Data flows one way: training/ writes an adapter directory; converters/ (fold, to-LoRA, ONNX)
+and the serving integrations read it. The math of each method is in `sora_serve.methods`.
+"""
+
+from .config import AdapterConfig
+from .errors import AdapterError
+from .io import AdapterFile, load_adapter, read_adapter, save_adapter
+from .methods import ServingFactors
+from .model import (
+    adapted_layers,
+    adapter_configs,
+    adapters_disabled,
+    attach,
+    count_parameters,
+    delete_adapter,
+    set_active_adapter,
+    use_adapters,
+)
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterFile",
+    "ServingFactors",
+    "adapted_layers",
+    "adapter_configs",
+    "adapters_disabled",
+    "attach",
+    "count_parameters",
+    "delete_adapter",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "set_active_adapter",
+    "use_adapters",
+]

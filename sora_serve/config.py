@@ -31,6 +31,7 @@ class AdapterConfig:
     rotation: str = "first_order"
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_dropout: float = 0.0
+    use_rslora: bool = False  # PEFT's rsLoRA scale s = lora_alpha / sqrt(r); only from PEFT dirs
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,7 +55,7 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
         return asdict(self)

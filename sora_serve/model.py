@@ -47,13 +47,12 @@ def find_target_layers(model: nn.Module, target_modules: list[str] | str) -> dic
     """Base layers (already wrapped or not) to adapt, by module path; errors if none match."""
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if isinstance(module, AdaptedLayer) or ".base_layer" in path or not path:
+        if not path or path.endswith(".base_layer") or not matches_target(path, target_modules):
             continue
-        if not matches_target(path, target_modules):
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if target_modules == "all-linear" and (not is_supported_layer(base) or _is_output_head(model, base)):
             continue
-        if target_modules == "all-linear" and (not is_supported_layer(module) or _is_output_head(model, module)):
-            continue
-        if not is_supported_layer(module):
+        if not is_supported_layer(base):
             raise AdapterError(
                 f"module '{path}' is a {type(module).__name__}; only nn.Linear and Conv1D can be adapted",
                 field="target_modules",
@@ -86,7 +85,7 @@ def base_fingerprint(model: nn.Module, paths: Sequence[str]) -> dict:
     return {"model_type": model_type, "modules": shapes, "sha256": digest}
 
 
-def _wrap(model: nn.Module, path: str, module: nn.Module) -> AdaptedLayer:
+def wrap_layer(model: nn.Module, path: str, module: nn.Module) -> AdaptedLayer:
     if isinstance(module, AdaptedLayer):
         return module
     parent_path, _, child = path.rpartition(".")
@@ -108,7 +107,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ve
     for param in model.parameters():
         param.requires_grad_(False)
     for path, module in targets.items():
-        layer = _wrap(model, path, module)
+        layer = wrap_layer(model, path, module)
         layer.add_adapter(name, build_adapter(config, layer.weight))
     setattr(model, CONFIGS_ATTR, {**adapter_configs(model), name: config})
     set_active_adapter(model, name)

@@ -22,7 +22,8 @@ class DoRA(Adapter):
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig, weight: torch.Tensor):
         super().__init__(in_features, out_features, config)
-        self.magnitude = nn.Parameter(weight.detach().float().norm(dim=1).to(weight.dtype))
+        # Same expression as in `magnitude_scale`, so g == 1 exactly right after init.
+        self.magnitude = nn.Parameter(weight.detach().norm(dim=1))
 
     def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """g = m / rownorm(W0 + s B A), with the norm detached (PEFT and the paper do the same)."""

@@ -1,0 +1,48 @@
+"""`sora-serve <command>`: one subcommand per stage of train -> adapter dir -> fold/export/serve.
+
+Each command lives in its own module, which provides `add_arguments(parser)` and `run(args)`;
+modules are imported only when their command runs, so `--help` stays fast and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import AdapterError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train a LoRA / DoRA / Pre-Diag / SORA adapter on local data"),
+    "fold": ("converters.fold", "fold an adapter exactly into the base weights; write a merged checkpoint"),
+    "to-lora": ("converters.to_lora", "convert an adapter to a plain PEFT LoRA directory (exact or SVD)"),
+    "export-onnx": ("converters.onnx_export", "export a model to ONNX, merged or with switchable adapters"),
+    "serve": ("sora_serve.vllm_plugin.server", "serve a model and adapters with vLLM's OpenAI-compatible server"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora-serve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    try:
+        importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except AdapterError as exc:
+        print(f"sora-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
