@@ -9,7 +9,7 @@ from .base import Adapter, ServingFactors
 from .dora import DoRA
 from .lora import LoRA
 from .prediag import PreDiag
-from .sora import SORA, rotation_factors
+from .sora import SORA, cayley_core, rotation_factors, scaled_generator
 
 METHOD_CLASSES: dict[str, type[Adapter]] = {"lora": LoRA, "dora": DoRA, "prediag": PreDiag, "sora": SORA}
 
@@ -22,4 +22,4 @@ def build_adapter(config: AdapterConfig, weight: torch.Tensor) -> Adapter:
     return METHOD_CLASSES[config.method](in_features, out_features, config)
 
 
-__all__ = ["Adapter", "ServingFactors", "LoRA", "DoRA", "PreDiag", "SORA", "METHOD_CLASSES", "build_adapter", "rotation_factors"]
+__all__ = ["Adapter", "ServingFactors", "LoRA", "DoRA", "PreDiag", "SORA", "METHOD_CLASSES", "build_adapter", "cayley_core", "rotation_factors", "scaled_generator"]

@@ -11,7 +11,7 @@ M = s_p [[0, -I], [I, 0]] we have K = U M U^T, and the two rotation modes are
 
 The Cayley form follows from (I - U M U^T)^-1 = I + U M (I - U^T U M)^-1 U^T (Woodbury /
 push-through); R is exactly orthogonal and only 2r_p x 2r_p systems are solved. Both modes
-are applied as y = z + (z U) V^T with V = U M or U G: no (out x out) tensor is ever built.
+are served as y = z + (z U) V^T with V = U M or U G: no (out x out) tensor is ever built.
 """
 
 from __future__ import annotations
@@ -26,20 +26,28 @@ from .base import ServingFactors
 from .prediag import PreDiag
 
 
-def rotation_factors(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V) with R = I + V U^T, in the dtype of c and d, differentiable in both."""
+def scaled_generator(c: torch.Tensor, d: torch.Tensor, s0: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s_p, U, M) with K = U M U^T, differentiable in c and d."""
     s_p = torch.clamp(s0 / (c.norm() + d.norm() + 1e-6), max=1.0)
-    r_p = c.shape[1]
-    u = torch.cat([c, d], dim=1)
-    eye = torch.eye(r_p, dtype=c.dtype, device=c.device)
+    eye = torch.eye(c.shape[1], dtype=c.dtype, device=c.device)
     zero = torch.zeros_like(eye)
     m = s_p * torch.cat([torch.cat([zero, -eye], 1), torch.cat([eye, zero], 1)], 0)
+    return s_p, torch.cat([c, d], dim=1), m
+
+
+def cayley_core(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """H = M (I - U^T U M)^-1, so that (I - K)^-1 = I + U H U^T and the Cayley R = I + 2 U H U^T."""
+    system = torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - (u.T @ u) @ m
+    return torch.linalg.solve(system, m, left=False)
+
+
+def rotation_factors(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with R = I + V U^T: the serving form of either rotation."""
+    _, u, m = scaled_generator(c, d, s0)
     if rotation == "first_order":
         return u, u @ m
     if rotation == "cayley":
-        system = torch.eye(2 * r_p, dtype=c.dtype, device=c.device) - (u.T @ u) @ m
-        g = torch.linalg.solve(system, 2 * m, left=False)  # 2 M (I - U^T U M)^-1
-        return u, u @ g
+        return u, 2 * u @ cayley_core(u, m)
     raise ValueError(f"unknown rotation {rotation!r}")
 
 
@@ -62,8 +70,15 @@ class SORA(PreDiag):
         self.sora_D = nn.Parameter(c.clone())
 
     def rotate(self, z: torch.Tensor) -> torch.Tensor:
-        u, v = rotation_factors(self.sora_C, self.sora_D, self.s0, self.rotation)
-        return z + (z @ u.to(z.dtype)) @ v.to(z.dtype).T
+        """R z for row vectors z. K z is computed as the paper does, s_p ((z C) D^T - (z D) C^T),
+        which is exactly 0 while C == D (at init), so a fresh adapter leaves the base bit-exact.
+        Cayley: R z = z + 2 (I - K)^-1 K z = z + 2 k + 2 ((k U) H^T) U^T with k = K z."""
+        c, d = self.sora_C.to(z.dtype), self.sora_D.to(z.dtype)
+        s_p, u, m = scaled_generator(c, d, self.s0)
+        k = s_p * ((z @ c) @ d.T - (z @ d) @ c.T)
+        if self.rotation == "first_order":
+            return z + k
+        return z + 2 * k + 2 * ((k @ u) @ cayley_core(u, m).T) @ u.T
 
     def forward(self, x, base_out, weight, bias):
         return self.rotate(super().forward(x, base_out, weight, bias))
