@@ -308,6 +308,8 @@ def save_adapter(
     model: nn.Module, out_dir: str | Path, name: str = "default", *, base_model_name_or_path: str | None = None, force: bool = False
 ) -> Path:
     """Write adapter `name` as a directory: ours for Pre-Diag/SORA, PEFT's for LoRA/DoRA."""
+    if name not in adapter_configs(model):
+        raise AdapterError(f"no adapter named '{name}'; attached: {sorted(adapter_configs(model))}", field="name")
     config = adapter_configs(model)[name]
     state = adapter_state(model, name)
     for key, tensor in state.items():
@@ -315,13 +317,13 @@ def save_adapter(
             raise AdapterError("adapter weights contain NaN or infinite values; refusing to save", field=key)
     module_paths = [p for p, layer in adapted_layers(model) if name in layer.adapters]
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
-    if config.method in ("lora", "dora"):
-        fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
-        config_json = _peft_config_json(config, base_name, fan_in_fan_out)
-    else:
-        config_json = _our_config_json(config, base_name, base_fingerprint(model, module_paths))
     with atomic_output_dir(out_dir, force=force) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        if config.method in ("lora", "dora"):
+            fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
+            _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(tmp))
+        else:
+            config_json = _our_config_json(config, base_name, base_fingerprint(model, module_paths))
+            (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return Path(out_dir)
 
@@ -344,10 +346,11 @@ def _our_config_json(config: AdapterConfig, base_name: str | None, fingerprint: 
     }
 
 
-def _peft_config_json(config: AdapterConfig, base_name: str | None, fan_in_fan_out: bool) -> dict:
+def _peft_lora_config(config: AdapterConfig, base_name: str | None, fan_in_fan_out: bool):
+    """LoRA and DoRA adapters are written by PEFT's own config class, in PEFT's layout."""
     from peft import LoraConfig
 
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.r,
         lora_alpha=config.lora_alpha,
         target_modules=config.target_modules,
@@ -357,8 +360,3 @@ def _peft_config_json(config: AdapterConfig, base_name: str | None, fan_in_fan_o
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_name,
     )
-    out = lora.to_dict()
-    out["target_modules"] = sorted(out["target_modules"]) if isinstance(out["target_modules"], (set, list)) else out["target_modules"]
-    out["peft_type"] = "LORA"
-    out["task_type"] = out["task_type"].value if hasattr(out.get("task_type"), "value") else out.get("task_type")
-    return json.loads(json.dumps(out, default=str))
