@@ -307,7 +307,14 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def save_adapter(
     model: nn.Module, out_dir: str | Path, name: str = "default", *, base_model_name_or_path: str | None = None, force: bool = False
 ) -> Path:
-    """Write adapter `name` as a directory: ours for Pre-Diag/SORA, PEFT's for LoRA/DoRA."""
+    """Write adapter `name` as a directory (whole or not at all): ours for Pre-Diag/SORA, PEFT's for LoRA/DoRA."""
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        write_adapter_files(model, tmp, name, base_model_name_or_path=base_model_name_or_path)
+    return Path(out_dir)
+
+
+def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_model_name_or_path: str | None = None) -> None:
+    """Write the config and weights of adapter `name` into an existing (temporary) directory."""
     if name not in adapter_configs(model):
         raise AdapterError(f"no adapter named '{name}'; attached: {sorted(adapter_configs(model))}", field="name")
     config = adapter_configs(model)[name]
@@ -317,15 +324,13 @@ def save_adapter(
             raise AdapterError("adapter weights contain NaN or infinite values; refusing to save", field=key)
     module_paths = [p for p, layer in adapted_layers(model) if name in layer.adapters]
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        if config.method in ("lora", "dora"):
-            fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
-            _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(tmp))
-        else:
-            config_json = _our_config_json(config, base_name, base_fingerprint(model, module_paths))
-            (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return Path(out_dir)
+    if config.method in ("lora", "dora"):
+        fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
+        _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(directory))
+    else:
+        config_json = _our_config_json(config, base_name, base_fingerprint(model, module_paths))
+        (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def _our_config_json(config: AdapterConfig, base_name: str | None, fingerprint: dict) -> dict:

