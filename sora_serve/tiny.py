@@ -70,7 +70,17 @@ def make_tiny_model(arch: str = "llama", *, num_layers: int = 2, vocab_size: int
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_biases(model)
     return model.eval()
+
+
+@torch.no_grad()
+def randomize_biases(model: torch.nn.Module, std: float = 0.05) -> None:
+    """HF initialises biases to zero, which would hide every bias bug; real checkpoints have none zero."""
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.nn.Parameter) and bias.dim() == 1 and not isinstance(module, torch.nn.LayerNorm):
+            bias.normal_(0.0, std)
 
 
 def make_tiny_checkpoint(arch: str, out_dir: str | Path, *, max_shard_size: str | None = None, **kwargs) -> Path:

@@ -1,0 +1,59 @@
+"""to-lora: exact rewrite loads in PEFT and matches SORA; SVD error falls with rank; refusals say why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+import sora_serve as ss
+from converters.to_lora import to_lora
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+
+from .helpers import max_abs, perturb_adapter, random_ids
+
+
+def sora_adapter(arch, out, *, keep_d_one: bool, rotation="cayley"):
+    model = make_tiny_model(arch)
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    ss.attach(model, ss.AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation, target_modules=targets), "a", verbose=False)
+    perturb_adapter(model, "a", scale=0.1)
+    if keep_d_one:
+        with torch.no_grad():
+            for _, layer in ss.adapted_layers(model):
+                layer.adapters["a"].d.fill_(1.0)
+    return ss.save_adapter(model, out, "a")
+
+
+@pytest.mark.parametrize("rotation", ["first_order", "cayley"])
+def test_exact_rewrite_loads_in_peft_and_matches_sora(tmp_path, rotation):
+    base = make_tiny_checkpoint("llama", tmp_path / "base")
+    adapter = sora_adapter("llama", tmp_path / "sora", keep_d_one=True, rotation=rotation)
+    result = to_lora(base, adapter, tmp_path / "lora", progress=False)
+    assert result["exact"] and result["rank"] == 4 + 2 * 2
+    ids = random_ids(512)
+    with torch.no_grad():
+        expected = ss.load_adapter(make_tiny_model("llama"), adapter)(ids).logits
+        peft_logits = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path / "lora").eval()(ids).logits
+    assert max_abs(expected, make_tiny_model("llama")(ids).logits) > 1e-3
+    assert max_abs(peft_logits, expected) <= 1e-5
+
+
+def test_approximation_error_falls_with_rank(tmp_path):
+    base = make_tiny_checkpoint("llama", tmp_path / "base")
+    adapter = sora_adapter("llama", tmp_path / "sora", keep_d_one=False)
+    with pytest.raises(ss.AdapterError, match="d != 1 makes the update full rank.*--allow-approx"):
+        to_lora(base, adapter, tmp_path / "x", progress=False)
+    errors = [to_lora(base, adapter, tmp_path / f"r{k}", allow_approx=True, rank=k, progress=False)["overall_error"] for k in (4, 16, 64)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    assert PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path / "r16") is not None  # loads in PEFT
+    assert not (tmp_path / "x").exists()
+
+
+def test_bias_changes_are_refused(tmp_path):
+    base = make_tiny_checkpoint("qwen2", tmp_path / "base")  # q/v have biases: rotation changes them
+    adapter = sora_adapter("qwen2", tmp_path / "sora", keep_d_one=True)
+    for approx in (False, True):
+        with pytest.raises(ss.AdapterError, match="changes its bias, which a LoRA cannot express"):
+            to_lora(base, adapter, tmp_path / "out", allow_approx=approx, rank=8, progress=False)
+    assert not (tmp_path / "out").exists()
