@@ -4,7 +4,8 @@
 2. trains LoRA, DoRA (through PEFT), Pre-Diag and SORA (ours) on built-in text, same loop;
 3. serves all four plus the base from one model in a mixed batch and checks each row;
 4. folds the SORA adapter into a merged checkpoint and measures the logit error;
-5. rewrites a d = 1 SORA adapter as an exact plain PEFT LoRA.
+5. exports ONNX twice: the merged model, and one graph with the four adapters switchable;
+6. rewrites a d = 1 SORA adapter as an exact plain PEFT LoRA.
 Outputs go to ./out/demo (override with SORA_DEMO_DIR).
 """
 
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
 from converters.fold import fold_adapter
+from converters.onnx_export import export_onnx
 from converters.to_lora import to_lora
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_checkpoint
 from training.train import TrainConfig, train_adapter
@@ -76,6 +78,11 @@ def main() -> None:
     mixed_batch_check(base, root / "adapters", console)
     folded = fold_adapter(base, root / "adapters" / "sora", root / "merged-sora", force=True)
     console.print(f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} shards, max logit error {folded['max_abs_error']:.2e}")
+    merged_onnx = export_onnx(root / "merged-sora", root / "onnx-merged", force=True)
+    console.print(f"ONNX (merged SORA, KV cache): max logit error vs PyTorch {merged_onnx['max_abs_error']['base']:.2e}")
+    switchable = export_onnx(base, root / "onnx-adapters", [root / "adapters" / n for n in RUNS], force=True)
+    errors = ", ".join(f"{k} {v:.1e}" for k, v in switchable["max_abs_error"].items())
+    console.print(f"ONNX (one graph, .onnx_adapter per adapter): max logit error vs PyTorch: {errors}")
     exact = exact_lora_rewrite(base, root, console)
     console.print(f"SORA with d = 1 as a plain PEFT LoRA of rank {exact['rank']}: exact, written to {exact['out_dir']}")
     console.print(f"[bold green]demo finished in {time.perf_counter() - start:.0f} s[/]; outputs under {root}")

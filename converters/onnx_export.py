@@ -1,0 +1,253 @@
+"""`sora-serve export-onnx`: a decoder LM with KV cache, merged or with switchable adapters.
+
+Exporter: `torch.onnx.export` with the TorchScript tracer (`dynamo=False`) on a wrapper that
+takes the KV cache as flat tensors and rebuilds transformers' `DynamicCache`; eager attention.
+optimum-onnx was not used: its releases pin transformers < 5 and this project needs 5.x (vLLM 0.32).
+
+Adapters mode: every adapted layer (union over the adapters given) computes
+`ServingFactors.apply` from six tensors (scale, bias_shift, lora_A, lora_B, rot_U, rot_V),
+zero-padded to the largest ranks. They are traced as graph inputs (named `<module>.<tensor>`)
+and then given initializers of the same name holding the identity (scale 1, zeros
+elsewhere): the graph fed nothing is the base model, and ONNX Runtime's LoRA adapter files
+override them per run (`RunOptions.add_active_adapter`). Tracing them as parameters instead
+would let the exporter merge equal-valued initializers (all the zero defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import sora_serve as ss
+from sora_serve.errors import AdapterError
+from sora_serve.fs import atomic_output_dir
+from sora_serve.io import adapter_from_tensors, check_base
+from sora_serve.methods import ServingFactors
+
+MODEL_FILE = "model.onnx"
+from .onnx_runtime import MANIFEST_FILE
+FACTOR_NAMES = ("scale", "bias_shift", "lora_A", "lora_B", "rot_U", "rot_V")
+
+
+def kv_shape(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+class DecoderWithCache(nn.Module):
+    """(input_ids, attention_mask, position_ids, *past, *adapter tensors) -> (logits, *present)."""
+
+    def __init__(self, model: nn.Module, switchable: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+        self.switchable = switchable or {}
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_and_factors):
+        past, factors = past_and_factors[: 2 * self.num_layers], iter(past_and_factors[2 * self.num_layers :])
+        for layer in self.switchable.values():  # adapter tensors arrive as graph inputs, in this order
+            layer.factors = {name: next(factors) for name in FACTOR_NAMES}
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+class SwitchableFactors(nn.Module):
+    """A base layer followed by `ServingFactors.apply` on tensors fed to the graph as inputs."""
+
+    def __init__(self, base_layer: nn.Module, out_features: int, in_features: int, rank: int, rot_rank: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.shapes = {
+            "scale": (out_features,), "bias_shift": (out_features,), "lora_A": (rank, in_features),
+            "lora_B": (out_features, rank), "rot_U": (out_features, rot_rank), "rot_V": (out_features, rot_rank),
+        }
+        self.factors: dict[str, torch.Tensor] = self.identity()
+
+    def identity(self) -> dict[str, torch.Tensor]:
+        """The defaults: scale 1, everything else 0, so the layer is its base layer."""
+        return {name: torch.ones(shape) if name == "scale" else torch.zeros(shape) for name, shape in self.shapes.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ServingFactors(**self.factors).apply(x, self.base_layer(x))
+
+
+def padded_factors(factors: ServingFactors, rank: int, rot_rank: int) -> dict[str, np.ndarray]:
+    """The six tensors of one layer, missing parts as identity, ranks zero-padded."""
+    out_f, in_f = factors.lora_B.shape[0], factors.lora_A.shape[1]
+    full = {
+        "scale": torch.ones(out_f, dtype=torch.float64) if factors.scale is None else factors.scale,
+        "bias_shift": torch.zeros(out_f, dtype=torch.float64) if factors.bias_shift is None else factors.bias_shift,
+        "lora_A": _pad(factors.lora_A, 0, rank),
+        "lora_B": _pad(factors.lora_B, 1, rank),
+        "rot_U": _pad(factors.rot_U if factors.rot_U is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank),
+        "rot_V": _pad(factors.rot_V if factors.rot_V is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank),
+    }
+    return {k: v.float().numpy() for k, v in full.items()}
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def adapter_factors(model: nn.Module, adapters: list) -> dict[str, dict[str, dict[str, ServingFactors]]]:
+    """adapter name -> module path -> ServingFactors (float64), computed from the base weights."""
+    modules = dict(model.named_modules())
+    result = {}
+    for adapter in adapters:
+        check_base(adapter, model)
+        per_layer = {}
+        for path, tensors in adapter.tensors.items():
+            layer = ss.layer.AdaptedLayer(modules[path])  # for (out, in) weight access, Conv1D included
+            weight = layer.weight.detach().double()
+            bias = None if layer.bias is None else layer.bias.detach().double()
+            module = adapter_from_tensors(adapter.module_configs[path], tensors, weight)
+            per_layer[path] = module.serving_factors(weight, bias, torch.float64)
+        result[adapter.directory.name] = per_layer
+    return result
+
+
+def install_switchable_layers(model: nn.Module, factors: dict[str, dict[str, ServingFactors]]) -> dict[str, SwitchableFactors]:
+    """Replace every adapted layer with SwitchableFactors sized for the largest ranks; return them by path."""
+    ranks: dict[str, tuple[int, int]] = {}
+    for per_layer in factors.values():
+        for path, f in per_layer.items():
+            r, k = ranks.get(path, (0, 0))
+            ranks[path] = (max(r, f.lora_A.shape[0]), max(k, 0 if f.rot_U is None else f.rot_U.shape[1]))
+    for path, (r, k) in ranks.items():
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        base = getattr(parent, child)
+        out_f, in_f = ss.layer.AdaptedLayer(base).weight.shape
+        setattr(parent, child, SwitchableFactors(base, out_f, in_f, max(r, 1), max(k, 1)))
+    return {path: model.get_submodule(path) for path in ranks}
+
+
+def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str, SwitchableFactors]) -> None:
+    """Trace the decoder with a non-empty cache and dynamic batch/sequence/past axes."""
+    layers = model.config.num_hidden_layers
+    kv_heads, head_dim = kv_shape(model.config)
+    past = [torch.randn(1, kv_heads, 3, head_dim) for _ in range(2 * layers)]
+    ids = torch.randint(1, model.config.vocab_size, (1, 4))
+    mask, positions = torch.ones(1, 7, dtype=torch.long), torch.arange(3, 7)[None]
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [n.replace("past_key_values", "present") for n in past_names]
+    factor_names = [f"{p}.{name}" for p in switchable for name in FACTOR_NAMES]
+    defaults = [t for layer in switchable.values() for t in layer.identity().values()]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}, "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({n: {0: "batch", 2: "past"} for n in past_names})
+    axes.update({n: {0: "batch", 2: "total"} for n in present_names})
+    with torch.no_grad():
+        torch.onnx.export(
+            DecoderWithCache(model, switchable), (ids, mask, positions, *past, *defaults), str(path),
+            input_names=["input_ids", "attention_mask", "position_ids", *past_names, *factor_names],
+            output_names=["logits", *present_names], dynamic_axes=axes, opset_version=opset, dynamo=False,
+        )
+    if switchable:
+        add_identity_defaults(path, dict(zip(factor_names, defaults)))
+
+
+def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None:
+    """Give each adapter input an initializer of the same name: optional inputs, identity when not fed."""
+    graph = onnx.load(str(path))
+    missing = sorted(set(defaults) - {i.name for i in graph.graph.input})
+    if missing:  # an adapter tensor the traced graph never reads would be silently ignored: fail instead
+        raise RuntimeError(f"adapter tensors are not inputs of the traced graph: {missing[:3]}")
+    graph.graph.initializer.extend(onnx.numpy_helper.from_array(t.numpy(), name) for name, t in defaults.items())
+    onnx.save(graph, str(path))
+
+
+def export_onnx(model_dir, out_dir, adapters=None, *, force: bool = False, opset: int = 18, verify: bool = True) -> dict:
+    """Export `model_dir` (merged if no adapters, else switchable); return the measured errors."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise AdapterError("missing model config", file=model_dir / "config.json")
+    adapter_files = [ss.read_adapter(a) for a in adapters or []]
+    names = [a.directory.name for a in adapter_files]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    factors = adapter_factors(model, adapter_files)
+    switchable = install_switchable_layers(model, factors) if adapter_files else {}
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        export_graph(model, tmp / MODEL_FILE, opset, switchable)
+        (tmp / "adapters").mkdir()
+        for name, per_layer in tqdm(factors.items(), desc="onnx adapters", disable=not factors):
+            write_onnx_adapter(tmp / "adapters" / f"{name}.onnx_adapter", per_layer, switchable)
+        for side in model_dir.iterdir():
+            if side.is_file() and (side.name.startswith("tokenizer") or side.name in ("config.json", "generation_config.json", "special_tokens_map.json")):
+                shutil.copy2(side, tmp / side.name)
+        kv_heads, head_dim = kv_shape(model.config)
+        manifest = {"num_layers": model.config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "adapters": names, "mode": "adapters" if switchable else "merged"}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    result = {"out_dir": str(out_dir), "mode": manifest["mode"], "adapters": names}
+    if verify:
+        result["max_abs_error"] = verify_export(model_dir, out_dir, adapters or [])
+        print("verified ONNX vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result["max_abs_error"].items()))
+    return result
+
+
+def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switchable: dict[str, SwitchableFactors]) -> None:
+    """One adapter's padded tensors, named like the graph inputs they override."""
+    import onnxruntime as ort
+
+    params = {}
+    for module_path, f in per_layer.items():
+        shapes = switchable[module_path].shapes
+        for name, array in padded_factors(f, shapes["lora_A"][0], shapes["rot_U"][1]).items():
+            params[f"{module_path}.{name}"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters(params)
+    fmt.export_adapter(str(path))
+
+
+@torch.no_grad()
+def verify_export(model_dir, out_dir, adapters: list, seed: int = 0) -> dict[str, float]:
+    """Max |ONNX - PyTorch| logits per adapter (and the base), on random ids, full prompt."""
+    from .onnx_runtime import OnnxCausalLM  # imports onnxruntime
+
+    onnx_lm = OnnxCausalLM(out_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(1, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+    errors = {"base": float(np.abs(onnx_lm.logits(ids.numpy()) - base(ids).logits.numpy()).max())}
+    for adapter_dir in adapters:
+        name = Path(adapter_dir).name
+        ss.load_adapter(base, adapter_dir, name=name)
+        errors[name] = float(np.abs(onnx_lm.logits(ids.numpy(), adapter=name) - base(ids).logits.numpy()).max())
+        ss.set_active_adapter(base, None)
+    return errors
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint (a base or a folded model)")
+    parser.add_argument("--out", required=True, help="output folder (model.onnx, adapters/, tokenizer)")
+    parser.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapter directories for --mode adapters")
+    parser.add_argument("--mode", choices=["merged", "adapters"], default="merged", help="merged: the checkpoint as is; adapters: switchable inputs")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-verify", action="store_true", help="skip the logit check against PyTorch")
+
+
+def run(args: argparse.Namespace) -> None:
+    if (args.mode == "adapters") != bool(args.adapters):
+        raise AdapterError("--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters")
+    result = export_onnx(args.model, args.out, args.adapters, force=args.force, opset=args.opset, verify=not args.no_verify)
+    print(f"wrote {result['out_dir']} ({result['mode']}{': ' + ', '.join(result['adapters']) if result['adapters'] else ''})")
