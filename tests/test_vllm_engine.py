@@ -1,0 +1,127 @@
+"""vLLM with the plugin: a mixed batch of every adapter kind equals the eager runtime (one engine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sora_serve as ss
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+from sora_serve.vllm_plugin import check_vllm_version
+
+from .helpers import perturb_adapter
+
+LOGPROB_TOL = 1e-4  # fp32, per generated token
+KINDS = {
+    "lora": dict(method="lora"),
+    "dora": dict(method="dora"),
+    "prediag": dict(method="prediag", r=4),
+    "sora_fo": dict(method="sora", r_p=2),
+    "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
+}
+PROMPTS = [[5, 17, 99, 23, 4], [7, 7, 300, 12], [101, 44, 9, 250, 3, 88]]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    base = make_tiny_checkpoint("qwen2", root / "base")  # q/k/v biases: the bias path is exercised
+    for i, (name, kwargs) in enumerate(KINDS.items()):
+        model = make_tiny_model("qwen2")
+        ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
+        perturb_adapter(model, "a", scale=0.1, seed=i)
+        ss.save_adapter(model, root / name, "a")
+    from sora_serve.vllm_plugin.engine import make_llm
+
+    llm = make_llm(base, max_loras=2, max_lora_rank=16)  # 2 slots < 5 adapters: slots are evicted and reused
+    yield root, llm
+    del llm
+
+
+def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], max_tokens: int = 8):
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    ids = {name: i + 1 for i, name in enumerate(KINDS)}
+    requests = [None if n is None else LoRARequest(n, ids[n], str(root / n)) for n in names]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outputs]
+
+
+@torch.no_grad()
+def eager_reference(root, name: str | None, prompt: list[int], max_tokens: int = 8):
+    """Greedy tokens and their log-probabilities from the HF model with our runtime adapter."""
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    if name is not None:
+        ss.load_adapter(model, root / name)
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    logprobs = torch.log_softmax(model(torch.tensor([tokens])).logits[0].double(), -1)
+    new = tokens[len(prompt) :]
+    return new, [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(new)]
+
+
+@pytest.mark.slow
+def test_mixed_batch_of_every_kind_equals_eager(served):
+    root, llm = served
+    names = [None, *KINDS, "sora_cay", None, "lora"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    results = vllm_generate(llm, root, names, prompts)
+    base_tokens = eager_reference(root, None, PROMPTS[0])[0]
+    for name, prompt, (tokens, logprobs) in zip(names, prompts, results):
+        expected_tokens, expected_logprobs = eager_reference(root, name, prompt)
+        assert tokens == expected_tokens, name
+        assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL, name
+        if name is not None and prompt == PROMPTS[0]:
+            assert tokens != base_tokens, f"{name} should change the output"
+
+
+@pytest.mark.slow
+def test_base_requests_stay_base_with_all_slots_full(served):
+    """vLLM CPU's stock ops give base rows the last slot's adapter here (index -1 wraps)."""
+    root, llm = served
+    names = ["sora_cay", "dora", None, "sora_cay"]
+    results = vllm_generate(llm, root, names, [PROMPTS[0]] * 4)
+    assert results[2][0] == eager_reference(root, None, PROMPTS[0])[0]
+    assert results[1][0] == eager_reference(root, "dora", PROMPTS[0])[0]
+
+
+STOCK_LOAD = """
+import sys
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.peft_helper import PEFTHelper
+from vllm.config.lora import LoRAConfig
+helper = PEFTHelper.from_local_dir(sys.argv[1], 256)
+if sys.argv[2] == "plugin":
+    from sora_serve.vllm_plugin import register
+    register()
+try:
+    helper.validate_legal(LoRAConfig(max_lora_rank=16))
+    LoRAModel.from_local_checkpoint(sys.argv[1], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, helper, device="cpu")
+    print("LOADED")
+except ValueError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,stock_error", [("sora_cay", "is unsupported LoRA weight"), ("dora", "vLLM does not yet support DoRA")])
+def test_stock_vllm_refuses_what_the_plugin_loads(served, kind, stock_error):
+    root, _ = served
+    for mode, expected in (("stock", f"REFUSED"), ("plugin", "LOADED")):
+        out = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(root / kind), mode], capture_output=True, text=True, timeout=300)
+        assert expected in out.stdout, out.stdout + out.stderr[-2000:]
+        if mode == "stock":
+            assert stock_error in out.stdout
+
+
+def test_plugin_refuses_untested_vllm_versions():
+    check_vllm_version("0.32.3")
+    with pytest.raises(RuntimeError, match="refuses vLLM 0.33.0"):
+        check_vllm_version("0.33.0")
