@@ -31,17 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per batch (slots)")
     parser.add_argument("--max-lora-rank", type=int, default=16, choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, help="default: the model's own limit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for vLLM's server")
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
-        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enforce-eager",
-        "--max-model-len", str(args.max_model_len), "--enable-lora", "--max-loras", str(args.max_loras),
+        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enforce-eager", "--enable-lora", "--max-loras", str(args.max_loras),
         "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max(8, 2 * args.max_loras)),
     ]
+    if args.max_model_len:
+        command += ["--max-model-len", str(args.max_model_len)]
     if args.adapter:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in args.adapter)]
     return command + [a for a in args.extra if a != "--"]

@@ -1,0 +1,154 @@
+"""`sora-serve serve`: vLLM's OpenAI server with the plugin, adapters per request, runtime load/unload."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sora_serve as ss
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+
+from .helpers import perturb_adapter
+
+PROMPT = "the film is a charming"
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict | str]:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    base = make_tiny_checkpoint("llama", root / "base")
+    for i, (name, config) in enumerate({
+        "sora": ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=2, target_modules="all-linear"),
+        "dora": ss.AdapterConfig(method="dora", r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "prediag": ss.AdapterConfig(method="prediag", r=4, target_modules="all-linear"),
+    }.items()):
+        model = make_tiny_model("llama")
+        ss.attach(model, config, "a", verbose=False)
+        perturb_adapter(model, "a", scale=0.15, seed=i)
+        ss.save_adapter(model, root / name, "a")
+    (root / "chat.jinja").write_text(CHAT_TEMPLATE)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "sora_serve.cli", "serve", "--model", str(base), "--port", str(port), "--max-loras", "2",
+        "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
+        "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
+    ]
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(2)
+    else:
+        process.kill()
+        pytest.fail("server did not become healthy in 300 s")
+    yield url, root
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@torch.no_grad()
+def eager_tokens(root, adapter: str | None, prompt: str = PROMPT, max_tokens: int = 6) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    if adapter is not None:
+        ss.load_adapter(model, root / adapter)
+    ids = tokenizer(prompt).input_ids
+    prompt_len = len(ids)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[prompt_len:]
+
+
+def complete(url: str, model: str, prompt: str = PROMPT) -> tuple[int, dict | str]:
+    return post(f"{url}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+
+
+def new_tokens(body: dict) -> list[int]:
+    return body["choices"][0]["token_ids"]
+
+
+@pytest.mark.slow
+def test_concurrent_adapters_runtime_load_and_unload(server):
+    url, root = server
+    names = ["sora", "base", "dora", "sora", "base", "dora"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        responses = list(pool.map(lambda n: complete(url, n), names))
+    expected = {n: eager_tokens(root, None if n == "base" else n) for n in set(names)}
+    assert len({tuple(t) for t in expected.values()}) == 3, "the adapters should change the output"
+    for name, (status, body) in zip(names, responses):
+        assert status == 200, body
+        assert new_tokens(body) == expected[name], name
+
+    status, body = post(f"{url}/v1/chat/completions", {"model": "dora", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+    assert status == 200 and new_tokens(body) == expected["dora"], body
+
+    status, body = post(f"{url}/v1/load_lora_adapter", {"lora_name": "prediag", "lora_path": str(root / "prediag")})
+    assert status == 200, body
+    status, body = complete(url, "prediag")
+    assert status == 200 and new_tokens(body) == eager_tokens(root, "prediag"), body
+
+    status, body = post(f"{url}/v1/unload_lora_adapter", {"lora_name": "sora"})
+    assert status == 200, body
+    status, body = complete(url, "sora")
+    assert status == 404, body
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+        served = {m["id"] for m in json.load(response)["data"]}
+    assert "sora" not in served and {"base", "dora", "prediag"} <= served
+    # Fill both slots with the remaining adapters around base requests: sora's output never returns.
+    with ThreadPoolExecutor(4) as pool:
+        after = list(pool.map(lambda n: complete(url, n), ["dora", "base", "prediag", "base"]))
+    outputs = [new_tokens(body) for _, body in after]
+    assert outputs == [expected["dora"], expected["base"], eager_tokens(root, "prediag"), expected["base"]]
+    assert expected["sora"] not in outputs
+
+
+def test_bad_serve_arguments_fail_before_the_engine_starts(tmp_path, capsys):
+    from sora_serve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", str(tmp_path), "--adapter", "no-equals-sign"])
+    assert exc.value.code == 2 and "expected NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--adapter", f"a={tmp_path / 'missing'}"]) == 1
+    assert "missing: adapter directory not found" in capsys.readouterr().err
