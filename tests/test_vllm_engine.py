@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -125,3 +126,32 @@ def test_plugin_refuses_untested_vllm_versions():
     check_vllm_version("0.32.3")
     with pytest.raises(RuntimeError, match="refuses vLLM 0.33.0"):
         check_vllm_version("0.33.0")
+
+
+MERGED_SCRIPT = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import SamplingParams
+    from sora_serve.vllm_plugin.engine import make_llm
+    llm = make_llm(sys.argv[1], enable_lora=False)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], params, use_tqdm=False)[0].outputs[0]
+    print("RESULT", json.dumps([list(out.token_ids), [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]]))
+"""
+
+
+@pytest.mark.slow
+def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
+    from converters.fold import fold_adapter
+
+    root, _ = served
+    fold_adapter(root / "base", root / "sora_cay", tmp_path / "merged", verify=False, progress=False)
+    script = tmp_path / "merged.py"
+    script.write_text(MERGED_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "merged"), str(PROMPTS[0])], capture_output=True, text=True, timeout=600)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line is not None, out.stderr[-3000:]
+    tokens, logprobs = json.loads(line.split(" ", 1)[1])
+    expected_tokens, expected_logprobs = eager_reference(root, "sora_cay", PROMPTS[0])
+    assert tokens == expected_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL
