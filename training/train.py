@@ -204,6 +204,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "eval_before": before,
         "eval_after": after,
         "mean_step_time_s": sum(step_times[1:]) / max(1, len(step_times) - 1),
+        "step_times_s": step_times,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # process lifetime peak (ru_maxrss)
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("data", "eval_data")},
         "data": str(cfg.data) if isinstance(cfg.data, (str, Path)) else f"<{len(train_examples)} in-memory examples>",

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks {serving,training,quality,all,readme} [--quick]`."""

@@ -1,0 +1,28 @@
+"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+SUITES = ("serving", "training", "quality")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("suite", choices=[*SUITES, "all", "readme"])
+    parser.add_argument("--quick", action="store_true", help="small settings (each suite < 5 min on 2 cores)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default ./results)")
+    args = parser.parse_args()
+    if args.suite == "readme":
+        from .readme import print_headline
+
+        print_headline(args.out)
+        return
+    for suite in SUITES if args.suite == "all" else (args.suite,):
+        importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Shared by the suites: machine description, statistics, and writing JSON + Markdown + PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(os.environ.get("SORA_BENCH_RESULTS", "results"))
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("peft", "vllm", "onnxruntime"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    mem = next((int(l.split()[1]) // 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), None)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_mib": mem, "gpu": None, "versions": versions}
+
+
+def stats(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+
+    return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered), "samples": samples}
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    threshold: float
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+    def row(self) -> str:
+        sign = ">=" if self.higher_is_better else "<="
+        value = "n/a" if self.value is None else f"{self.value:.3f}"
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[self.met]
+        return f"| {self.name} | {value} | {sign} {self.threshold} | {verdict} | {self.note} |"
+
+
+def markdown_targets(targets: list[Target]) -> str:
+    lines = ["| target | measured | required | verdict | note |", "| --- | --- | --- | --- | --- |"]
+    return "\n".join(lines + [t.row() for t in targets])
+
+
+def save_suite(suite: str, payload: dict, markdown: str, figures: dict[str, plt.Figure], out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    payload = {"suite": suite, "timestamp": stamp, "machine": machine(), **payload}
+    base = out_dir / f"{suite}-{stamp}"
+    for name, fig in figures.items():
+        fig.tight_layout()
+        fig.savefig(f"{base}-{name}.png", dpi=120)
+        shutil.copy(f"{base}-{name}.png", out_dir / f"{suite}-latest-{name}.png")
+        plt.close(fig)
+        markdown += f"\n\n![{name}]({suite}-{stamp}-{name}.png)"
+    header = f"# {suite} benchmark ({stamp})\n\nMachine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, no GPU.\n\n"
+    Path(f"{base}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    Path(f"{base}.md").write_text(header + markdown + "\n")
+    shutil.copy(f"{base}.json", out_dir / f"{suite}-latest.json")
+    shutil.copy(f"{base}.md", out_dir / f"{suite}-latest.md")
+    print(header + markdown)
+    return Path(f"{base}.json")
+
+
+def bar_chart(title: str, labels: list[str], values: list[float], errors: tuple[list[float], list[float]] | None, ylabel: str) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+    ax.bar(labels, values, yerr=errors, capsize=4, color="#4c72b0", label="median (p10-p90)")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    return fig
