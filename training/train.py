@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -120,11 +120,11 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_seed: int | None) -> list[dict]:
+def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_seed: int | None) -> Iterator[dict]:
+    """Tokenized batches, produced lazily: a short run on a large file tokenizes only what it uses."""
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    batches = []
     for start in range(0, len(order), cfg.batch_size):
         chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
         enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
@@ -132,8 +132,7 @@ def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_s
             enc["labels"] = torch.tensor([label for _, label in chunk])
         else:
             enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        batches.append(dict(enc))
-    return batches
+        yield dict(enc)
 
 
 @torch.no_grad()
@@ -183,7 +182,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
     num_labels = check_labels(train_examples + eval_examples, cfg)
     model, tokenizer = load_model(cfg, num_labels)
     model = add_adapter(model, cfg)
-    eval_batches = make_batches(eval_examples, tokenizer, cfg, shuffle_seed=None)
+    eval_batches = list(make_batches(eval_examples, tokenizer, cfg, shuffle_seed=None))
     before = evaluate(model, eval_batches, cfg.task)
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)

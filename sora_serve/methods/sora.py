@@ -75,10 +75,14 @@ class SORA(PreDiag):
         Cayley: R z = z + 2 (I - K)^-1 K z = z + 2 k + 2 ((k U) H^T) U^T with k = K z."""
         c, d = self.sora_C.to(z.dtype), self.sora_D.to(z.dtype)
         s_p, u, m = scaled_generator(c, d, self.s0)
-        k = s_p * ((z @ c) @ d.T - (z @ d) @ c.T)
+        # s_p goes on the small factors, and the out-sized results are combined in place:
+        # the rotation then costs two thin GEMM pairs and no extra full-size passes.
+        k = (z @ c) @ (s_p * d).T
+        k.sub_((z @ d) @ (s_p * c).T)
         if self.rotation == "first_order":
-            return z + k
-        return z + 2 * k + 2 * ((k @ u) @ cayley_core(u, m).T) @ u.T
+            return k.add_(z)
+        correction = ((k @ u) @ (2 * cayley_core(u, m)).T) @ u.T
+        return correction.add_(k, alpha=2).add_(z)
 
     def forward(self, x, base_out, weight, bias):
         return self.rotate(super().forward(x, base_out, weight, bias))
