@@ -24,7 +24,8 @@ def print_headline(out_dir: Path | None = None) -> None:
         if suite in ("serving", "training"):
             print("\n| target | measured | met |\n| --- | --- | --- |")
             for t in data["targets"]:
-                print(f"| {t['name']} | {'n/a' if t['value'] is None else f'{t['value']:.2f}'} | {t['met']} |")
+                value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+                print(f"| {t['name']} | {value} | {t['met']} |")
         if suite == "quality":
             print("| method | params | SST-2 dev acc (mean ± std, 3 seeds) |\n| --- | --- | --- |")
             for m, r in data["results"].items():
