@@ -38,7 +38,7 @@ def served(tmp_path_factory):
         ss.save_adapter(model, root / name, "a")
     from sora_serve.vllm_plugin.engine import make_llm
 
-    llm = make_llm(base, max_loras=2, max_lora_rank=16)  # 2 slots < 5 adapters: slots are evicted and reused
+    llm = make_llm(base, max_loras=4, max_lora_rank=16)  # 4 slots < 5 adapters: slots are evicted and reused
     yield root, llm
     del llm
 
@@ -87,10 +87,11 @@ def test_mixed_batch_of_every_kind_equals_eager(served):
 def test_base_requests_stay_base_with_all_slots_full(served):
     """vLLM CPU's stock ops give base rows the last slot's adapter here (index -1 wraps)."""
     root, llm = served
-    names = ["sora_cay", "dora", None, "sora_cay"]
-    results = vllm_generate(llm, root, names, [PROMPTS[0]] * 4)
+    names = ["sora_cay", "dora", None, "prediag", "lora", "sora_cay"]  # 4 adapters in 4 slots: decode takes the gathered path
+    results = vllm_generate(llm, root, names, [PROMPTS[0]] * len(names))
     assert results[2][0] == eager_reference(root, None, PROMPTS[0])[0]
-    assert results[1][0] == eager_reference(root, "dora", PROMPTS[0])[0]
+    for i in (0, 1, 3, 4):
+        assert results[i][0] == eager_reference(root, names[i], PROMPTS[0])[0], names[i]
 
 
 STOCK_LOAD = """
@@ -155,3 +156,39 @@ def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
     expected_tokens, expected_logprobs = eager_reference(root, "sora_cay", PROMPTS[0])
     assert tokens == expected_tokens
     assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL
+
+
+def test_gathered_and_per_slot_paths_agree():
+    """The op's two strategies (per-slot GEMMs, per-token gathered bmm) give the same rows; -1 rows stay base."""
+    from types import SimpleNamespace
+
+    from sora_serve.vllm_plugin import patches
+
+    torch.manual_seed(0)
+    slots, max_rank, sizes, in_f = 5, 16, (24, 8, 8), 32
+    layer = SimpleNamespace(
+        tp_size=1, output_slices=sizes,
+        lora_a_stacked=tuple(torch.zeros(slots, 1, max_rank, in_f) for _ in sizes),
+        lora_b_stacked=tuple(torch.zeros(slots, 1, n, max_rank) for n in sizes),
+    )
+    state = patches.slot_state(layer)
+    for slot, (r, k, scale) in enumerate([(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (0, 0, False)]):
+        state.rank[slot], state.rot_rank[slot], state.has_scale[slot], state.has_shift[slot] = r, k, scale, scale
+        for i, n in enumerate(sizes):
+            layer.lora_a_stacked[i][slot, 0, :r] = torch.randn(r, in_f)
+            layer.lora_b_stacked[i][slot, 0, :, :r] = torch.randn(n, r)
+            if scale:
+                state.scale[i][slot] = 1 + 0.1 * torch.randn(n)
+                state.shift[i][slot] = 0.1 * torch.randn(n)
+            state.rot_u[i][slot, :, :k] = 0.1 * torch.randn(n, k)
+            state.rot_v[i][slot, :, :k] = 0.1 * torch.randn(n, k)
+    indices = torch.tensor([0, 1, -1, 2, 3, 1, -1, 0])
+    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
+    x, base = torch.randn(len(indices), in_f), torch.randn(len(indices), sum(sizes))
+    per_slot = base.clone()
+    for slot in range(4):
+        rows = (indices == slot).nonzero().squeeze(1)
+        per_slot[rows] = patches._apply_slot(layer, state, slot, x[rows], base[rows])
+    gathered = patches.grouped_adapter_op(layer, x, base.clone())  # 4 slots, 2 tokens each: gathered path
+    assert torch.allclose(gathered, per_slot, atol=1e-5)
+    assert torch.equal(gathered[indices == -1], base[indices == -1])

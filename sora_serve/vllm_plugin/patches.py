@@ -8,7 +8,8 @@
    layer's slot i is filled with that adapter's `ServingFactors`, computed from the layer's own
    base weight (DoRA's g needs it), slice by slice for packed layers (qkv_proj, gate_up_proj).
 3. The op (`BaseLinearLayerWithLoRA._apply_lora_to_output`): tokens are grouped by slot and
-   each slot runs `ServingFactors.apply` with one GEMM per factor. Slot -1 (no adapter) is left
+   each slot runs `ServingFactors.apply` with one GEMM per factor; with many slots and few tokens
+   each (decode), every token's factors are gathered and applied in one batched GEMM instead. Slot -1 (no adapter) is left
    at the base output; vLLM CPU's stock ops index weights[-1], the last slot, instead.
 4. Unload (`OpenAIServingModels.unload_lora_adapter`): also removes the adapter from the engine,
    so its slot is freed, not only its name.
@@ -263,6 +264,9 @@ def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Te
     state = slot_state(layer)
     indices = layer.punica_wrapper.token_lora_indices[: x.shape[0]]
     slots = [s for s in torch.unique(indices).tolist() if s >= 0 and (state.rank[s] or state.has_scale[s] or state.rot_rank[s])]
+    if len(slots) > 2 and x.shape[0] <= GATHER_TOKENS_PER_SLOT * len(slots):
+        output = _apply_gathered(layer, state, slots, indices, x, output)
+        return output if original_shape is None else output.reshape(original_shape)
     for slot in slots:
         rows = None if len(slots) == 1 and bool((indices == slot).all()) else (indices == slot).nonzero().squeeze(1)
         xs = x if rows is None else x.index_select(0, rows)
@@ -291,6 +295,37 @@ def _apply_slot(layer, state: SlotState, slot: int, x: torch.Tensor, y: torch.Te
         )
         pieces.append(factors.apply(x, part))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+# Below this many tokens per slot (decode with many adapters), per-token gathered factors and
+# one batched GEMM beat a loop of tiny per-slot GEMMs.
+GATHER_TOKENS_PER_SLOT = 4
+
+
+def _apply_gathered(layer, state: SlotState, slots: list[int], indices: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """ServingFactors.apply for every token at once, each with its own slot's (padded) factors.
+
+    Unused slots and padding hold the identity (scale 1, zeros), so padding to the largest rank
+    present is exact."""
+    rows = (indices >= 0).nonzero().squeeze(1)
+    token_slots = indices.index_select(0, rows)
+    xs, ys = x.index_select(0, rows), output.index_select(0, rows)
+    r = max(state.rank[s] for s in slots)
+    k = max(state.rot_rank[s] for s in slots)
+    pieces, offset = [], 0
+    for i, size in enumerate(layer.output_slices):
+        y = ys[:, offset : offset + size] * state.scale[i][token_slots] + state.shift[i][token_slots]
+        offset += size
+        if r:
+            a = layer.lora_a_stacked[i][token_slots, 0, :r]  # (tokens, r, in)
+            b = layer.lora_b_stacked[i][token_slots, 0, :, :r]  # (tokens, out, r)
+            y = y + torch.bmm(b, torch.bmm(a, xs.unsqueeze(2))).squeeze(2)
+        if k:
+            u, v = state.rot_u[i][token_slots, :, :k], state.rot_v[i][token_slots, :, :k]
+            y = y + torch.bmm(v, torch.bmm(u.transpose(1, 2), y.unsqueeze(2))).squeeze(2)
+        pieces.append(y)
+    output.index_copy_(0, rows, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return output
 
 
 def patch_op() -> None:
