@@ -5,7 +5,8 @@
 3. serves all four plus the base from one model in a mixed batch and checks each row;
 4. folds the SORA adapter into a merged checkpoint and measures the logit error;
 5. exports ONNX twice: the merged model, and one graph with the four adapters switchable;
-6. rewrites a d = 1 SORA adapter as an exact plain PEFT LoRA.
+6. serves base + the four adapters from one vLLM engine in one mixed batch, checked against eager;
+7. rewrites a d = 1 SORA adapter as an exact plain PEFT LoRA.
 Outputs go to ./out/demo (override with SORA_DEMO_DIR).
 """
 
@@ -83,9 +84,39 @@ def main() -> None:
     switchable = export_onnx(base, root / "onnx-adapters", [root / "adapters" / n for n in RUNS], force=True)
     errors = ", ".join(f"{k} {v:.1e}" for k, v in switchable["max_abs_error"].items())
     console.print(f"ONNX (one graph, .onnx_adapter per adapter): max logit error vs PyTorch: {errors}")
+    vllm_mixed_batch(base, root / "adapters", console)
     exact = exact_lora_rewrite(base, root, console)
     console.print(f"SORA with d = 1 as a plain PEFT LoRA of rank {exact['rank']}: exact, written to {exact['out_dir']}")
     console.print(f"[bold green]demo finished in {time.perf_counter() - start:.0f} s[/]; outputs under {root}")
+
+
+def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
+    """Base + the four kinds in one vLLM batch (through the plugin), each row checked against eager."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from sora_serve.vllm_plugin.engine import make_llm
+
+    rows = [None, *RUNS]
+    prompt = [5, 17, 99, 23, 4, 61]
+    llm = make_llm(base, max_loras=4, max_lora_rank=16)
+    requests = [None if n is None else LoRARequest(n, i + 1, str(adapters / n)) for i, n in enumerate(rows)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": prompt}] * len(rows), params, lora_request=requests, use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    for name in RUNS:
+        ss.load_adapter(model, adapters / name, name=name)
+    with torch.no_grad(), ss.use_adapters(model, rows):
+        ids = torch.tensor([prompt] * len(rows))
+        eager = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)[:, len(prompt) :]
+    table = Table(title="vLLM (one engine, one mixed batch, sora-serve plugin) vs eager runtime")
+    for column in ("request", "vLLM tokens", "same as eager"):
+        table.add_column(column)
+    for name, out, ref in zip(rows, outputs, eager.tolist()):
+        tokens = list(out.outputs[0].token_ids)
+        table.add_row(name or "base", " ".join(map(str, tokens)), "yes" if tokens == ref else "[red]NO[/]")
+    console.print(table)
+    del llm
 
 
 def exact_lora_rewrite(base: Path, root: Path, console: Console) -> dict:
