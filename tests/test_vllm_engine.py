@@ -182,6 +182,11 @@ def test_gathered_and_per_slot_paths_agree():
                 state.shift[i][slot] = 0.1 * torch.randn(n)
             state.rot_u[i][slot, :, :k] = 0.1 * torch.randn(n, k)
             state.rot_v[i][slot, :, :k] = 0.1 * torch.randn(n, k)
+    patches.fill_plain_lora_slot(layer, 4, None)  # a slot reused by a plain LoRA keeps no stale rotation
+    assert not state.rot_u[0][4].any() and not state.rot_v[0][4].any()
+    state.rot_u[0][0].normal_()  # stale rotation on plain slot 0 ...
+    patches.fill_plain_lora_slot(layer, 0, SimpleNamespace(lora_a=layer.lora_a_stacked[0][0, 0, :4]))
+    assert state.rank[0] == 4 and not state.rot_u[0][0].any()  # ... is cleared when the slot is refilled
     indices = torch.tensor([0, 1, -1, 2, 3, 1, -1, 0])
     layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
     x, base = torch.randn(len(indices), in_f), torch.randn(len(indices), sum(sizes))

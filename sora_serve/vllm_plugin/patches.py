@@ -142,8 +142,15 @@ def fill_plain_lora_slot(layer, index: int, lora_weights) -> None:
     state.rank[index] = 0 if lora_weights is None else _max_rank(lora_weights)
     state.rot_rank[index], state.has_scale[index], state.has_shift[index] = 0, False, False
     for i in range(len(layer.output_slices)):
-        state.scale[i][index] = 1
-        state.shift[i][index] = 0
+        _reset_extras(state, i, index)  # the gathered path reads every slot's extras, padded
+
+
+def _reset_extras(state: SlotState, i: int, index: int) -> None:
+    """Identity extras for slice i of slot `index`: scale 1, shift 0, no rotation."""
+    state.scale[i][index] = 1
+    state.shift[i][index] = 0
+    state.rot_u[i][index].zero_()
+    state.rot_v[i][index].zero_()
 
 
 def _max_rank(lora_weights) -> int:
@@ -198,10 +205,7 @@ def _require_plain_weights(layer, module_name: str) -> None:
 def _reset_slice(layer, state: SlotState, i: int, index: int) -> None:
     layer.lora_a_stacked[i][index].zero_()
     layer.lora_b_stacked[i][index].zero_()
-    state.scale[i][index] = 1
-    state.shift[i][index] = 0
-    state.rot_u[i][index].zero_()
-    state.rot_v[i][index].zero_()
+    _reset_extras(state, i, index)
 
 
 def _write_slice(layer, state: SlotState, i: int, index: int, f: ServingFactors) -> None:
