@@ -1,12 +1,20 @@
-"""Read a Hugging Face safetensors checkpoint lazily: shards, tensor index, and a weightless model.
+"""Hugging Face safetensors checkpoints, one tensor at a time: read lazily, write streaming.
 
-Converters touch one tensor at a time through `safe_open`, and learn the module structure
-(layer classes, tied weights) from a model built on the `meta` device, which costs no memory.
+Converters read tensors through `safe_open`, learn the module structure (layer classes, tied
+weights) from a model built on the `meta` device, which costs no memory, and write shards with
+`write_safetensors`, which holds one tensor at a time instead of the whole shard.
+
+Tensor names: a module `<path>` (its name in the `AutoModelForCausalLM`) has its weight under
+`<path>.weight`, or under that name without the model's base prefix (`transformer.` for GPT-2,
+`model.` for Llama), as in older checkpoints; other renamings are not supported.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -19,6 +27,12 @@ from sora_serve.errors import AdapterError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype names (the header's "dtype" field).
+DTYPE_NAMES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class Checkpoint:
@@ -77,9 +91,34 @@ class Checkpoint:
         with self.open(shard) as f:
             return f.get_tensor(key)
 
-    def shard_metadata(self, shard: str) -> dict[str, str] | None:
-        with self.open(shard) as f:
-            return f.metadata()
+    def validate(self) -> None:
+        """Every shard opens (headers parse) and holds the tensors its index assigns to it."""
+        for shard in self.shards:
+            with self.open(shard) as f:
+                present = set(f.keys())
+            missing = sorted(k for k, s in self.weight_map.items() if s == shard and k not in present)
+            if missing:
+                raise AdapterError(f"the index puts {missing[:3]} in this shard but it lacks them", file=self.directory / shard)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with self.open(self.weight_map[key]) as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def tensor_key(self, module_path: str, param: str) -> str | None:
+        """Name of `<module_path>.<param>` in the file, with or without the base prefix; None if absent."""
+        key = f"{module_path}.{param}"
+        prefix = f"{self.meta_model.base_model_prefix}."
+        for candidate in (key, key.removeprefix(prefix)):
+            if candidate in self.weight_map:
+                return candidate
+        return None
+
+    def weight_key(self, module_path: str) -> str:
+        """Where the layer's weight is stored: its own key or, for a tied head, its embedding's."""
+        key = self.tensor_key(module_path, "weight") or self.tied_source(module_path)
+        if key is None:
+            raise AdapterError(f"tensor '{module_path}.weight' not in the base checkpoint", file=self.directory)
+        return key
 
     @cached_property
     def meta_model(self) -> nn.Module:
@@ -89,7 +128,7 @@ class Checkpoint:
             return AutoModelForCausalLM.from_config(config)
 
     def tied_source(self, module_path: str) -> str | None:
-        """For an output head whose weight is tied (absent from the file), the key it shares."""
+        """For an output head tied to the input embeddings, the embedding's key in the file."""
         model = self.meta_model
         if not getattr(model.config, "tie_word_embeddings", False):
             return None
@@ -98,4 +137,43 @@ class Checkpoint:
         if modules.get(module_path) is not head:
             return None
         embed_path = next(name for name, m in model.named_modules() if m is embed)
-        return f"{embed_path}.weight"
+        return self.tensor_key(embed_path, "weight")
+
+
+def tensor_spec(shard, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) of `key` in the open shard (a `safe_open` handle), from its header alone."""
+    tensor_slice = shard.get_slice(key)
+    name = tensor_slice.get_dtype()
+    if name not in DTYPE_NAMES:
+        raise AdapterError(f"tensor '{key}' has dtype {name}, which this tool does not handle")
+    return DTYPE_NAMES[name], tuple(tensor_slice.get_shape())
+
+
+def write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file tensor by tensor; return its data size in bytes.
+
+    The header (8-byte length, JSON with dtype, shape and byte offsets, space-padded to 8 bytes)
+    follows from `entries` alone, so each tensor is produced, written and dropped in turn.
+    """
+    names = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key, dtype, shape in entries:
+            tensor = produce(key)
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset

@@ -3,8 +3,9 @@
 For every adapted layer the merged weight and bias come from `ServingFactors.dense`:
 W = R (scale W0 + B A), b = R (scale b0 + bias_shift), computed in float32 or float64 and
 cast back. The output has the base's files and sharding; only adapted tensors change (and an
-output head tied to the embeddings is untied when the adapter touches it). Peak memory is one
-shard plus the adapter. The result is written to a temporary directory and renamed.
+output head tied to the embeddings is untied when the adapter touches it). Shards are written
+tensor by tensor, so peak memory is the adapter plus a few layers, never a whole shard or model.
+The result is written to a temporary directory and renamed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
@@ -24,40 +24,58 @@ from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
 from sora_serve.io import AdapterFile, adapter_from_tensors, check_base
 
-from .checkpoint import INDEX_FILE, Checkpoint
+from .checkpoint import INDEX_FILE, Checkpoint, tensor_spec, write_safetensors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LayerFolder:
-    """Computes the merged (weight, bias) of each adapted layer from the checkpoint's tensors."""
+    """Computes the merged (weight, bias) of each adapted layer from the checkpoint's tensors.
+
+    An output head tied to the embeddings is untied when the adapter changes it: its merged
+    weight is written as `<path>.weight`, next to the embedding if the file holds only that.
+    """
 
     def __init__(self, checkpoint: Checkpoint, adapter: AdapterFile, math_dtype: torch.dtype):
         self.checkpoint, self.adapter, self.math_dtype = checkpoint, adapter, math_dtype
         modules = dict(checkpoint.meta_model.named_modules())
-        self.transposed = {p: isinstance(modules[p], Conv1D) for p in adapter.tensors}
-        self.untied: dict[str, str] = {}  # module path -> tied source key (head whose weight is not in the file)
-        for path in adapter.tensors:
-            if f"{path}.weight" not in checkpoint.weight_map:
-                source = checkpoint.tied_source(path)
-                if source is None:
-                    raise AdapterError(f"tensor '{path}.weight' not in the base checkpoint", file=checkpoint.directory)
-                self.untied[path] = source
+        paths = sorted(adapter.tensors)
+        self.transposed = {p: isinstance(modules[p], Conv1D) for p in paths}
+        self.weight_keys = {p: checkpoint.weight_key(p) for p in paths}
+        self.bias_keys = {p: checkpoint.tensor_key(p, "bias") for p in paths}
+        self.untied = {p: source for p in paths if (source := checkpoint.tied_source(p)) is not None}
+        # Untied heads stored only as the embedding: path -> the embedding key they are read from.
+        self.new_heads = {p: source for p, source in self.untied.items() if self.weight_keys[p] == source}
+        for p in paths:
+            check_stored_shape(checkpoint, self.weight_keys[p], tuple(modules[p].weight.shape), p)
 
-    def weight_key(self, path: str) -> str:
-        return self.untied.get(path, f"{path}.weight")
+    def keys_to_layers(self) -> dict[str, str]:
+        """File key -> adapted layer, for every stored tensor the fold replaces."""
+        owners = {self.weight_keys[p]: p for p in self.weight_keys if p not in self.new_heads}
+        return owners | {key: p for p, key in self.bias_keys.items() if key is not None}
 
-    def fold(self, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Merged (weight in the file's orientation, bias or None) in the math dtype."""
-        raw = self.checkpoint.get_tensor(self.weight_key(path)).to(self.math_dtype)
+    def fold(self, path: str) -> dict[str, torch.Tensor]:
+        """The layer's merged tensors in the math dtype, by output key (weight in the file's orientation)."""
+        raw = self.checkpoint.get_tensor(self.weight_keys[path]).to(self.math_dtype)
         weight = raw.T if self.transposed[path] else raw
-        bias_key = f"{path}.bias"
-        bias = self.checkpoint.get_tensor(bias_key).to(self.math_dtype) if bias_key in self.checkpoint.weight_map else None
+        bias_key = self.bias_keys[path]
+        bias = None if bias_key is None else self.checkpoint.get_tensor(bias_key).to(self.math_dtype)
         module = adapter_from_tensors(self.adapter.module_configs[path], self.adapter.tensors[path], weight)
         merged_w, merged_b = module.serving_factors(weight, bias, self.math_dtype).dense(weight, bias)
         if bias is None and merged_b is not None:
-            raise AdapterError(f"the merged layer '{path}' needs a bias the base layer does not have", field=bias_key)
-        return (merged_w.T if self.transposed[path] else merged_w).contiguous(), merged_b
+            raise AdapterError(f"the merged layer '{path}' needs a bias the base layer does not have", field=f"{path}.bias")
+        weight_key = f"{path}.weight" if path in self.new_heads else self.weight_keys[path]
+        merged = {weight_key: (merged_w.T if self.transposed[path] else merged_w).contiguous()}
+        return merged if bias_key is None else merged | {bias_key: merged_b}
+
+
+def check_stored_shape(checkpoint: Checkpoint, key: str, expected: tuple[int, ...], path: str) -> None:
+    got = checkpoint.shape(key)
+    if got != expected:
+        raise AdapterError(
+            f"tensor '{key}' is {list(got)} but config.json makes layer '{path}' {list(expected)}: weights and config disagree",
+            file=checkpoint.directory / checkpoint.weight_map[key],
+        )
 
 
 def fold_adapter(
@@ -79,6 +97,7 @@ def fold_adapter(
     checkpoint = Checkpoint(base_dir)
     adapter = ss.read_adapter(adapter_dir)
     check_base(adapter, checkpoint.meta_model)
+    checkpoint.validate()
     folder = LayerFolder(checkpoint, adapter, DTYPES[math_dtype])
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -96,52 +115,49 @@ def fold_adapter(
 def copy_side_files(checkpoint: Checkpoint, out: Path, *, untie: bool, dtype: str) -> None:
     """config (edited if untied or recast), generation config, tokenizer files: everything but weights."""
     for path in checkpoint.directory.iterdir():
-        if path.is_file() and not path.name.endswith(".safetensors") and path.name not in (INDEX_FILE, "config.json"):
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != INDEX_FILE:
             shutil.copy2(path, out / path.name)
-    config = dict(checkpoint.config_dict)
-    if untie:
-        config["tie_word_embeddings"] = False
-    if dtype != "auto":
-        config["dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    edits = ({"tie_word_embeddings": False} if untie else {}) | ({"dtype": dtype} if dtype != "auto" else {})
+    if edits:
+        config = checkpoint.config_dict | edits
+        if dtype != "auto" and "torch_dtype" in config:  # the older name, still read by some tools
+            config["torch_dtype"] = dtype
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_shards(checkpoint: Checkpoint, folder: LayerFolder, out: Path, out_dtype: torch.dtype | None, progress: bool) -> None:
-    """Each shard read, its adapted tensors replaced, written under the same name; index kept."""
-    weight_paths = {f"{p}.weight": p for p in folder.adapter.tensors if p not in folder.untied}
-    bias_paths = {f"{p}.bias": p for p in folder.adapter.tensors if f"{p}.bias" in checkpoint.weight_map}
-    weight_map = dict(checkpoint.weight_map)
-    for path, source in folder.untied.items():  # the untied head goes in its source's shard
-        weight_map[f"{path}.weight"] = checkpoint.weight_map[source]
+    """Each shard rewritten under its name, tensor by tensor, adapted ones replaced; index kept.
+
+    A layer is folded once, when the first of its tensors comes up; the other one (bias or
+    weight, possibly in a later shard) waits in `pending`. Memory: a few layers, not a shard.
+    """
+    owners = folder.keys_to_layers()
+    new_heads = {f"{path}.weight": path for path in folder.new_heads}
+    weight_map = dict(checkpoint.weight_map) | {key: checkpoint.weight_map[folder.new_heads[p]] for key, p in new_heads.items()}
+    pending: dict[str, torch.Tensor] = {}
+
+    def produce(f, key: str, dtype: torch.dtype) -> torch.Tensor:
+        if key in new_heads:
+            return folder.fold(new_heads[key])[key].to(dtype)
+        if key in owners and key not in pending:
+            pending.update(folder.fold(owners[key]))
+        return (pending.pop(key) if key in pending else f.get_tensor(key)).to(dtype)
+
     total_size = 0
     for shard in tqdm(checkpoint.shards, desc="fold shards", disable=not progress):
-        tensors: dict[str, torch.Tensor] = {}
-        pending_bias: dict[str, torch.Tensor | None] = {}
         with checkpoint.open(shard) as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if key in weight_paths:
-                    tensor, pending_bias[weight_paths[key]] = _fold_keep_dtype(folder, weight_paths[key], tensor.dtype)
-                elif key in bias_paths:
-                    path = bias_paths[key]
-                    tensor = pending_bias.pop(path) if path in pending_bias else _fold_keep_dtype(folder, path, tensor.dtype)[1]
-                tensors[key] = tensor
-        for path in folder.untied:
-            if weight_map[f"{path}.weight"] == shard:
-                tensors[f"{path}.weight"] = _fold_keep_dtype(folder, path, tensors[folder.untied[path]].dtype)[0]
-        if out_dtype is not None:
-            tensors = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(out / shard), metadata=checkpoint.shard_metadata(shard) or {"format": "pt"})
-        del tensors
+            specs = {key: tensor_spec(f, key) for key in f.keys()}
+            specs |= {key: specs[folder.new_heads[p]] for key, p in new_heads.items() if folder.new_heads[p] in specs}
+            entries = [(key, _output_dtype(dtype, out_dtype), shape) for key, (dtype, shape) in specs.items()]
+            dtypes = {key: dtype for key, dtype, _ in entries}
+            total_size += write_safetensors(out / shard, entries, lambda key: produce(f, key, dtypes[key]), f.metadata() or {"format": "pt"})
     if checkpoint.is_sharded:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _fold_keep_dtype(folder: LayerFolder, path: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight, bias = folder.fold(path)
-    return weight.to(dtype), None if bias is None else bias.to(dtype)
+def _output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    return requested if requested is not None and stored.is_floating_point else stored
 
 
 @torch.no_grad()

@@ -1,16 +1,19 @@
 """`sora-serve export-onnx`: a decoder LM with KV cache, merged or with switchable adapters.
 
-Exporter: `torch.onnx.export` with the TorchScript tracer (`dynamo=False`) on a wrapper that
-takes the KV cache as flat tensors and rebuilds transformers' `DynamicCache`; eager attention.
-optimum-onnx was not used: its releases pin transformers < 5 and this project needs 5.x (vLLM 0.32).
+Exporter: `torch.onnx.export` on a wrapper that takes the KV cache as flat tensors and rebuilds
+transformers' `DynamicCache`; eager attention. The TorchScript tracer (`dynamo=False`, deprecated
+but ~10x faster here) is the default, the torch.export one (`--exporter dynamo`) gives the same
+results. optimum-onnx was not used: its only release pins transformers < 4.58 and fails to
+import with 5.x, which this project needs (vLLM 0.32). Details in docs/ONNX.md.
 
 Adapters mode: every adapted layer (union over the adapters given) computes
 `ServingFactors.apply` from six tensors (scale, bias_shift, lora_A, lora_B, rot_U, rot_V),
 zero-padded to the largest ranks. They are traced as graph inputs (named `<module>.<tensor>`)
 and then given initializers of the same name holding the identity (scale 1, zeros
 elsewhere): the graph fed nothing is the base model, and ONNX Runtime's LoRA adapter files
-override them per run (`RunOptions.add_active_adapter`). Tracing them as parameters instead
-would let the exporter merge equal-valued initializers (all the zero defaults).
+override them per run (`RunOptions.add_active_adapter`); ONNX Runtime 1.32 overrides only
+initializers that are also graph inputs. Tracing them as parameters instead would make plain
+initializers, which the exporter may also merge when equal (all the zero defaults).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +37,9 @@ from sora_serve.fs import atomic_output_dir
 from sora_serve.io import adapter_from_tensors, check_base
 from sora_serve.methods import ServingFactors
 
-MODEL_FILE = "model.onnx"
-from .onnx_runtime import MANIFEST_FILE
+from .onnx_runtime import MANIFEST_FILE, MODEL_FILE
+
+EXPORTERS = ("torchscript", "dynamo")
 FACTOR_NAMES = ("scale", "bias_shift", "lora_A", "lora_B", "rot_U", "rot_V")
 
 
@@ -139,7 +144,7 @@ def install_switchable_layers(model: nn.Module, factors: dict[str, dict[str, Ser
     return {path: model.get_submodule(path) for path in ranks}
 
 
-def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str, SwitchableFactors]) -> None:
+def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str, SwitchableFactors], exporter: str) -> None:
     """Trace the decoder with a non-empty cache and dynamic batch/sequence/past axes."""
     layers = model.config.num_hidden_layers
     kv_heads, head_dim = kv_shape(model.config)
@@ -153,14 +158,28 @@ def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str,
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}, "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     axes.update({n: {0: "batch", 2: "past"} for n in past_names})
     axes.update({n: {0: "batch", 2: "total"} for n in present_names})
-    with torch.no_grad():
+    dynamic = {"dynamic_axes": axes} if exporter == "torchscript" else {"dynamic_shapes": export_dims(len(past), len(defaults))}
+    with torch.no_grad(), warnings.catch_warnings():
+        # Constants that transformers creates (the empty cache, the mask's fill value) are meant to be constant.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             DecoderWithCache(model, switchable), (ids, mask, positions, *past, *defaults), str(path),
             input_names=["input_ids", "attention_mask", "position_ids", *past_names, *factor_names],
-            output_names=["logits", *present_names], dynamic_axes=axes, opset_version=opset, dynamo=False,
+            output_names=["logits", *present_names], opset_version=opset, dynamo=exporter == "dynamo", **dynamic,
         )
     if switchable:
         add_identity_defaults(path, dict(zip(factor_names, defaults)))
+
+
+def export_dims(num_past: int, num_factors: int) -> tuple:
+    """torch.export's form of the dynamic axes, shaped like `DecoderWithCache.forward`'s arguments.
+
+    The mask's length is its own dim: torch.export accepts `Dim + int` but not `sequence + past`.
+    """
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    total, past = torch.export.Dim("total"), torch.export.Dim("past")
+    tokens = {0: batch, 1: sequence}
+    return tokens, {0: batch, 1: total}, tokens, (*[{0: batch, 2: past}] * num_past, *[None] * num_factors)
 
 
 def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None:
@@ -173,8 +192,13 @@ def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None
     onnx.save(graph, str(path))
 
 
-def export_onnx(model_dir, out_dir, adapters=None, *, force: bool = False, opset: int = 18, verify: bool = True) -> dict:
-    """Export `model_dir` (merged if no adapters, else switchable); return the measured errors."""
+def export_onnx(
+    model_dir, out_dir, adapters=None, force: bool = False, *, opset: int = 18, exporter: str = "torchscript", verify: bool = True
+) -> dict:
+    """Export `model_dir` (merged if no adapters, else switchable); return the measured errors.
+
+    `exporter`: "torchscript" (torch.onnx's tracer, default: ~10x faster here) or "dynamo" (torch.export).
+    """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AdapterError("missing model config", file=model_dir / "config.json")
@@ -182,25 +206,33 @@ def export_onnx(model_dir, out_dir, adapters=None, *, force: bool = False, opset
     names = [a.directory.name for a in adapter_files]
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    factors = adapter_factors(model, adapter_files)
-    switchable = install_switchable_layers(model, factors) if adapter_files else {}
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        export_graph(model, tmp / MODEL_FILE, opset, switchable)
-        (tmp / "adapters").mkdir()
-        for name, per_layer in tqdm(factors.items(), desc="onnx adapters", disable=not factors):
-            write_onnx_adapter(tmp / "adapters" / f"{name}.onnx_adapter", per_layer, switchable)
-        for side in model_dir.iterdir():
-            if side.is_file() and (side.name.startswith("tokenizer") or side.name in ("config.json", "generation_config.json", "special_tokens_map.json")):
-                shutil.copy2(side, tmp / side.name)
-        kv_heads, head_dim = kv_shape(model.config)
-        manifest = {"num_layers": model.config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "adapters": names, "mode": "adapters" if switchable else "merged"}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if exporter not in EXPORTERS:
+        raise AdapterError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}", field="exporter")
+    with atomic_output_dir(out_dir, force=force) as tmp:  # refuses an existing output before any work
+        manifest = write_export(model_dir, tmp, adapter_files, opset, exporter)
     result = {"out_dir": str(out_dir), "mode": manifest["mode"], "adapters": names}
     if verify:
         result["max_abs_error"] = verify_export(model_dir, out_dir, adapters or [])
         print("verified ONNX vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result["max_abs_error"].items()))
     return result
+
+
+def write_export(model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str) -> dict:
+    """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files and the manifest; returns the manifest."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    factors = adapter_factors(model, adapter_files)
+    switchable = install_switchable_layers(model, factors) if adapter_files else {}
+    export_graph(model, out / MODEL_FILE, opset, switchable, exporter)
+    (out / "adapters").mkdir()
+    for name, per_layer in tqdm(factors.items(), desc="onnx adapters", disable=not factors):
+        write_onnx_adapter(out / "adapters" / f"{name}.onnx_adapter", per_layer, switchable)
+    for side in model_dir.iterdir():
+        if side.is_file() and (side.name.startswith("tokenizer") or side.name in ("config.json", "generation_config.json", "special_tokens_map.json")):
+            shutil.copy2(side, out / side.name)
+    kv_heads, head_dim = kv_shape(model.config)
+    manifest = {"num_layers": model.config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "adapters": list(factors), "mode": "adapters" if switchable else "merged"}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switchable: dict[str, SwitchableFactors]) -> None:
@@ -241,7 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (model.onnx, adapters/, tokenizer)")
     parser.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapter directories for --mode adapters")
     parser.add_argument("--mode", choices=["merged", "adapters"], default="merged", help="merged: the checkpoint as is; adapters: switchable inputs")
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx exporter (docs/ONNX.md)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check against PyTorch")
 
@@ -249,5 +282,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if (args.mode == "adapters") != bool(args.adapters):
         raise AdapterError("--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters")
-    result = export_onnx(args.model, args.out, args.adapters, force=args.force, opset=args.opset, verify=not args.no_verify)
+    result = export_onnx(args.model, args.out, args.adapters, force=args.force, opset=args.opset, exporter=args.exporter, verify=not args.no_verify)
     print(f"wrote {result['out_dir']} ({result['mode']}{': ' + ', '.join(result['adapters']) if result['adapters'] else ''})")

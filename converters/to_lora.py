@@ -1,13 +1,14 @@
 """`sora-serve to-lora`: rewrite an adapter as a plain PEFT LoRA (for stock PEFT / vLLM).
 
-Exact when every layer has no output scale (d = 1) and leaves the bias unchanged. Then, with
-W' = W0 + B A (B scaled) and R = I + V U^T,
+Exact when every layer has no output scale (Pre-Diag/SORA d = 1, or plain LoRA) and leaves the
+bias unchanged. Then, with W' = W0 + B A (B scaled) and R = I + V U^T,
 
     R W' - W0 = B A + V (U^T W')  =  [B  V] @ [A ; U^T W']        (rank r + 2 r_p)
 
-Otherwise the dense delta R(scale W0 + B A) - W0 is full rank: only `--allow-approx --rank K`
-writes its truncated SVD, reporting the relative Frobenius error per layer and overall. A
-changed bias cannot be expressed by LoRA at all and is refused.
+written with lora_alpha = r so that PEFT's s = 1. Otherwise the dense delta R(scale W0 + B A) - W0
+is full rank: `--allow-approx --rank K` writes its truncated SVD (for every layer, exact-able or
+not), reporting the relative Frobenius error per layer and overall. A changed bias (a rotation
+or d != 1 on a layer with a bias) cannot be expressed by LoRA at all and is always refused.
 """
 
 from __future__ import annotations
@@ -24,22 +25,29 @@ from transformers.pytorch_utils import Conv1D
 import sora_serve as ss
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, adapter_from_tensors, check_base
+from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_base
 from sora_serve.methods import ServingFactors
 
 from .checkpoint import Checkpoint
 
 
+BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding
+
+
 def is_exactly_lora(factors: ServingFactors) -> bool:
-    """No scale (or d == 1), no bias shift: the update is W0 + low rank."""
-    return (factors.scale is None or bool(torch.all(factors.scale == 1))) and factors.bias_shift is None
+    """No output scale (or all ones) and no bias shift: the update is W0 + low rank."""
+    no_scale = factors.scale is None or bool(torch.all(factors.scale == 1))
+    return no_scale and (factors.bias_shift is None or not bool(torch.any(factors.bias_shift)))
 
 
-def changes_bias(factors: ServingFactors, bias: torch.Tensor | None) -> bool:
-    if bias is None:
+def changes_bias(factors: ServingFactors, bias: torch.Tensor | None, out_features: int) -> bool:
+    """Whether the folded bias R (scale b + shift) differs from b (a missing bias counts as 0)."""
+    zeros = torch.zeros(out_features, dtype=factors.lora_B.dtype)
+    _, merged = factors.dense(zeros[:, None], bias)
+    if merged is None:
         return False
-    _, merged = factors.dense(torch.zeros(bias.shape[0], 1, dtype=bias.dtype), bias)
-    return not torch.equal(merged, bias)
+    reference = zeros if bias is None else bias
+    return not torch.allclose(merged, reference, rtol=BIAS_RTOL, atol=BIAS_RTOL * reference.abs().max().item())
 
 
 def exact_factors(factors: ServingFactors, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,51 +58,68 @@ def exact_factors(factors: ServingFactors, weight: torch.Tensor) -> tuple[torch.
     return torch.cat([factors.lora_A, factors.rot_U.T @ adapted]), torch.cat([factors.lora_B, factors.rot_V], dim=1)
 
 
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`rank` (A, B) of `delta` and the relative Frobenius error."""
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-`rank` (A, B) of `delta` (Eckart-Young), with |delta - B A|_F and |delta|_F."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, s.shape[0])
-    b, a = u[:, :k] * s[:k], vh[:k]
-    error = (s[k:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-300)).item()
-    return a, b, error
+    return vh[:k], u[:, :k] * s[:k], s[k:].norm().item(), s.norm().item()
 
 
-def to_lora(base_dir, adapter_dir, out_dir, *, allow_approx: bool = False, rank: int | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Write a PEFT LoRA dir equal (or, with allow_approx, closest at `rank`) to the adapter."""
-    if allow_approx and (rank is None or rank <= 0):
-        raise AdapterError("--allow-approx needs a positive --rank", field="rank")
+def layer_factors(checkpoint: Checkpoint, adapter: AdapterFile, path: str, transposed: bool):
+    """(W0 as out x in, b0 or None, serving factors), all in float64."""
+    raw = checkpoint.get_tensor(checkpoint.weight_key(path)).double()
+    weight = raw.T if transposed else raw
+    bias_key = checkpoint.tensor_key(path, "bias")
+    bias = None if bias_key is None else checkpoint.get_tensor(bias_key).double()
+    module = adapter_from_tensors(adapter.module_configs[path], adapter.tensors[path], weight)
+    return weight, bias, module.serving_factors(weight, bias)
+
+
+def to_lora(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    allow_approx: bool = False,
+    rank: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write a PEFT LoRA dir equal to the adapter (or, with allow_approx, its best rank-`rank` fit).
+
+    Returns exact, rank, per-layer relative Frobenius errors and the overall one,
+    |all residuals|_F / |all deltas|_F (0 when exact).
+    """
+    if allow_approx != (rank is not None) or (rank is not None and rank <= 0):
+        raise AdapterError("--allow-approx and a positive --rank go together", field="rank")
     checkpoint = Checkpoint(base_dir)
     adapter = ss.read_adapter(adapter_dir)
     check_base(adapter, checkpoint.meta_model)
     modules = dict(checkpoint.meta_model.named_modules())
-    tensors, errors, exact = {}, {}, True
+    tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):
-        transposed = isinstance(modules[path], Conv1D)
-        raw = checkpoint.get_tensor(f"{path}.weight").double()
-        weight = raw.T if transposed else raw
-        bias = checkpoint.get_tensor(f"{path}.bias").double() if f"{path}.bias" in checkpoint.weight_map else None
-        factors = adapter_from_tensors(adapter.module_configs[path], adapter.tensors[path], weight).serving_factors(weight, bias)
-        if changes_bias(factors, bias):
+        weight, bias, factors = layer_factors(checkpoint, adapter, path, isinstance(modules[path], Conv1D))
+        if changes_bias(factors, bias, weight.shape[0]):
             raise AdapterError(f"layer '{path}': the adapter changes its bias, which a LoRA cannot express", file=adapter.directory)
-        if is_exactly_lora(factors) and not allow_approx:
+        if allow_approx:
+            a, b, residual, norm = svd_factors(factors.dense(weight, bias)[0] - weight, rank)
+            errors[path] = residual / max(norm, 1e-300)
+            residual_sq, delta_sq = residual_sq + residual**2, delta_sq + norm**2
+        elif is_exactly_lora(factors):
             a, b = exact_factors(factors, weight)
-            errors[path] = 0.0
-        elif allow_approx:
-            merged, _ = factors.dense(weight, bias)
-            a, b, errors[path] = svd_factors(merged - weight, rank)
-            exact = False
         else:
+            scale = "DoRA's magnitude g" if adapter.module_configs[path].method == "dora" else "d"
             raise AdapterError(
-                f"layer '{path}': the output scale d != 1 makes the update full rank; pass --allow-approx --rank K for a truncated SVD",
+                f"layer '{path}': the output scale ({scale}) != 1 makes the update full rank; "
+                "pass --allow-approx --rank K for a truncated SVD",
                 file=adapter.directory,
             )
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.float().contiguous()
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
-    out_rank = max(ranks)
-    for key in [k for k in tensors if k.endswith("lora_A.weight")]:  # pad the rare smaller-rank layer (tiny SVD) to one rank
-        tensors[key], b_key = _pad_rank(tensors[key], tensors[key.replace("lora_A", "lora_B")], out_rank)
-        tensors[key.replace("lora_A", "lora_B")] = b_key
+    out_rank = max(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    for a_key in [k for k in tensors if k.endswith("lora_A.weight")]:  # one rank for all layers (vLLM needs it)
+        b_key = a_key.replace("lora_A", "lora_B")
+        tensors[a_key], tensors[b_key] = _pad_rank(tensors[a_key], tensors[b_key], out_rank)
     config = LoraConfig(
         r=out_rank, lora_alpha=out_rank, target_modules=sorted(adapter.tensors),  # s = 1: B A is the update itself
         fan_in_fan_out=any(isinstance(modules[p], Conv1D) for p in adapter.tensors),
@@ -103,8 +128,8 @@ def to_lora(base_dir, adapter_dir, out_dir, *, allow_approx: bool = False, rank:
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    overall = 0.0 if exact else rms(errors.values())
-    return {"exact": exact, "rank": out_rank, "layer_errors": errors, "overall_error": overall, "out_dir": str(out_dir)}
+    overall = (residual_sq / max(delta_sq, 1e-300)) ** 0.5 if allow_approx else 0.0
+    return {"exact": not allow_approx, "rank": out_rank, "layer_errors": errors, "overall_error": overall, "out_dir": str(out_dir)}
 
 
 def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,17 +139,11 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
 
 
-def rms(errors) -> float:
-    """Overall error: root-mean-square of the per-layer relative errors."""
-    errors = list(errors)
-    return (sum(e * e for e in errors) / len(errors)) ** 0.5
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base Hugging Face checkpoint directory")
     parser.add_argument("--adapter", required=True, help="adapter directory")
     parser.add_argument("--out", required=True, help="PEFT LoRA directory to write")
-    parser.add_argument("--allow-approx", action="store_true", help="allow a truncated-SVD approximation when exactness is impossible")
+    parser.add_argument("--allow-approx", action="store_true", help="write the best rank-K fit (truncated SVD of each layer's update) instead of the exact form")
     parser.add_argument("--rank", type=int, help="rank of the approximation (with --allow-approx)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -136,4 +155,4 @@ def run(args: argparse.Namespace) -> None:
         return
     for path, error in result["layer_errors"].items():
         print(f"  {path}: relative Frobenius error {error:.4f}")
-    print(f"wrote a rank-{result['rank']} approximation to {args.out}: overall (RMS) relative error {result['overall_error']:.4f}")
+    print(f"wrote a rank-{result['rank']} approximation to {args.out}: overall relative Frobenius error {result['overall_error']:.4f}")

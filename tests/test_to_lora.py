@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import sora_serve as ss
 from converters.to_lora import to_lora
+from sora_serve.cli import main
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
 from .helpers import max_abs, perturb_adapter, random_ids
@@ -42,7 +43,7 @@ def test_exact_rewrite_loads_in_peft_and_matches_sora(tmp_path, rotation):
 def test_approximation_error_falls_with_rank(tmp_path):
     base = make_tiny_checkpoint("llama", tmp_path / "base")
     adapter = sora_adapter("llama", tmp_path / "sora", keep_d_one=False)
-    with pytest.raises(ss.AdapterError, match="d != 1 makes the update full rank.*--allow-approx"):
+    with pytest.raises(ss.AdapterError, match=r"output scale \(d\) != 1 makes the update full rank.*--allow-approx"):
         to_lora(base, adapter, tmp_path / "x", progress=False)
     errors = [to_lora(base, adapter, tmp_path / f"r{k}", allow_approx=True, rank=k, progress=False)["overall_error"] for k in (4, 16, 64)]
     assert errors[0] > errors[1] > errors[2] > 0
@@ -55,5 +56,25 @@ def test_bias_changes_are_refused(tmp_path):
     adapter = sora_adapter("qwen2", tmp_path / "sora", keep_d_one=True)
     for approx in (False, True):
         with pytest.raises(ss.AdapterError, match="changes its bias, which a LoRA cannot express"):
-            to_lora(base, adapter, tmp_path / "out", allow_approx=approx, rank=8, progress=False)
+            to_lora(base, adapter, tmp_path / "out", allow_approx=approx, rank=8 if approx else None, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_peft_lora_on_conv1d_via_cli_is_exact_and_dora_is_refused(tmp_path, capsys):
+    """GPT-2 (Conv1D, fan_in_fan_out, biases kept): a LoRA written by PEFT round-trips exactly; DoRA's g does not."""
+    base = make_tiny_checkpoint("gpt2", tmp_path / "base")
+    config = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    original = get_peft_model(make_tiny_model("gpt2"), LoraConfig(**config)).eval()
+    original.save_pretrained(tmp_path / "peft")
+    assert main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "lora")]) == 0
+    assert "exact PEFT LoRA of rank 4" in capsys.readouterr().out
+    ids = random_ids(512)
+    with torch.no_grad():
+        converted = PeftModel.from_pretrained(make_tiny_model("gpt2"), tmp_path / "lora").eval()
+        assert converted.peft_config["default"].fan_in_fan_out
+        assert max_abs(converted(ids).logits, original(ids).logits) <= 1e-5
+
+    get_peft_model(make_tiny_model("gpt2"), LoraConfig(**config, use_dora=True)).save_pretrained(tmp_path / "dora")
+    assert main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "dora"), "--out", str(tmp_path / "x")]) == 1
+    assert "output scale (DoRA's magnitude g) != 1 makes the update full rank" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
