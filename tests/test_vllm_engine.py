@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,10 +100,9 @@ import sys
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.config.lora import LoRAConfig
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # what every vLLM process does at start; VLLM_PLUGINS decides whether ours loads
 helper = PEFTHelper.from_local_dir(sys.argv[1], 256)
-if sys.argv[2] == "plugin":
-    from sora_serve.vllm_plugin import register
-    register()
 try:
     helper.validate_legal(LoRAConfig(max_lora_rank=16))
     LoRAModel.from_local_checkpoint(sys.argv[1], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, helper, device="cpu")
@@ -116,10 +116,12 @@ except ValueError as exc:
 @pytest.mark.parametrize("kind,stock_error", [("sora_cay", "is unsupported LoRA weight"), ("dora", "vLLM does not yet support DoRA")])
 def test_stock_vllm_refuses_what_the_plugin_loads(served, kind, stock_error):
     root, _ = served
-    for mode, expected in (("stock", f"REFUSED"), ("plugin", "LOADED")):
-        out = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(root / kind), mode], capture_output=True, text=True, timeout=300)
+    # VLLM_PLUGINS names the plugins allowed to load: a non-matching name disables ours (stock vLLM).
+    for plugins, expected in (("no-such-plugin", f"REFUSED"), ("sora_serve", "LOADED")):
+        env = {**os.environ, "VLLM_PLUGINS": plugins}
+        out = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(root / kind)], capture_output=True, text=True, timeout=300, env=env)
         assert expected in out.stdout, out.stdout + out.stderr[-2000:]
-        if mode == "stock":
+        if expected == "REFUSED":
             assert stock_error in out.stdout
 
 
@@ -162,6 +164,7 @@ def test_gathered_and_per_slot_paths_agree():
     """The op's two strategies (per-slot GEMMs, per-token gathered bmm) give the same rows; -1 rows stay base."""
     from types import SimpleNamespace
 
+    from sora_serve.methods import ServingFactors
     from sora_serve.vllm_plugin import patches
 
     torch.manual_seed(0)
@@ -182,18 +185,30 @@ def test_gathered_and_per_slot_paths_agree():
                 state.shift[i][slot] = 0.1 * torch.randn(n)
             state.rot_u[i][slot, :, :k] = 0.1 * torch.randn(n, k)
             state.rot_v[i][slot, :, :k] = 0.1 * torch.randn(n, k)
-    patches.fill_plain_lora_slot(layer, 4, None)  # a slot reused by a plain LoRA keeps no stale rotation
-    assert not state.rot_u[0][4].any() and not state.rot_v[0][4].any()
-    state.rot_u[0][0].normal_()  # stale rotation on plain slot 0 ...
-    patches.fill_plain_lora_slot(layer, 0, SimpleNamespace(lora_a=layer.lora_a_stacked[0][0, 0, :4]))
-    assert state.rank[0] == 4 and not state.rot_u[0][0].any()  # ... is cleared when the slot is refilled
     indices = torch.tensor([0, 1, -1, 2, 3, 1, -1, 0])
-    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
     x, base = torch.randn(len(indices), in_f), torch.randn(len(indices), sum(sizes))
-    per_slot = base.clone()
+    expected = base.clone()  # ServingFactors.apply, slot by slot and slice by slice
     for slot in range(4):
         rows = (indices == slot).nonzero().squeeze(1)
-        per_slot[rows] = patches._apply_slot(layer, state, slot, x[rows], base[rows])
+        r, k = state.rank[slot], state.rot_rank[slot]
+        expected[rows] = torch.cat([
+            ServingFactors(
+                layer.lora_a_stacked[i][slot, 0, :r], layer.lora_b_stacked[i][slot, 0, :, :r], state.scale[i][slot], state.shift[i][slot],
+                state.rot_u[i][slot, :, :k], state.rot_v[i][slot, :, :k],
+            ).apply(x[rows], part)
+            for i, part in enumerate(base[rows].split(sizes, dim=1))
+        ], dim=1)
+    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
     gathered = patches.grouped_adapter_op(layer, x, base.clone())  # 4 slots, 2 tokens each: gathered path
-    assert torch.allclose(gathered, per_slot, atol=1e-5)
-    assert torch.equal(gathered[indices == -1], base[indices == -1])
+    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices.repeat(4))
+    per_slot = patches.grouped_adapter_op(layer, x.repeat(4, 1), base.repeat(4, 1))[: len(indices)]  # 8 tokens per slot: per-slot path
+    for result in (gathered, per_slot):
+        assert torch.allclose(result, expected, atol=1e-5)
+        assert torch.equal(result[indices == -1], base[indices == -1])
+    # Slot 1 (rotation, scale) is reused by a plain LoRA: its extras return to the identity,
+    # since the gathered path reads every slot's extras padded to the largest rank present.
+    patches.fill_plain_lora_slot(layer, 1, None)
+    assert state.rot_rank[1] == 0 and not state.has_scale[1]
+    for i in range(len(sizes)):
+        assert not state.rot_u[i][1].any() and not state.rot_v[i][1].any() and not state.shift[i][1].any()
+        assert torch.equal(state.scale[i][1], torch.ones(sizes[i]))

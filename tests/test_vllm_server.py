@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def server(tmp_path_factory):
         "sora": ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=2, target_modules="all-linear"),
         "dora": ss.AdapterConfig(method="dora", r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
         "prediag": ss.AdapterConfig(method="prediag", r=4, target_modules="all-linear"),
+        "headed": ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]),  # lm_head: not servable
     }.items()):
         model = make_tiny_model("llama")
         ss.attach(model, config, "a", verbose=False)
@@ -65,27 +67,42 @@ def server(tmp_path_factory):
         "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
         "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
     ]
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    # Own process group: teardown stops the API server, its engine core and workers together.
+    with open(root / "server.log", "w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True
+        )
+    try:
+        yield wait_healthy(process, f"http://127.0.0.1:{port}", root / "server.log"), root
+    finally:
+        stop_group(process)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, log_path, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
+            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(f"{url}/health", timeout=5)
-            break
+            return url
         except (urllib.error.URLError, ConnectionError):
             time.sleep(2)
-    else:
-        process.kill()
-        pytest.fail("server did not become healthy in 300 s")
-    yield url, root
-    process.terminate()
+    pytest.fail(f"server did not become healthy in {timeout} s")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM (vLLM shuts down cleanly), then SIGKILL whatever of the group is left."""
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
 
 
 @torch.no_grad()
@@ -123,6 +140,11 @@ def test_concurrent_adapters_runtime_load_and_unload(server):
 
     status, body = post(f"{url}/v1/chat/completions", {"model": "dora", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
     assert status == 200 and new_tokens(body) == expected["dora"], body
+
+    # lm_head is vLLM's logits processor, not a linear LoRA layer: refused at load, module named, engine unharmed.
+    status, body = post(f"{url}/v1/load_lora_adapter", {"lora_name": "headed", "lora_path": str(root / "headed")})
+    assert status >= 400 and "lm_head" in json.dumps(body), body
+    assert complete(url, "headed")[0] == 404
 
     status, body = post(f"{url}/v1/load_lora_adapter", {"lora_name": "prediag", "lora_path": str(root / "prediag")})
     assert status == 200, body

@@ -7,11 +7,16 @@
 2. Activation (`LoRAModelManager.activate_adapter`): when an adapter enters slot i, each linear
    layer's slot i is filled with that adapter's `ServingFactors`, computed from the layer's own
    base weight (DoRA's g needs it), slice by slice for packed layers (qkv_proj, gate_up_proj).
+   At load (`_validate_modules_to_save`, vLLM's own validation hook) an adapter is refused,
+   naming the module, unless every module it adapts is a plain unquantized linear LoRA layer;
+   at engine start (`register_module`) the per-slot extras are allocated and TP > 1 is refused.
 3. The op (`BaseLinearLayerWithLoRA._apply_lora_to_output`): tokens are grouped by slot and
    each slot runs `ServingFactors.apply` with one GEMM per factor; with many slots and few tokens
    each (decode), every token's factors are gathered and applied in one batched GEMM instead. Slot -1 (no adapter) is left
    at the base output; vLLM CPU's stock ops index weights[-1], the last slot, instead.
-4. Unload (`OpenAIServingModels.unload_lora_adapter`): also removes the adapter from the engine,
+4. vLLM CPU's torch LoRA ops (still used by embedding and logits LoRA layers): the same
+   grouped GEMMs, -1 rows left alone.
+5. Unload (`OpenAIServingModels.unload_lora_adapter`): also removes the adapter from the engine,
    so its slot is freed, not only its name.
 """
 
@@ -21,6 +26,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -111,10 +117,7 @@ class SlotState:
 def slot_state(layer) -> SlotState:
     state = getattr(layer, "sora_slots", None)
     if state is None:
-        if layer.tp_size > 1:
-            raise NotImplementedError(
-                "sora-serve's vLLM plugin supports tensor_parallel_size=1 only (see docs/VLLM.md for the TP design)"
-            )
+        parallel_kind(layer)  # refuses layer kinds the op does not cover, before any request runs
         max_loras, _, _, max_rank = layer.lora_b_stacked[0].shape
         dtype, device = layer.lora_b_stacked[0].dtype, layer.lora_b_stacked[0].device
         sizes = layer.output_slices
@@ -127,6 +130,22 @@ def slot_state(layer) -> SlotState:
         )
         layer.sora_slots = state
     return state
+
+
+def parallel_kind(layer) -> str:
+    """'column', 'row' or 'replicated': how tensor parallelism splits this layer (see docs/VLLM.md)."""
+    from vllm.lora.layers import ColumnParallelLinearWithLoRA, ReplicatedLinearWithLoRA, RowParallelLinearWithLoRA
+
+    lora_config = getattr(layer, "lora_config", None)
+    if lora_config is not None and lora_config.fully_sharded_loras:
+        raise NotImplementedError("sora-serve: fully_sharded_loras=True is not supported (its layers bypass the plugin's op)")
+    if layer.tp_size == 1 or isinstance(layer, ReplicatedLinearWithLoRA):
+        return "replicated"
+    if isinstance(layer, ColumnParallelLinearWithLoRA):
+        return "column"
+    if isinstance(layer, RowParallelLinearWithLoRA):
+        return "row"
+    raise NotImplementedError(f"sora-serve: tensor parallelism for {type(layer).__name__} is not supported")
 
 
 def slice_paths(module_name: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
@@ -142,7 +161,7 @@ def fill_plain_lora_slot(layer, index: int, lora_weights) -> None:
     state.rank[index] = 0 if lora_weights is None else _max_rank(lora_weights)
     state.rot_rank[index], state.has_scale[index], state.has_shift[index] = 0, False, False
     for i in range(len(layer.output_slices)):
-        _reset_extras(state, i, index)  # the gathered path reads every slot's extras, padded
+        _reset_extras(state, i, index)  # the gathered path reads them, padded, for every slot
 
 
 def _reset_extras(state: SlotState, i: int, index: int) -> None:
@@ -159,7 +178,10 @@ def _max_rank(lora_weights) -> int:
 
 
 def fill_adapter_slot(layer, index: int, module_name: str, lora_model, packed_modules_mapping) -> None:
-    """Write the adapter's ServingFactors for every slice of this layer into slot `index`."""
+    """Write the adapter's ServingFactors for every slice of this layer into slot `index`.
+
+    Factors are computed over the slice's full (unsharded) shape, then cut to this rank's shard
+    by vLLM's own LoRA slicing, so every tensor-parallel layout vLLM supports is followed."""
     adapter: AdapterFile = lora_model.sora_adapter
     by_vllm_name = {v: k for k, v in lora_model.sora_paths.items()}
     state = slot_state(layer)
@@ -169,26 +191,79 @@ def fill_adapter_slot(layer, index: int, module_name: str, lora_model, packed_mo
         offsets.append(offsets[-1] + n)
     state.rank[index] = state.rot_rank[index] = 0
     state.has_scale[index] = state.has_shift[index] = False
-    full_weight = base_weight(layer) if adapter.method == "dora" else None
+    local_weight = base_weight(layer) if adapter.method == "dora" else None
     for i, hf_name in enumerate(slice_paths(module_name, packed_modules_mapping)):
         path = lora_model.sora_paths.get(hf_name, by_vllm_name.get(hf_name, hf_name))
         _reset_slice(layer, state, i, index)
         if path not in adapter.tensors:
             continue
-        if full_weight is None:  # only DoRA's g reads W0; the others need its shape alone
-            weight = torch.empty(layer.output_slices[i], layer.input_size, dtype=torch.float64, device="meta")
+        tensors = adapter.tensors[path]
+        shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
+        if local_weight is None:  # only DoRA's g and bias shift read W0 and b; the others need the shape alone
+            weight, bias = torch.empty(shape, dtype=torch.float64, device="meta"), None
         else:
-            weight = full_weight[offsets[i] : offsets[i + 1]]
-        bias = layer.base_layer.bias
-        bias = None if bias is None else bias[offsets[i] : offsets[i + 1]].detach().double()
-        factors = adapter_from_tensors(adapter.module_configs[path], adapter.tensors[path], weight).serving_factors(weight, bias)
-        _write_slice(layer, state, i, index, factors)
+            weight, bias = full_slice_weight(layer, i, local_weight[offsets[i] : offsets[i + 1]], offsets, shape[0])
+        factors = adapter_from_tensors(adapter.module_configs[path], tensors, weight).serving_factors(weight, bias)
+        _write_slice(layer, state, i, index, shard_factors(layer, i, factors))
+
+
+def _shard(layer, i: int, t: torch.Tensor, which: str) -> torch.Tensor:
+    """This rank's part of slice i's full-size tensor, by the layer's `slice_lora_a`/`slice_lora_b`
+    (B's rows: output rows; A's columns: input columns)."""
+    if layer.tp_size == 1:
+        return t
+    slicer = getattr(layer, f"slice_lora_{which}")
+    if layer.n_slices == 1:
+        return slicer(t)
+    parts = [None] * layer.n_slices
+    parts[i] = t
+    return slicer(parts)[i]
+
+
+def shard_factors(layer, i: int, f: ServingFactors) -> ServingFactors:
+    """Column-parallel: output rows of B, scale, shift, U, V. Row-parallel: input columns of A, and
+    the bias shift on rank 0 only (vLLM sums the ranks' partial outputs, bias included once)."""
+    kind = parallel_kind(layer)
+    if kind == "replicated":
+        return f
+    if kind == "row":
+        shift = f.bias_shift if layer.tp_rank == 0 else None
+        return ServingFactors(_shard(layer, i, f.lora_A, "a"), f.lora_B, f.scale, shift, f.rot_U, f.rot_V)
+    rows = lambda t: None if t is None else _shard(layer, i, t, "b")  # noqa: E731
+    vector_rows = lambda t: None if t is None else rows(t[:, None])[:, 0]  # noqa: E731
+    return ServingFactors(f.lora_A, rows(f.lora_B), vector_rows(f.scale), vector_rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V))
+
+
+def full_slice_weight(layer, i: int, local: torch.Tensor, offsets: list[int], out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W0 (out x in) and b of slice i, whole (DoRA's g = m / rownorm(W0 + sBA) needs whole rows).
+
+    Under tensor parallelism the ranks all-gather their shards; activation runs in lockstep on
+    every rank. Column-parallel shards are placed by their global row ids, which vLLM's own
+    slicing of arange(out) yields (q/k/v heads and replicated kv heads included)."""
+    bias = layer.base_layer.bias
+    kind = parallel_kind(layer)
+    if kind == "replicated":
+        return local, None if bias is None else bias[offsets[i] : offsets[i + 1]].detach().double()
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    if kind == "row":  # input columns split in rank order; the bias is whole on every rank
+        weight = tensor_model_parallel_all_gather(local.float().contiguous(), dim=1).double()
+        return weight, None if bias is None else bias.detach().double()
+    row_ids = _shard(layer, i, torch.arange(out_features, dtype=torch.float32, device=local.device)[:, None], "b")
+    columns = [row_ids, local.float()]
+    if bias is not None:
+        columns.append(bias[offsets[i] : offsets[i + 1]].detach().float()[:, None])
+    gathered = tensor_model_parallel_all_gather(torch.cat(columns, dim=1).contiguous(), dim=0).double()
+    whole = gathered.new_empty(out_features, gathered.shape[1] - 1)
+    whole[gathered[:, 0].long()] = gathered[:, 1:]
+    in_features = local.shape[1]
+    return whole[:, :in_features], None if bias is None else whole[:, in_features]
 
 
 @torch.no_grad()
 def base_weight(layer) -> torch.Tensor:
-    """W0 (out x in, float64) of a vLLM linear layer. vLLM CPU repacks weights for oneDNN and
-    drops `.weight`, so W0 is read back through the layer's own GEMM on the identity (exact)."""
+    """This rank's W0 (out x in, float64) of a vLLM linear layer. vLLM CPU repacks weights for
+    oneDNN and drops `.weight`, so W0 is read back through the layer's own GEMM on the identity (exact)."""
     eye = torch.eye(layer.input_size, dtype=layer.lora_a_stacked[0].dtype, device=layer.device)
     return layer._get_quant_method().apply(layer.base_layer, eye, None).T.double()
 
@@ -197,9 +272,9 @@ def _require_plain_weights(layer, module_name: str) -> None:
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     if not isinstance(layer.base_layer.quant_method, UnquantizedLinearMethod):
-        raise NotImplementedError(f"sora-serve: layer '{module_name}' is quantized; Pre-Diag/SORA/DoRA need its plain weight")
+        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer is quantized; Pre-Diag/SORA/DoRA need its plain weight")
     if layer.base_layer.bias is not None and layer.base_layer.skip_bias_add:
-        raise NotImplementedError(f"sora-serve: layer '{module_name}' adds its bias outside the LoRA op (skip_bias_add)")
+        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)")
 
 
 def _reset_slice(layer, state: SlotState, i: int, index: int) -> None:
@@ -242,26 +317,70 @@ def patch_activation() -> None:
             return activated
         index = self.lora_index_to_id.index(lora_id)
         lora_model = self._registered_adapters[lora_id]
-        adapted = set(getattr(lora_model, "sora_paths", {}))
         for module_name, module in self.modules.items():
             if isinstance(module, BaseLinearLayerWithLoRA):
                 if hasattr(lora_model, "sora_adapter"):
                     fill_adapter_slot(module, index, module_name, lora_model, self.packed_modules_mapping)
                 else:
                     fill_plain_lora_slot(module, index, self._get_lora_layer_weights(lora_model, module_name))
-                adapted -= set(slice_paths(module_name, self.packed_modules_mapping)) | {module_name}
-        if adapted:  # e.g. an embedding or MoE expert: never serve an adapter partially
-            raise NotImplementedError(f"sora-serve: cannot serve adapter layers {sorted(adapted)} in vLLM (not plain linear layers)")
         return activated
 
+    stock_validate = LoRAModelManager._validate_modules_to_save
+
+    @functools.wraps(stock_validate)
+    def validate_at_load(self, lora_model) -> None:
+        """Runs inside vLLM's adapter loading, before any slot is touched: errors are load errors."""
+        stock_validate(self, lora_model)
+        if hasattr(lora_model, "sora_adapter"):
+            check_servable(lora_model, self.modules, self.packed_modules_mapping)
+
+    stock_register = LoRAModelManager.register_module
+
+    @functools.wraps(stock_register)
+    def register_module(self, module_name: str, module) -> None:
+        stock_register(self, module_name, module)
+        if isinstance(module, BaseLinearLayerWithLoRA):
+            slot_state(module)  # allocate the extras at engine start; refuses TP > 1 there
+
     LoRAModelManager.activate_adapter = activate_adapter
+    LoRAModelManager._validate_modules_to_save = validate_at_load
+    LoRAModelManager.register_module = register_module
+
+
+def check_servable(lora_model, modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+    """Every adapted module must be a plain (unquantized) linear LoRA layer of this vLLM model.
+
+    Fails closed, naming the module: an embedding, MoE expert or quantized layer would otherwise
+    be served partially or with the wrong W0."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    packed_parent = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
+    for vllm_name, path in lora_model.sora_paths.items():
+        prefix, _, last = vllm_name.rpartition(".")
+        layer_name = f"{prefix}.{packed_parent.get(last, last)}" if prefix else packed_parent.get(last, last)
+        layer = modules.get(layer_name)
+        if not isinstance(layer, BaseLinearLayerWithLoRA):
+            kind = "not found" if layer is None else f"a {type(layer).__name__}, not a plain linear layer"
+            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: '{layer_name}' is {kind}")
+        _require_plain_weights(layer, path)
 
 
 # ------------------------------------------------------------------ 3. the op
 
 
+class TokenGroup(NamedTuple):
+    """Rows of the batch that share one set of factors, and their outputs per slice before the rotation."""
+
+    rows: torch.Tensor | None  # None: the whole batch
+    z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T
+    rotation: list[tuple[torch.Tensor, torch.Tensor]] | None  # per slice (U, V): per slot 2-D, per token 3-D
+
+
 def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """For each slot present in the batch: ServingFactors.apply on its tokens, one GEMM per factor."""
+    """ServingFactors.apply for every token with its slot's factors; slot -1 (no adapter) stays base.
+
+    Tokens are grouped by slot (one GEMM per factor and slot); with many slots and few tokens
+    each (decode), every token's factors are gathered and applied in one batched GEMM instead."""
     original_shape = output.shape if output.ndim == 3 else None
     if x.ndim == 3 and output.ndim == 3:
         output, x = output.flatten(0, 1), x.flatten(0, 1)
@@ -269,36 +388,33 @@ def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Te
     indices = layer.punica_wrapper.token_lora_indices[: x.shape[0]]
     slots = [s for s in torch.unique(indices).tolist() if s >= 0 and (state.rank[s] or state.has_scale[s] or state.rot_rank[s])]
     if len(slots) > 2 and x.shape[0] <= GATHER_TOKENS_PER_SLOT * len(slots):
-        output = _apply_gathered(layer, state, slots, indices, x, output)
-        return output if original_shape is None else output.reshape(original_shape)
-    for slot in slots:
-        rows = None if len(slots) == 1 and bool((indices == slot).all()) else (indices == slot).nonzero().squeeze(1)
-        xs = x if rows is None else x.index_select(0, rows)
-        ys = output if rows is None else output.index_select(0, rows)
-        ys = _apply_slot(layer, state, slot, xs, ys)
-        if rows is None:
-            output = ys
-        else:
-            output.index_copy_(0, rows, ys)
+        groups = [_gathered_group(layer, state, slots, indices, x, output)]
+    else:
+        groups = [_slot_group(layer, state, slot, indices, x, output, whole_batch=len(slots) == 1) for slot in slots]
+    _rotate(layer, groups)
+    for group in groups:
+        z = group.z[0] if len(group.z) == 1 else torch.cat(group.z, dim=1)
+        output = z if group.rows is None else output.index_copy_(0, group.rows, z)
     return output if original_shape is None else output.reshape(original_shape)
 
 
-def _apply_slot(layer, state: SlotState, slot: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _slot_group(layer, state: SlotState, slot: int, indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor, whole_batch: bool) -> TokenGroup:
+    rows = None if whole_batch and bool((indices == slot).all()) else (indices == slot).nonzero().squeeze(1)
+    if rows is not None:
+        x, y = x.index_select(0, rows), y.index_select(0, rows)
     r, k = state.rank[slot], state.rot_rank[slot]
-    pieces, offset = [], 0
+    z, offset = [], 0
     for i, size in enumerate(layer.output_slices):
-        part = y[:, offset : offset + size]
-        offset += size
         factors = ServingFactors(
             lora_A=layer.lora_a_stacked[i][slot, 0, :r],
             lora_B=layer.lora_b_stacked[i][slot, 0, :, :r],
             scale=state.scale[i][slot] if state.has_scale[slot] else None,
             bias_shift=state.shift[i][slot] if state.has_shift[slot] else None,
-            rot_U=state.rot_u[i][slot, :, :k] if k else None,
-            rot_V=state.rot_v[i][slot, :, :k] if k else None,
-        )
-        pieces.append(factors.apply(x, part))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        )  # the rotation is applied by _rotate, across ranks
+        z.append(factors.apply(x, y[:, offset : offset + size]))
+        offset += size
+    rotation = [(state.rot_u[i][slot, :, :k], state.rot_v[i][slot, :, :k]) for i in range(len(z))] if k else None
+    return TokenGroup(rows, z, rotation)
 
 
 # Below this many tokens per slot (decode with many adapters), per-token gathered factors and
@@ -306,30 +422,55 @@ def _apply_slot(layer, state: SlotState, slot: int, x: torch.Tensor, y: torch.Te
 GATHER_TOKENS_PER_SLOT = 4
 
 
-def _apply_gathered(layer, state: SlotState, slots: list[int], indices: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """ServingFactors.apply for every token at once, each with its own slot's (padded) factors.
+def _gathered_group(layer, state: SlotState, slots: list[int], indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
+    """All adapter tokens at once, each with its own slot's (padded) factors.
 
     Unused slots and padding hold the identity (scale 1, zeros), so padding to the largest rank
     present is exact."""
     rows = (indices >= 0).nonzero().squeeze(1)
     token_slots = indices.index_select(0, rows)
-    xs, ys = x.index_select(0, rows), output.index_select(0, rows)
+    x, y = x.index_select(0, rows), y.index_select(0, rows)
     r = max(state.rank[s] for s in slots)
     k = max(state.rot_rank[s] for s in slots)
-    pieces, offset = [], 0
+    z, offset = [], 0
     for i, size in enumerate(layer.output_slices):
-        y = ys[:, offset : offset + size] * state.scale[i][token_slots] + state.shift[i][token_slots]
+        zi = y[:, offset : offset + size] * state.scale[i][token_slots] + state.shift[i][token_slots]
         offset += size
         if r:
             a = layer.lora_a_stacked[i][token_slots, 0, :r]  # (tokens, r, in)
             b = layer.lora_b_stacked[i][token_slots, 0, :, :r]  # (tokens, out, r)
-            y = y + torch.bmm(b, torch.bmm(a, xs.unsqueeze(2))).squeeze(2)
-        if k:
-            u, v = state.rot_u[i][token_slots, :, :k], state.rot_v[i][token_slots, :, :k]
-            y = y + torch.bmm(v, torch.bmm(u.transpose(1, 2), y.unsqueeze(2))).squeeze(2)
-        pieces.append(y)
-    output.index_copy_(0, rows, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-    return output
+            zi = zi + torch.bmm(b, torch.bmm(a, x.unsqueeze(2))).squeeze(2)
+        z.append(zi)
+    rotation = [(state.rot_u[i][token_slots, :, :k], state.rot_v[i][token_slots, :, :k]) for i in range(len(z))] if k else None
+    return TokenGroup(rows, z, rotation)
+
+
+def _rotate(layer, groups: list[TokenGroup]) -> None:
+    """z += (z U) V^T in place of each group's z, with one all-reduce of (z U) under column parallelism."""
+    todo = [(group, i) for group in groups if group.rotation for i in range(len(group.z))]
+    projections = [_times(group.z[i], group.rotation[i][0], transpose=False) for group, i in todo]
+    for (group, i), zu in zip(todo, _sum_over_ranks(layer, projections)):
+        group.z[i] = group.z[i] + _times(zu, group.rotation[i][1], transpose=True)
+
+
+def _times(t: torch.Tensor, m: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """t @ m (or t @ m^T), with m shared by all rows (2-D) or one per row (3-D)."""
+    if m.ndim == 2:
+        return t @ (m.T if transpose else m)
+    return torch.bmm(t.unsqueeze(1), m.transpose(1, 2) if transpose else m).squeeze(1)
+
+
+def _sum_over_ranks(layer, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(z U) sums over the full output dim. A column-parallel rank holds some output rows of z and
+    U, so the ranks add their partial products: one all-reduce of tokens x 2r_p values per slice.
+    Row-parallel ranks hold partial sums of z that vLLM reduces after the op; R is linear, so
+    rotating each partial is exact."""
+    if not parts or parallel_kind(layer) != "column":
+        return parts
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    total = tensor_model_parallel_all_reduce(torch.cat([p.reshape(-1) for p in parts]))
+    return [t.view_as(p) for t, p in zip(total.split([p.numel() for p in parts]), parts)]
 
 
 def patch_op() -> None:
@@ -338,7 +479,57 @@ def patch_op() -> None:
     BaseLinearLayerWithLoRA._apply_lora_to_output = grouped_adapter_op
 
 
-# ------------------------------------------------------------------ 4. unload
+# ------------------------------------------------------------------ 4. vLLM CPU's other LoRA ops
+
+
+def slot_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = weights[indices[t]] @ inputs[t], one GEMM per slot; rows with index -1 (no adapter) are 0.
+
+    Stands in for the per-token gather `weights[indices]` of vLLM's torch ops, where -1 wraps to
+    the last slot."""
+    weights = weights.squeeze(1) if weights.ndim == 4 else weights
+    out = torch.zeros(indices.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
+    for slot in torch.unique(indices).tolist():
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            out.index_copy_(0, rows, inputs.index_select(0, rows).to(dtype) @ weights[slot].to(dtype).T)
+    return out
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0) -> None:
+    out = slot_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : out.shape[1]] = scaling * out
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True) -> None:
+    out = slot_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    rows = 1 if out.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    columns = min(out.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
+    if add_inputs:
+        output_tensor[:, :columns] += out[:rows, :columns]
+    else:
+        output_tensor[:, :columns] = out[:rows, :columns]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs: bool = True) -> None:
+    out = slot_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += out
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = out
+
+
+def patch_cpu_ops() -> None:
+    """The layers the grouped op does not replace (embeddings, logits) still call vLLM's torch ops."""
+    import vllm.lora.ops.torch_ops as torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for module in (lora_ops, torch_ops, punica_cpu):  # sgmv_* call lora_ops' names; punica_cpu bound its own
+        module.bgmv_shrink, module.bgmv_expand, module.bgmv_expand_slice = bgmv_shrink, bgmv_expand, bgmv_expand_slice
+
+
+# ------------------------------------------------------------------ 5. unload
 
 
 def patch_unload() -> None:
@@ -364,5 +555,6 @@ def apply() -> None:
     patch_loading()
     patch_activation()
     patch_op()
+    patch_cpu_ops()
     patch_unload()
     _APPLIED = True

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from sora_serve.errors import AdapterError
@@ -56,4 +55,8 @@ def run(args: argparse.Namespace) -> None:
         read_adapter(path)  # fail before a 35 s engine start, with the file and field named
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    sys.exit(subprocess.call(server_command(args), env=env))
+    command = server_command(args)
+    # exec, not a child process: signals (Ctrl-C, terminate()) reach the server itself, so
+    # stopping `sora-serve serve` never leaves an orphaned vLLM engine behind.
+    sys.stdout.flush()
+    os.execve(command[0], command, env)

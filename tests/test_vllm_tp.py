@@ -1,0 +1,53 @@
+"""vLLM with the plugin at tensor_parallel_size=2 (two CPU workers): exact against the eager runtime.
+
+Column-parallel layers (qkv_proj with biases, gate_up_proj) hold output-row shards: SORA's rotation
+all-reduces (z U), DoRA's g all-gathers W0 rows. Row-parallel layers (o_proj, down_proj) hold
+input-column shards: DoRA all-gathers W0 columns, the bias shift is added on rank 0 only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import sora_serve as ss
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+
+from .helpers import perturb_adapter
+from .test_vllm_engine import LOGPROB_TOL, PROMPTS, eager_reference
+
+KINDS = {
+    "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
+    "dora": dict(method="dora"),
+    "prediag": dict(method="prediag", r=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two TP workers need two CPUs")
+def test_tensor_parallel_mixed_batch_equals_eager(tmp_path):
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from sora_serve.vllm_plugin.engine import make_llm
+
+    base = make_tiny_checkpoint("qwen2", tmp_path / "base")  # 4 heads, 2 kv heads: one kv head per rank
+    for i, (name, kwargs) in enumerate(KINDS.items()):
+        model = make_tiny_model("qwen2")
+        ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
+        perturb_adapter(model, "a", scale=0.1, seed=10 + i)
+        ss.save_adapter(model, tmp_path / name, "a")
+    llm = make_llm(base, max_loras=2, tensor_parallel_size=2)  # 2 slots < 3 adapters, all full: base rows must stay base
+    names = [None, "sora_cay", "dora", "prediag", "sora_cay", None]
+    ids = {name: i + 1 for i, name in enumerate(KINDS)}
+    requests = [None if n is None else LoRARequest(n, ids[n], str(tmp_path / n)) for n in names]
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * len(names), params, lora_request=requests, use_tqdm=False)
+    del llm
+    expected = {n: eager_reference(tmp_path, n, PROMPTS[0]) for n in set(names)}
+    assert len({tuple(t) for t, _ in expected.values()}) == len(expected), "every adapter should change the output"
+    for name, output in zip(names, outputs):
+        tokens = list(output.outputs[0].token_ids)
+        logprobs = [lp[t].logprob for lp, t in zip(output.outputs[0].logprobs, tokens)]
+        assert tokens == expected[name][0], name
+        assert max(abs(a - b) for a, b in zip(logprobs, expected[name][1])) <= LOGPROB_TOL, name
