@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import AdapterConfig
 
@@ -59,6 +60,11 @@ class ServingFactors:
         return w, b
 
 
+def addmm_rows(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y + a @ b over the last dimension, for any leading dimensions, as one fused GEMM."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), b).view(y.shape)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -82,9 +88,11 @@ class Adapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
-    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
-        """s B A x, never forming B A."""
-        return (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
+    def add_lora_term(self, y: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """y + s diag(row_scale) B A x, never forming B A: s goes on the rank-r activations and the
+        expansion adds into y inside one GEMM, so the out-sized tensor is written once."""
+        b = self.lora_B if row_scale is None else row_scale[:, None] * self.lora_B
+        return addmm_rows(y, F.linear(self.dropout(x), self.lora_A) * self.scaling, b.T.contiguous())
 
     def forward(
         self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -37,7 +37,7 @@ class DoRA(Adapter):
         if not isinstance(self.dropout, nn.Identity):  # PEFT recomputes W0 x on the dropped-out input
             base_no_bias = self.dropout(x) @ weight.T
             base_out = base_no_bias if bias is None else base_no_bias + bias
-        return base_out + (g - 1) * base_no_bias + g * self.lora_term(x)
+        return self.add_lora_term(base_out + (g - 1) * base_no_bias, x, row_scale=g)
 
     def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
         w = weight.detach().to(dtype)

@@ -13,7 +13,7 @@ class LoRA(Adapter):
     method = "lora"
 
     def forward(self, x, base_out, weight, bias):
-        return base_out + self.lora_term(x)
+        return self.add_lora_term(base_out, x)
 
     def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
         a, b = self.scaled_lora(dtype)

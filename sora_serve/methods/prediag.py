@@ -24,7 +24,7 @@ class PreDiag(Adapter):
         self.d = nn.Parameter(torch.ones(out_features))
 
     def forward(self, x, base_out, weight, bias):
-        return self.d * base_out + self.lora_term(x)
+        return self.add_lora_term(self.d * base_out, x)
 
     def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
         a, b = self.scaled_lora(dtype)

@@ -20,15 +20,21 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import AdapterConfig
-from .base import ServingFactors
+from .base import ServingFactors, addmm_rows
 from .prediag import PreDiag
+
+
+def rotation_scale(c: torch.Tensor, d: torch.Tensor, s0: float) -> torch.Tensor:
+    """s_p = min(1, s0 / (|C|_F + |D|_F + 1e-6)), which keeps |K| bounded."""
+    return torch.clamp(s0 / (c.norm() + d.norm() + 1e-6), max=1.0)
 
 
 def scaled_generator(c: torch.Tensor, d: torch.Tensor, s0: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s_p, U, M) with K = U M U^T, differentiable in c and d."""
-    s_p = torch.clamp(s0 / (c.norm() + d.norm() + 1e-6), max=1.0)
+    s_p = rotation_scale(c, d, s0)
     eye = torch.eye(c.shape[1], dtype=c.dtype, device=c.device)
     zero = torch.zeros_like(eye)
     m = s_p * torch.cat([torch.cat([zero, -eye], 1), torch.cat([eye, zero], 1)], 0)
@@ -70,19 +76,22 @@ class SORA(PreDiag):
         self.sora_D = nn.Parameter(c.clone())
 
     def rotate(self, z: torch.Tensor) -> torch.Tensor:
-        """R z for row vectors z. K z is computed as the paper does, s_p ((z C) D^T - (z D) C^T),
-        which is exactly 0 while C == D (at init), so a fresh adapter leaves the base bit-exact.
-        Cayley: R z = z + 2 (I - K)^-1 K z = z + 2 k + 2 ((k U) H^T) U^T with k = K z."""
+        """R z for row vectors z, as one rank-2r_p shrink and one fused expand-and-add GEMM.
+
+        K z = s_p (z C D^T - z D C^T) is rewritten with E = z (C - D) as
+        K z = [z C, E] (s_p [D - C, C])^T, which is exactly 0 while C == D (at init): both
+        halves multiply an exact zero, so a fresh adapter leaves the base bit-exact.
+        Cayley: R z = z + 2 (I - K)^-1 K z = z + 2 k + 2 ((k U) H^T) U^T with k = K z = q w^T,
+        so R z = z + q (2 w^T + 2 ((w^T U) H^T) U^T): the factor is 2r_p x out, never out x out."""
         c, d = self.sora_C.to(z.dtype), self.sora_D.to(z.dtype)
-        s_p, u, m = scaled_generator(c, d, self.s0)
-        # s_p goes on the small factors, and the out-sized results are combined in place:
-        # the rotation then costs two thin GEMM pairs and no extra full-size passes.
-        k = (z @ c) @ (s_p * d).T
-        k.sub_((z @ d) @ (s_p * c).T)
+        # Both thin factors are built as contiguous (2 r_p, out) matrices: CPU GEMMs with a
+        # row-major 2r_p x out operand run 2-3x faster than with out x 2r_p, forward and backward.
+        q = F.linear(z, torch.cat([c.T, (c - d).T]))  # (..., 2 r_p): the only read of z
+        w_t = rotation_scale(c, d, self.s0) * torch.cat([(d - c).T, c.T])  # K z = q w^T
         if self.rotation == "first_order":
-            return k.add_(z)
-        correction = ((k @ u) @ (2 * cayley_core(u, m)).T) @ u.T
-        return correction.add_(k, alpha=2).add_(z)
+            return addmm_rows(z, q, w_t)
+        _, u, m = scaled_generator(c, d, self.s0)
+        return addmm_rows(z, q, 2 * (w_t + ((w_t @ u) @ cayley_core(u, m).T) @ u.T))
 
     def forward(self, x, base_out, weight, bias):
         return self.rotate(super().forward(x, base_out, weight, bias))
