@@ -1,7 +1,9 @@
 """Training-cost suite: step time and peak memory of LoRA, DoRA (PEFT), Pre-Diag and SORA.
 
 Same model, data, batch, optimizer and loop (`training.train`); each method in its own
-subprocess so peak RSS (ru_maxrss) is per method.
+subprocess so peak RSS (ru_maxrss) is per method. Methods run in interleaved rounds
+(LoRA, DoRA, ..., LoRA, DoRA, ...) and their step times are pooled, so slow drift of a shared
+machine lands on every method alike instead of on whichever ran last.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from .common import Target, bar_chart, markdown_targets, save_suite, stats
 
@@ -28,22 +32,33 @@ print("RESULT " + json.dumps({"step_times": m["step_times_s"], "mean": m["mean_s
 """
 
 
+WARMUP_STEPS = 2  # first steps of each process: allocator and oneDNN warm-up
+
+
+def train_worker(config: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(config)], capture_output=True, text=True, timeout=1800)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(line[len("RESULT ") :])
+
+
 def run(quick: bool, out_dir: Path | None = None) -> Path:
     from sora_serve.tiny import make_tiny_checkpoint
 
-    steps = 12 if quick else 40
+    steps, rounds = (8, 3) if quick else (20, 5)
+    samples: dict[str, list[float]] = {name: [] for name in METHODS}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = make_tiny_checkpoint("llama", Path(tmp) / "base", **MODEL)
-        for name, extra in METHODS.items():
-            method = "sora" if name.startswith("sora") else name
-            config = {"model": str(base), "method": method, "steps": steps, **extra}
-            out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(config)], capture_output=True, text=True, timeout=1800)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise RuntimeError(out.stderr[-3000:])
-            r = json.loads(line[len("RESULT ") :])
-            results[name] = {"step_time_s": stats(r["step_times"][1:]), "peak_rss_mib": r["rss"], "trainable_params": r["params"], "loss_curve": r["loss"]}
+        for _ in tqdm(range(rounds), desc="training rounds"):
+            for name, extra in METHODS.items():
+                r = train_worker({"model": str(base), "method": "sora" if name.startswith("sora") else name, "steps": steps, **extra})
+                samples[name] += r["step_times"][WARMUP_STEPS:]
+                previous = results.get(name, {}).get("peak_rss_mib", 0)
+                results[name] = {"peak_rss_mib": max(previous, r["rss"]), "trainable_params": r["params"], "loss_curve": r["loss"]}
+    for name in METHODS:
+        results[name]["step_time_s"] = stats(samples[name])
     t = {k: v["step_time_s"]["median"] for k, v in results.items()}
     mem = {k: v["peak_rss_mib"] for k, v in results.items()}
     targets = [
@@ -59,9 +74,9 @@ def run(quick: bool, out_dir: Path | None = None) -> Path:
     for name, r in results.items():
         s = r["step_time_s"]
         md.append(f"| {name} | {r['trainable_params']:,} | {1e3 * s['median']:.1f} [{1e3 * s['p10']:.1f}, {1e3 * s['p90']:.1f}] | {t[name] / t['lora']:.3f} | {r['peak_rss_mib']:.0f} |")
-    md += ["", "Peak memory is each method's process lifetime ru_maxrss (model, data, optimizer, interpreter).", "", markdown_targets(targets)]
+    md += ["", f"{rounds} interleaved rounds of {steps} steps per method, first {WARMUP_STEPS} steps of each dropped. Peak memory is each method's process lifetime ru_maxrss (model, data, optimizer, interpreter), the largest over rounds.", "", markdown_targets(targets)]
     names = list(results)
     figures = {"step-time": bar_chart("Training step time (batch 16, 48 tokens)", names, [1e3 * t[n] for n in names],
                                       ([1e3 * (t[n] - results[n]["step_time_s"]["p10"]) for n in names], [1e3 * (results[n]["step_time_s"]["p90"] - t[n]) for n in names]), "ms / step")}
-    payload = {"quick": quick, "settings": {"model": MODEL, "r": 16, "r_p": 4, "steps": steps, "batch": 16, "max_length": 48}, "results": results, "targets": [x.__dict__ | {"met": x.met} for x in targets]}
+    payload = {"quick": quick, "settings": {"model": MODEL, "r": 16, "r_p": 4, "steps": steps, "rounds": rounds, "warmup_steps": WARMUP_STEPS, "batch": 16, "max_length": 48}, "results": results, "targets": [x.__dict__ | {"met": x.met} for x in targets]}
     return save_suite("training", payload, "\n".join(md), figures, out_dir)

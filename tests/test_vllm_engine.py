@@ -88,7 +88,7 @@ def test_mixed_batch_of_every_kind_equals_eager(served):
 def test_base_requests_stay_base_with_all_slots_full(served):
     """vLLM CPU's stock ops give base rows the last slot's adapter here (index -1 wraps)."""
     root, llm = served
-    names = ["sora_cay", "dora", None, "prediag", "lora", "sora_cay"]  # 4 adapters in 4 slots: decode takes the gathered path
+    names = ["sora_cay", "dora", None, "prediag", "lora", "sora_cay"]  # 4 adapters in 4 slots: decode runs them padded in one batch
     results = vllm_generate(llm, root, names, [PROMPTS[0]] * len(names))
     assert results[2][0] == eager_reference(root, None, PROMPTS[0])[0]
     for i in (0, 1, 3, 4):
@@ -160,22 +160,21 @@ def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
     assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL
 
 
-def test_gathered_and_per_slot_paths_agree():
-    """The op's two strategies (per-slot GEMMs, per-token gathered bmm) give the same rows; -1 rows stay base."""
+def random_slot_layer(slot_specs, sizes=(24, 8, 8), in_f=32, max_rank=16):
+    """A stand-in for a vLLM linear LoRA layer (qkv-like, three slices) with random slot contents.
+
+    slot_specs: (rank, rotation rank, has scale/shift) per slot."""
     from types import SimpleNamespace
 
-    from sora_serve.methods import ServingFactors
     from sora_serve.vllm_plugin import patches
 
-    torch.manual_seed(0)
-    slots, max_rank, sizes, in_f = 5, 16, (24, 8, 8), 32
     layer = SimpleNamespace(
         tp_size=1, output_slices=sizes,
-        lora_a_stacked=tuple(torch.zeros(slots, 1, max_rank, in_f) for _ in sizes),
-        lora_b_stacked=tuple(torch.zeros(slots, 1, n, max_rank) for n in sizes),
+        lora_a_stacked=tuple(torch.zeros(len(slot_specs), 1, max_rank, in_f) for _ in sizes),
+        lora_b_stacked=tuple(torch.zeros(len(slot_specs), 1, n, max_rank) for n in sizes),
     )
     state = patches.slot_state(layer)
-    for slot, (r, k, scale) in enumerate([(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (0, 0, False)]):
+    for slot, (r, k, scale) in enumerate(slot_specs):
         state.rank[slot], state.rot_rank[slot], state.has_scale[slot], state.has_shift[slot] = r, k, scale, scale
         for i, n in enumerate(sizes):
             layer.lora_a_stacked[i][slot, 0, :r] = torch.randn(r, in_f)
@@ -183,32 +182,85 @@ def test_gathered_and_per_slot_paths_agree():
             if scale:
                 state.scale[i][slot] = 1 + 0.1 * torch.randn(n)
                 state.shift[i][slot] = 0.1 * torch.randn(n)
-            state.rot_u[i][slot, :, :k] = 0.1 * torch.randn(n, k)
-            state.rot_v[i][slot, :, :k] = 0.1 * torch.randn(n, k)
-    indices = torch.tensor([0, 1, -1, 2, 3, 1, -1, 0])
-    x, base = torch.randn(len(indices), in_f), torch.randn(len(indices), sum(sizes))
-    expected = base.clone()  # ServingFactors.apply, slot by slot and slice by slice
-    for slot in range(4):
+            state.rot_ut[i][slot, :k] = 0.1 * torch.randn(k, n)
+            state.rot_vt[i][slot, :k] = 0.1 * torch.randn(k, n)
+    return layer, state
+
+
+def per_slot_reference(layer, state, indices, x, base):
+    """float64 ServingFactors.apply, slot by slot and slice by slice; -1 rows stay base."""
+    from sora_serve.methods import ServingFactors
+
+    expected = base.double()
+    for slot in sorted(s for s in set(indices.tolist()) if s >= 0):
         rows = (indices == slot).nonzero().squeeze(1)
         r, k = state.rank[slot], state.rot_rank[slot]
         expected[rows] = torch.cat([
             ServingFactors(
                 layer.lora_a_stacked[i][slot, 0, :r], layer.lora_b_stacked[i][slot, 0, :, :r], state.scale[i][slot], state.shift[i][slot],
-                state.rot_u[i][slot, :, :k], state.rot_v[i][slot, :, :k],
-            ).apply(x[rows], part)
-            for i, part in enumerate(base[rows].split(sizes, dim=1))
+                state.rot_ut[i][slot, :k].T, state.rot_vt[i][slot, :k].T,
+            ).to(torch.float64).apply(x[rows].double(), part)
+            for i, part in enumerate(base[rows].double().split(layer.output_slices, dim=1))
         ], dim=1)
+    return expected
+
+
+# Token -> slot layouts, and the strategy of the op each one takes.
+LAYOUTS = {
+    "one slot, whole batch": ([1] * 6, "one slot"),
+    "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
+    "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
+    "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
+    "base rows only": ([-1, -1, -1], "none"),
+    "very uneven (prefill)": ([2] * 12 + [0, -1, 1], "per slot"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_op_equals_each_slot_alone(layout):
+    """Every strategy of the plugin's op (one slot; padded batched GEMMs; one group per slot) gives
+    each row its own slot's ServingFactors.apply, slot -1 rows untouched. Slots mix ranks 0-16,
+    rotation ranks 0-4 and scale/shift on or off, so padding to the largest rank is exercised."""
+    from types import SimpleNamespace
+
+    from sora_serve.vllm_plugin import patches
+
+    torch.manual_seed(0)
+    layer, state = random_slot_layer([(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (0, 3, False)])
+    indices, strategy = torch.tensor(LAYOUTS[layout][0]), LAYOUTS[layout][1]
+    plan = patches.make_plan(indices)
+    assert ("none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot") == strategy
+    x, base = torch.randn(len(indices), 32), torch.randn(len(indices), sum(layer.output_slices))
     layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
-    gathered = patches.grouped_adapter_op(layer, x, base.clone())  # 4 slots, 2 tokens each: gathered path
-    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices.repeat(4))
-    per_slot = patches.grouped_adapter_op(layer, x.repeat(4, 1), base.repeat(4, 1))[: len(indices)]  # 8 tokens per slot: per-slot path
-    for result in (gathered, per_slot):
-        assert torch.allclose(result, expected, atol=1e-5)
-        assert torch.equal(result[indices == -1], base[indices == -1])
-    # Slot 1 (rotation, scale) is reused by a plain LoRA: its extras return to the identity,
-    # since the gathered path reads every slot's extras padded to the largest rank present.
+    result = patches.grouped_adapter_op(layer, x, base.clone())
+    assert torch.allclose(result.double(), per_slot_reference(layer, state, indices, x, base), atol=1e-4)  # fp32 GEMMs vs float64
+    assert torch.equal(result[indices == -1], base[indices == -1])
+
+
+def test_batch_plan_is_recomputed_when_vllm_rewrites_the_indices():
+    """The per-step plan is cached across layers, and refreshed when the persistent index
+    buffer is overwritten in place (as vLLM does every step)."""
+    from types import SimpleNamespace
+
+    from sora_serve.vllm_plugin import patches
+
+    buffer = torch.tensor([0, 0, 1, -1])
+    wrapper = SimpleNamespace(token_lora_indices=buffer)
+    first = patches.batch_plan(wrapper, 4)
+    assert patches.batch_plan(wrapper, 4) is first and first.slots == [0, 1] and first.counts == [2, 1]
+    buffer.copy_(torch.tensor([2, 2, 2, 2]))
+    second = patches.batch_plan(wrapper, 4)
+    assert second.slots == [2] and second.rows is None
+
+
+def test_a_slot_refilled_by_plain_lora_has_identity_extras():
+    """The padded path reads every present slot's extras: a slot reused by a plain LoRA must
+    return to scale 1, shift 0, no rotation."""
+    from sora_serve.vllm_plugin import patches
+
+    layer, state = random_slot_layer([(4, 0, False), (8, 4, True)])
     patches.fill_plain_lora_slot(layer, 1, None)
     assert state.rot_rank[1] == 0 and not state.has_scale[1]
-    for i in range(len(sizes)):
-        assert not state.rot_u[i][1].any() and not state.rot_v[i][1].any() and not state.shift[i][1].any()
-        assert torch.equal(state.scale[i][1], torch.ones(sizes[i]))
+    for i, n in enumerate(layer.output_slices):
+        assert not state.rot_ut[i][1].any() and not state.rot_vt[i][1].any() and not state.shift[i][1].any()
+        assert torch.equal(state.scale[i][1], torch.ones(n))

@@ -10,10 +10,11 @@
    At load (`_validate_modules_to_save`, vLLM's own validation hook) an adapter is refused,
    naming the module, unless every module it adapts is a plain unquantized linear LoRA layer;
    at engine start (`register_module`) the per-slot extras are allocated and TP > 1 is refused.
-3. The op (`BaseLinearLayerWithLoRA._apply_lora_to_output`): tokens are grouped by slot and
-   each slot runs `ServingFactors.apply` with one GEMM per factor; with many slots and few tokens
-   each (decode), every token's factors are gathered and applied in one batched GEMM instead. Slot -1 (no adapter) is left
-   at the base output; vLLM CPU's stock ops index weights[-1], the last slot, instead.
+3. The op (`BaseLinearLayerWithLoRA._apply_lora_to_output`): tokens are grouped by slot once
+   per step, and every slot present runs `ServingFactors.apply` in batched GEMMs over a padded
+   (slots, tokens per slot) layout, each slot's factors read once (one GEMM per slot when
+   padding would more than double the work). Slot -1 (no adapter) is left at the base output;
+   vLLM CPU's stock ops index weights[-1], the last slot, instead.
 4. vLLM CPU's torch LoRA ops (still used by embedding and logits LoRA layers): the same
    grouped GEMMs, -1 rows left alone.
 5. Unload (`OpenAIServingModels.unload_lora_adapter`): also removes the adapter from the engine,
@@ -106,8 +107,10 @@ class SlotState:
 
     scale: list[torch.Tensor]  # (max_loras, out_slice)
     shift: list[torch.Tensor]
-    rot_u: list[torch.Tensor]  # (max_loras, out_slice, max_lora_rank)
-    rot_v: list[torch.Tensor]
+    # U^T and V^T, (max_loras, max_lora_rank, out_slice): a rank-k slice is k contiguous rows, so
+    # decode with many slots reads only the k x out values it uses (U is out x k in ServingFactors).
+    rot_ut: list[torch.Tensor]
+    rot_vt: list[torch.Tensor]
     rank: list[int] = field(default_factory=list)  # LoRA rank per slot (0: nothing to do)
     rot_rank: list[int] = field(default_factory=list)
     has_scale: list[bool] = field(default_factory=list)
@@ -124,8 +127,8 @@ def slot_state(layer) -> SlotState:
         state = SlotState(
             scale=[torch.ones(max_loras, n, dtype=dtype, device=device) for n in sizes],
             shift=[torch.zeros(max_loras, n, dtype=dtype, device=device) for n in sizes],
-            rot_u=[torch.zeros(max_loras, n, max_rank, dtype=dtype, device=device) for n in sizes],
-            rot_v=[torch.zeros(max_loras, n, max_rank, dtype=dtype, device=device) for n in sizes],
+            rot_ut=[torch.zeros(max_loras, max_rank, n, dtype=dtype, device=device) for n in sizes],
+            rot_vt=[torch.zeros(max_loras, max_rank, n, dtype=dtype, device=device) for n in sizes],
             rank=[0] * max_loras, rot_rank=[0] * max_loras, has_scale=[False] * max_loras, has_shift=[False] * max_loras,
         )
         layer.sora_slots = state
@@ -168,8 +171,8 @@ def _reset_extras(state: SlotState, i: int, index: int) -> None:
     """Identity extras for slice i of slot `index`: scale 1, shift 0, no rotation."""
     state.scale[i][index] = 1
     state.shift[i][index] = 0
-    state.rot_u[i][index].zero_()
-    state.rot_v[i][index].zero_()
+    state.rot_ut[i][index].zero_()
+    state.rot_vt[i][index].zero_()
 
 
 def _max_rank(lora_weights) -> int:
@@ -297,10 +300,10 @@ def _write_slice(layer, state: SlotState, i: int, index: int, f: ServingFactors)
         state.has_shift[index] = True
     if f.rot_U is not None:
         k = f.rot_U.shape[1]
-        if k > state.rot_u[i].shape[-1]:
-            raise ValueError(f"sora-serve: SORA rotation rank 2*r_p = {k} exceeds max_lora_rank {state.rot_u[i].shape[-1]}")
-        state.rot_u[i][index, :, :k].copy_(f.rot_U.to(dtype))
-        state.rot_v[i][index, :, :k].copy_(f.rot_V.to(dtype))
+        if k > state.rot_ut[i].shape[1]:
+            raise ValueError(f"sora-serve: SORA rotation rank 2*r_p = {k} exceeds max_lora_rank {state.rot_ut[i].shape[1]}")
+        state.rot_ut[i][index, :k].copy_(f.rot_U.T.to(dtype))
+        state.rot_vt[i][index, :k].copy_(f.rot_V.T.to(dtype))
         state.rot_rank[index] = max(state.rot_rank[index], k)
 
 
@@ -368,38 +371,112 @@ def check_servable(lora_model, modules: dict, packed_modules_mapping: dict[str, 
 # ------------------------------------------------------------------ 3. the op
 
 
-class TokenGroup(NamedTuple):
-    """Rows of the batch that share one set of factors, and their outputs per slice before the rotation."""
+class BatchPlan(NamedTuple):
+    """Where this step's adapter tokens go, computed once per step and shared by every layer.
 
-    rows: torch.Tensor | None  # None: the whole batch
-    z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T
-    rotation: list[tuple[torch.Tensor, torch.Tensor]] | None  # per slice (U, V): per slot 2-D, per token 3-D
+    The padded layout has one row of `width` positions per slot of the range lo..hi of slots
+    present, so each slot's factors are a view of vLLM's stacked buffers, never copied. `gather`
+    is the token row of each position (padding repeats a real row; its results are dropped),
+    `keep` the positions of real tokens in `rows` order (None when nothing is padded)."""
+
+    slots: list[int]  # slots present (>= 0), ascending
+    counts: list[int]  # tokens per slot
+    rows: torch.Tensor | None  # token rows with an adapter, grouped by slot; None: the whole batch, one slot
+    gather: torch.Tensor | None
+    keep: torch.Tensor | None
+    width: int  # the most tokens any slot has
+
+    @property
+    def slot_range(self) -> slice:
+        return slice(self.slots[0], self.slots[-1] + 1)
+
+    @property
+    def balanced(self) -> bool:
+        """Padding at most doubles the work: worth it to run every slot in one batched GEMM."""
+        return (self.slots[-1] - self.slots[0] + 1) * self.width <= 2 * sum(self.counts)
+
+
+def batch_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
+    """The step's plan, cached on the wrapper until vLLM rewrites the token indices (it copies
+    them into a persistent buffer each step, which bumps the tensor's version counter)."""
+    indices = punica_wrapper.token_lora_indices[:n_tokens]
+    key = (indices._version, indices.data_ptr(), n_tokens)
+    cached = getattr(punica_wrapper, "sora_plan", None)
+    if cached is None or cached[0] != key:
+        cached = punica_wrapper.sora_plan = (key, make_plan(indices))
+    return cached[1]
+
+
+def make_plan(indices: torch.Tensor) -> BatchPlan:
+    slots, counts = torch.unique(indices, return_counts=True)
+    slots, counts = slots[slots >= 0], counts[slots >= 0]
+    slot_list, count_list = slots.tolist(), counts.tolist()
+    n_adapted, width = sum(count_list), max(count_list, default=0)
+    if len(slot_list) == 1 and n_adapted == indices.shape[0]:
+        return BatchPlan(slot_list, count_list, None, None, None, width)
+    rows = torch.argsort(indices, stable=True)[indices.shape[0] - n_adapted :]  # slot -1 sorts first
+    if not slot_list:
+        return BatchPlan(slot_list, count_list, rows, None, None, width)
+    # Every slot of the range gets `width` positions; position p of slot s reads the token at
+    # rows[start(s) + min(p, count(s) - 1)]; slots absent from the batch read rows[0].
+    n_range = slot_list[-1] - slot_list[0] + 1
+    range_counts = torch.zeros(n_range, dtype=torch.long, device=indices.device)
+    range_counts[slots - slot_list[0]] = counts
+    starts = torch.cumsum(range_counts, 0) - range_counts
+    position = torch.arange(width, device=indices.device)
+    source = torch.where(range_counts[:, None] > 0, starts[:, None] + torch.minimum(position, range_counts[:, None] - 1), 0)
+    gather = rows.index_select(0, source.reshape(-1))
+    keep = None
+    if n_range * width != n_adapted:
+        slot_of_token = (slots - slot_list[0]).repeat_interleave(counts)
+        rank_in_slot = torch.arange(n_adapted, device=indices.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        keep = slot_of_token * width + rank_in_slot
+    return BatchPlan(slot_list, count_list, rows, gather, keep, width)
+
+
+class TokenGroup(NamedTuple):
+    """Rows of the batch computed together, and their outputs per slice before the rotation."""
+
+    rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
+    z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T; (tokens, out), or (slots, width, out) padded
+    rotation: list[tuple[torch.Tensor, torch.Tensor]] | None  # per slice (U, V): 2-D for one slot, 3-D per slot when padded
+    keep: torch.Tensor | None = None  # padded: the positions that are real tokens
 
 
 def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """ServingFactors.apply for every token with its slot's factors; slot -1 (no adapter) stays base.
 
-    Tokens are grouped by slot (one GEMM per factor and slot); with many slots and few tokens
-    each (decode), every token's factors are gathered and applied in one batched GEMM instead."""
+    All slots present run at once, as batched GEMMs over a padded (slots, tokens per slot) layout
+    that reads each slot's factors once; when padding would more than double the work (uneven
+    prefill), each slot runs on its own tokens instead."""
     original_shape = output.shape if output.ndim == 3 else None
     if x.ndim == 3 and output.ndim == 3:
         output, x = output.flatten(0, 1), x.flatten(0, 1)
     state = slot_state(layer)
-    indices = layer.punica_wrapper.token_lora_indices[: x.shape[0]]
-    slots = [s for s in torch.unique(indices).tolist() if s >= 0 and (state.rank[s] or state.has_scale[s] or state.rot_rank[s])]
-    if len(slots) > 2 and x.shape[0] <= GATHER_TOKENS_PER_SLOT * len(slots):
-        groups = [_gathered_group(layer, state, slots, indices, x, output)]
-    else:
-        groups = [_slot_group(layer, state, slot, indices, x, output, whole_batch=len(slots) == 1) for slot in slots]
-    _rotate(layer, groups)
-    for group in groups:
-        z = group.z[0] if len(group.z) == 1 else torch.cat(group.z, dim=1)
-        output = z if group.rows is None else output.index_copy_(0, group.rows, z)
+    plan = batch_plan(layer.punica_wrapper, x.shape[0])
+    if any(state.rank[s] or state.has_scale[s] or state.rot_rank[s] for s in plan.slots):  # else: all base
+        if plan.rows is None:
+            groups = [_slot_group(layer, state, plan.slots[0], None, x, output)]
+        elif plan.balanced:
+            groups = [_padded_group(layer, state, plan, x, output)]
+        else:
+            groups = [_slot_group(layer, state, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
+        _rotate(layer, groups)
+        for group in groups:
+            output = _write_group(output, group)
     return output if original_shape is None else output.reshape(original_shape)
 
 
-def _slot_group(layer, state: SlotState, slot: int, indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor, whole_batch: bool) -> TokenGroup:
-    rows = None if whole_batch and bool((indices == slot).all()) else (indices == slot).nonzero().squeeze(1)
+def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
+    z = group.z[0] if len(group.z) == 1 else torch.cat(group.z, dim=-1)
+    z = z.reshape(-1, z.shape[-1])
+    if group.keep is not None:
+        z = z.index_select(0, group.keep)
+    return z if group.rows is None else output.index_copy_(0, group.rows, z)
+
+
+def _slot_group(layer, state: SlotState, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
+    """One slot on its tokens (`rows`; None: the whole batch), one GEMM per factor at its own rank."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
     r, k = state.rank[slot], state.rot_rank[slot]
@@ -413,51 +490,47 @@ def _slot_group(layer, state: SlotState, slot: int, indices: torch.Tensor, x: to
         )  # the rotation is applied by _rotate, across ranks
         z.append(factors.apply(x, y[:, offset : offset + size]))
         offset += size
-    rotation = [(state.rot_u[i][slot, :, :k], state.rot_v[i][slot, :, :k]) for i in range(len(z))] if k else None
+    rotation = [(state.rot_ut[i][slot, :k].T, state.rot_vt[i][slot, :k].T) for i in range(len(z))] if k else None
     return TokenGroup(rows, z, rotation)
 
 
-# Below this many tokens per slot (decode with many adapters), per-token gathered factors and
-# one batched GEMM beat a loop of tiny per-slot GEMMs.
-GATHER_TOKENS_PER_SLOT = 4
-
-
-def _gathered_group(layer, state: SlotState, slots: list[int], indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
-    """All adapter tokens at once, each with its own slot's (padded) factors.
-
-    Unused slots and padding hold the identity (scale 1, zeros), so padding to the largest rank
-    present is exact."""
-    rows = (indices >= 0).nonzero().squeeze(1)
-    token_slots = indices.index_select(0, rows)
-    x, y = x.index_select(0, rows), y.index_select(0, rows)
-    r = max(state.rank[s] for s in slots)
-    k = max(state.rot_rank[s] for s in slots)
+def _padded_group(layer, state: SlotState, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
+    """Every slot at once: (slots, width, in) tokens against each slot's factors (views of the
+    stacked buffers), padded to the largest rank present. Padding holds zeros (A, B, U, V) and
+    the identity (scale 1, shift 0), so it adds exact zeros; absent slots' rows are dropped."""
+    span = plan.slot_range
+    n_slots, width = span.stop - span.start, plan.width
+    x = x.index_select(0, plan.gather).view(n_slots, width, -1)
+    y = y.index_select(0, plan.gather).view(n_slots, width, -1)
+    r = max(state.rank[s] for s in plan.slots)
+    k = max(state.rot_rank[s] for s in plan.slots)
+    scaled = any(state.has_scale[s] for s in plan.slots)
+    shifted = any(state.has_shift[s] for s in plan.slots)
     z, offset = [], 0
     for i, size in enumerate(layer.output_slices):
-        zi = y[:, offset : offset + size] * state.scale[i][token_slots] + state.shift[i][token_slots]
+        zi = y[:, :, offset : offset + size]
         offset += size
+        if scaled:
+            zi = zi * state.scale[i][span, None, :]
+        if shifted:
+            zi = zi + state.shift[i][span, None, :]
         if r:
-            a = layer.lora_a_stacked[i][token_slots, 0, :r]  # (tokens, r, in)
-            b = layer.lora_b_stacked[i][token_slots, 0, :, :r]  # (tokens, out, r)
-            zi = zi + torch.bmm(b, torch.bmm(a, x.unsqueeze(2))).squeeze(2)
+            a = layer.lora_a_stacked[i][span, 0, :r]  # (slots, r, in)
+            b = layer.lora_b_stacked[i][span, 0, :, :r]  # (slots, out, r)
+            zi = torch.baddbmm(zi, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         z.append(zi)
-    rotation = [(state.rot_u[i][token_slots, :, :k], state.rot_v[i][token_slots, :, :k]) for i in range(len(z))] if k else None
-    return TokenGroup(rows, z, rotation)
+    rotation = [(state.rot_ut[i][span, :k].transpose(1, 2), state.rot_vt[i][span, :k].transpose(1, 2)) for i in range(len(z))] if k else None
+    return TokenGroup(plan.rows, z, rotation, plan.keep)
 
 
 def _rotate(layer, groups: list[TokenGroup]) -> None:
     """z += (z U) V^T in place of each group's z, with one all-reduce of (z U) under column parallelism."""
     todo = [(group, i) for group in groups if group.rotation for i in range(len(group.z))]
-    projections = [_times(group.z[i], group.rotation[i][0], transpose=False) for group, i in todo]
+    projections = [group.z[i] @ group.rotation[i][0] for group, i in todo]
     for (group, i), zu in zip(todo, _sum_over_ranks(layer, projections)):
-        group.z[i] = group.z[i] + _times(zu, group.rotation[i][1], transpose=True)
+        v = group.rotation[i][1]
+        group.z[i] = torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
 
-
-def _times(t: torch.Tensor, m: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """t @ m (or t @ m^T), with m shared by all rows (2-D) or one per row (3-D)."""
-    if m.ndim == 2:
-        return t @ (m.T if transpose else m)
-    return torch.bmm(t.unsqueeze(1), m.transpose(1, 2) if transpose else m).squeeze(1)
 
 
 def _sum_over_ranks(layer, parts: list[torch.Tensor]) -> list[torch.Tensor]:
