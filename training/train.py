@@ -62,6 +62,7 @@ class TrainConfig:
     force: bool = False
     eval_fraction: float = 0.1  # held out from `data` when no eval_data is given
     progress: bool = True
+    device: str = "auto"  # "auto": CUDA when available, else CPU
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
@@ -139,7 +140,8 @@ def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_s
 def evaluate(model: nn.Module, batches: list[dict], task: str) -> dict:
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
-    for batch in batches:
+    device = next(model.parameters()).device
+    for batch in map(lambda b: on_device(b, device), batches):
         out = model(**batch)
         n = batch["labels"].shape[0]
         loss_sum += out.loss.item() * n
@@ -181,9 +183,12 @@ def train_adapter(cfg: TrainConfig) -> dict:
     train_examples, eval_examples = split_data(cfg)
     num_labels = check_labels(train_examples + eval_examples, cfg)
     model, tokenizer = load_model(cfg, num_labels)
-    model = add_adapter(model, cfg)
+    device = resolve_device(cfg.device)
+    model = add_adapter(model, cfg).to(device)
     eval_batches = list(make_batches(eval_examples, tokenizer, cfg, shuffle_seed=None))
     before = evaluate(model, eval_batches, cfg.task)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
@@ -205,27 +210,46 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "mean_step_time_s": sum(step_times[1:]) / max(1, len(step_times) - 1),
         "step_times_s": step_times,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # process lifetime peak (ru_maxrss)
+        "device": str(device),
+        "peak_device_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("data", "eval_data")},
         "data": str(cfg.data) if isinstance(cfg.data, (str, Path)) else f"<{len(train_examples)} in-memory examples>",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if cfg.out is not None:
-        save_trained(model, cfg, metrics)
+        save_trained(model.cpu(), cfg, metrics)
     return metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AdapterError(f"device {name!r} asked for, but torch sees no CUDA device", field="device")
+    return device
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps) -> tuple[list[float], list[float]]:
     model.train()
+    device = next(model.parameters()).device
     losses, step_times, epoch = [], [], 0
     bar = tqdm(total=total_steps, desc=f"train {cfg.method}", disable=not cfg.progress)
     while len(losses) < total_steps:
         for batch in make_batches(examples, tokenizer, cfg, shuffle_seed=cfg.seed + epoch):
+            batch = on_device(batch, device)
             start = time.perf_counter()
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # step time, not launch time
             step_times.append(time.perf_counter() - start)
             losses.append(loss.item())
             bar.update(1)
