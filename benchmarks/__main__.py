@@ -14,6 +14,7 @@ def main() -> None:
     parser.add_argument("suite", choices=[*SUITES, "all", "readme"])
     parser.add_argument("--quick", action="store_true", help="small settings (each suite < 5 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default ./results)")
+    parser.add_argument("--device", default="cpu", help="training suite only: torch device to train on, e.g. cuda (default cpu)")
     args = parser.parse_args()
     if args.suite == "readme":
         from .readme import print_headline
@@ -21,7 +22,8 @@ def main() -> None:
         print_headline(args.out)
         return
     for suite in SUITES if args.suite == "all" else (args.suite,):
-        importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out)
+        options = {"device": args.device} if suite == "training" else {}
+        importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out, **options)
 
 
 if __name__ == "__main__":

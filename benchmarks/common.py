@@ -31,7 +31,8 @@ def machine() -> dict:
         except ImportError:
             versions[name] = None
     mem = next((int(l.split()[1]) // 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), None)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_mib": mem, "gpu": None, "versions": versions}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_mib": mem, "gpu": gpu, "versions": versions}
 
 
 def stats(samples: list[float]) -> dict:
@@ -81,7 +82,8 @@ def save_suite(suite: str, payload: dict, markdown: str, figures: dict[str, plt.
         shutil.copy(f"{base}-{name}.png", out_dir / f"{suite}-latest-{name}.png")
         plt.close(fig)
         markdown += f"\n\n![{name}]({suite}-{stamp}-{name}.png)"
-    header = f"# {suite} benchmark ({stamp})\n\nMachine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, no GPU.\n\n"
+    m = payload["machine"]
+    header = f"# {suite} benchmark ({stamp})\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}.\n\n"
     Path(f"{base}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     Path(f"{base}.md").write_text(header + markdown + "\n")
     shutil.copy(f"{base}.json", out_dir / f"{suite}-latest.json")

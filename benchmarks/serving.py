@@ -77,7 +77,9 @@ def vllm_scenarios(quick: bool, distinct: list[str]) -> tuple[list[dict], list[d
     def pre(name, adapters):
         return {"name": name, "kind": "prefill", "adapters": adapters, "batch": 8, "prompt_len": prefill, "max_tokens": 1}
 
+    sweep = (1, 8, 32) if not quick else (1, 8)  # batch sizes for the latency/throughput curves
     disabled = [decode("no-lora engine", [None]), pre("no-lora engine prefill", [None])]
+    disabled += [decode(f"no-lora engine @ batch {b}", [None], batch=b) for b in sweep]
     plugin = [
         decode("plugin: base requests", [None]),
         decode("plugin: LoRA", ["lora"]), pre("plugin: LoRA prefill", ["lora"]),
@@ -87,7 +89,9 @@ def vllm_scenarios(quick: bool, distinct: list[str]) -> tuple[list[dict], list[d
         decode("plugin: 4 adapters x16", distinct[:4], batch=16),
         decode("plugin: 16 adapters x16", distinct[:16], batch=16),
     ]
+    plugin += [decode(f"plugin: {kind} @ batch {b}", [name], batch=b) for kind, name in (("LoRA", "lora"), ("SORA", "sora")) for b in sweep]
     stock = [decode("stock: LoRA", ["lora"]), pre("stock: LoRA prefill", ["lora"])]
+    stock += [decode(f"stock: LoRA @ batch {b}", ["lora"], batch=b) for b in sweep]
     return disabled, plugin, stock
 
 
@@ -184,8 +188,34 @@ def run(quick: bool, out_dir: Path | None = None) -> Path:
         eager = eager_deployments(root, base, dirs, quick)
         onnx = onnx_deployments(root, base, dirs, quick)
     for row in vllm:
-        row["tok_per_s"] = stats(row["tok_per_s"])
+        for metric in ("tok_per_s", "ttft_s", "tpot_s"):
+            row[metric] = stats(row[metric]) if row.get(metric) else None
     return report(vllm, eager, onnx, quick, out_dir)
+
+
+def _ms(s: dict | None, digits: int = 1) -> str:
+    return "–" if s is None else f"{1e3 * s['median']:.{digits}f} / {1e3 * s['p90']:.{digits}f}"
+
+
+def batch_curves(vllm: list[dict]):
+    """Decode throughput and time per output token against batch size, one line per deployment."""
+    import matplotlib.pyplot as plt
+
+    fig, (tput, tpot) = plt.subplots(1, 2, figsize=(11, 4))
+    for prefix in ("no-lora engine", "plugin: LoRA", "plugin: SORA", "stock: LoRA"):
+        rows = sorted((r for r in vllm if r["name"].startswith(f"{prefix} @ batch")), key=lambda r: r["batch"])
+        if rows:
+            batches = [r["batch"] for r in rows]
+            tput.plot(batches, [r["tok_per_s"]["median"] for r in rows], marker="o", label=prefix)
+            tpot.plot(batches, [1e3 * r["tpot_s"]["median"] for r in rows], marker="o", label=prefix)
+    for ax, label in ((tput, "decode throughput (tokens / s)"), (tpot, "time per output token, p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (requests)")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("vLLM CPU decode against batch size")
+    return fig
 
 
 def report(vllm: list[dict], eager: dict, onnx: dict, quick: bool, out_dir) -> Path:
@@ -219,14 +249,17 @@ def report(vllm: list[dict], eager: dict, onnx: dict, quick: bool, out_dir) -> P
     ]
     md = ["## Ratios (one run)", "", "| ratio | value |", "| --- | --- |"]
     md += [f"| {k} | {'n/a' if r is None else f'{r:.3f}'} |" for k, r in ratios.items()]
-    md += ["", "## Targets", "", markdown_targets(targets), "", "## vLLM (tok/s, median [p10, p90])", "", "| scenario | tok/s |", "| --- | --- |"]
-    md += [f"| {row['name']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] |" for row in vllm]
+    md += ["", "## Targets", "", markdown_targets(targets), "", "## vLLM", "",
+           "Decode: prompts of 16 tokens; TTFT is the same batch asked for one token, TPOT the rest of the time per further token.", "",
+           "| scenario | batch | tok/s median [p10, p90] | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row['ttft_s'])} | {_ms(row['tpot_s'], 2)} |" for row in vllm]
     md += ["", "## Eager Hugging Face and ONNX Runtime", "", "| deployment | tok/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |", "| --- | --- | --- | --- |"]
     for name, r in {**eager, **onnx}.items():
         md.append(f"| {name} | {r['tok_per_s']['median']:.0f} | {1e3 * r['ttft_s']['median']:.1f} / {1e3 * r['ttft_s']['p90']:.1f} | {1e3 * r['tpot_s']['median']:.2f} / {1e3 * r['tpot_s']['p90']:.2f} |")
     figures = {
         "vllm": bar_chart("vLLM CPU decode/prefill throughput", [r["name"] for r in vllm], [r["tok_per_s"]["median"] for r in vllm],
                           ([r["tok_per_s"]["median"] - r["tok_per_s"]["p10"] for r in vllm], [r["tok_per_s"]["p90"] - r["tok_per_s"]["median"] for r in vllm]), "tokens / s"),
+        "vllm-batch": batch_curves(vllm),
         "eager": bar_chart("Eager HF and ONNX Runtime greedy decode", list({**eager, **onnx}), [r["tok_per_s"]["median"] for r in {**eager, **onnx}.values()], None, "tokens / s"),
     }
     payload = {"quick": quick, "settings": {"model": MODEL, "rank": 16, "r_p": 4, "kinds": KINDS}, "vllm": vllm, "eager": eager, "onnx": onnx, "ratios": ratios, "targets": [t.__dict__ | {"met": t.met} for t in targets]}

@@ -21,14 +21,20 @@ def run_scenario(llm, scenario: dict, adapter_dirs: dict[str, str], repeats: int
     prompts = [{"prompt_token_ids": [(7 * i + 13 * j) % 500 + 1 for j in range(prompt_len)]} for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts, params, lora_request=requests, use_tqdm=False)  # warm-up: loads adapters into slots
-    samples = []
+    first_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    samples, ttft, tpot = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = batch * (max_tokens if scenario["kind"] == "decode" else prompt_len)
         samples.append(tokens / elapsed)
-    return {"name": scenario["name"], "kind": scenario["kind"], "tok_per_s": samples, **{k: scenario[k] for k in ("batch", "prompt_len", "max_tokens", "adapters")}}
+        if scenario["kind"] == "decode":  # time to first token: the same batch asked for one token
+            start = time.perf_counter()
+            llm.generate(prompts, first_token, lora_request=requests, use_tqdm=False)
+            ttft.append(time.perf_counter() - start)
+            tpot.append((elapsed - ttft[-1]) / (max_tokens - 1))
+    return {"name": scenario["name"], "kind": scenario["kind"], "tok_per_s": samples, "ttft_s": ttft, "tpot_s": tpot, **{k: scenario[k] for k in ("batch", "prompt_len", "max_tokens", "adapters")}}
 
 
 if __name__ == "__main__":
