@@ -6,6 +6,11 @@ bias. Modes, in order of precedence:
   - per-row adapters (`row_adapters`, one name or None per batch row): a mixed batch, each
     group of rows computed once with its own adapter, rows with None left at the base output;
   - otherwise the active adapter, or the base output if none is active.
+
+With `recompute_base` set (training), the layer runs under activation checkpointing: backward
+recomputes W0 x and the adapter's forward from x instead of keeping their outputs, so Pre-Diag
+(which needs W0 x for d's gradient) and SORA (also z for the rotation's) hold no more activations
+than LoRA, for one more base GEMM per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterError
@@ -35,6 +41,7 @@ class AdaptedLayer(nn.Module):
         self.active_adapter: str | None = None
         self.row_adapters: Sequence[str | None] | None = None
         self.adapters_disabled = False
+        self.recompute_base = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -68,6 +75,11 @@ class AdaptedLayer(nn.Module):
             self.active_adapter = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_base and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base_layer(x)
         if self.adapters_disabled or not len(self.adapters):
             return base_out

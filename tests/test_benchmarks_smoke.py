@@ -24,7 +24,7 @@ def run_suite(suite: str, out) -> dict:
 @pytest.mark.slow
 def test_training_suite(tmp_path):
     data = run_suite("training", tmp_path)
-    assert set(data["results"]) == {"lora", "dora", "prediag", "sora", "sora_cayley"}
+    assert set(data["results"]) == {"lora", "dora", "prediag", "sora", "sora_cayley", "prediag_recompute", "sora_recompute"}
     assert all(r["step_time_s"]["samples"] and r["peak_rss_mib"] > 0 for r in data["results"].values())
     assert {t["name"] for t in data["targets"]} >= {"Pre-Diag / LoRA step time", "SORA / LoRA step time"}
 

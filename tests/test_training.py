@@ -11,10 +11,11 @@ from peft import PeftModel
 
 import sora_serve as ss
 from sora_serve.cli import main as cli_main
+from sora_serve.errors import AdapterError
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_model
 from training.train import TrainConfig, minilm_path, train_adapter
 
-from .helpers import max_abs, random_ids
+from .helpers import max_abs, perturb_adapter, random_ids
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,37 @@ def test_cli_errors_are_clear_and_leave_nothing(tiny_checkpoints, tmp_path, caps
     assert cli_main(args) == 0 and (out / "adapter_config.json").is_file()
     assert cli_main(args) == 1 and "output exists" in capsys.readouterr().err
     assert cli_main(args + ["--force"]) == 0
+
+
+@pytest.mark.parametrize("method,rotation", [("prediag", "first_order"), ("sora", "first_order"), ("sora", "cayley")])
+def test_recompute_base_gives_the_same_loss_and_gradients(method, rotation):
+    """--recompute-base (activation checkpointing of each adapted layer) changes memory, not math."""
+    model = make_tiny_model("llama").double()
+    ss.attach(model, ss.AdapterConfig(method=method, r=4, r_p=2, rotation=rotation, target_modules="all-linear"), "a", verbose=False)
+    perturb_adapter(model, "a", scale=0.1)
+    ids = random_ids(model.config.vocab_size)
+
+    base_calls = []
+    next(layer for _, layer in ss.adapted_layers(model)).base_layer.register_forward_hook(lambda *_: base_calls.append(1))
+
+    def loss_and_grads(recompute: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        for _, layer in ss.adapted_layers(model):
+            layer.recompute_base = recompute
+        model.zero_grad(set_to_none=True)
+        base_calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(False)
+    assert len(base_calls) == 1
+    loss_recomputed, grads_recomputed = loss_and_grads(True)
+    assert len(base_calls) == 2  # W0 x computed again in backward
+    assert loss_recomputed == loss and grads.keys() == grads_recomputed.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grads_recomputed[name], grad, rtol=0, atol=1e-12), name  # float64: same ops, same order
+
+
+def test_recompute_base_is_refused_for_peft_methods(tiny_checkpoints):
+    with pytest.raises(AdapterError, match="recompute_base"):
+        train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method="lora", steps=1, recompute_base=True, progress=False))

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=positive_int, default=64, help="tokens per example (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
+    parser.add_argument("--recompute-base", action="store_true",
+                        help="pre-diag/sora: recompute W0 x in backward instead of storing it (activation memory of LoRA, one more GEMM per layer)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
         model=args.model, data=args.data, method=args.method, out=args.out, task=args.task, eval_data=args.eval_data,
         r=args.r, lora_alpha=args.alpha, r_p=args.r_p, s0=args.s0, rotation=args.rotation, target_modules=targets,
         steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        seed=args.seed, force=args.force, device=args.device,
+        seed=args.seed, force=args.force, device=args.device, recompute_base=args.recompute_base,
     )
     metrics = train_adapter(cfg)
     before, after = metrics["eval_before"], metrics["eval_after"]

@@ -63,6 +63,7 @@ class TrainConfig:
     eval_fraction: float = 0.1  # held out from `data` when no eval_data is given
     progress: bool = True
     device: str = "auto"  # "auto": CUDA when available, else CPU
+    recompute_base: bool = False  # Pre-Diag/SORA: recompute W0 x in backward, LoRA-level activation memory
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
@@ -107,6 +108,8 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if targets == "all-linear" and heads:  # the head is trained in full, not adapted
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] not in heads})
     if cfg.method in ("lora", "dora"):
+        if cfg.recompute_base:
+            raise AdapterError("recompute_base applies to prediag and sora; PEFT trains lora and dora", field="recompute_base")
         from peft import LoraConfig, get_peft_model
 
         peft_config = LoraConfig(
@@ -116,6 +119,8 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         return get_peft_model(model, peft_config)
     adapter.target_modules = targets
     ss.attach(model, adapter, ADAPTER_NAME, verbose=False)
+    for _, layer in ss.adapted_layers(model):
+        layer.recompute_base = cfg.recompute_base
     for head in heads:
         getattr(model, head).requires_grad_(True)
     return model
