@@ -14,9 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
@@ -77,21 +79,18 @@ def vllm_scenarios(quick: bool, distinct: list[str]) -> tuple[list[dict], list[d
     def pre(name, adapters):
         return {"name": name, "kind": "prefill", "adapters": adapters, "batch": 8, "prompt_len": prefill, "max_tokens": 1}
 
-    sweep = (1, 8, 32) if not quick else (1, 8)  # batch sizes for the latency/throughput curves
-    disabled = [decode("no-lora engine", [None]), pre("no-lora engine prefill", [None])]
-    disabled += [decode(f"no-lora engine @ batch {b}", [None], batch=b) for b in sweep]
+    sweep = (1, 8, 32) if not quick else (1, 8)  # batch sizes of the latency/throughput curves; 8 is the reference
+    disabled = [pre("no-lora engine prefill", [None])] + [decode(f"no-lora engine @ batch {b}", [None], batch=b) for b in sweep]
     plugin = [
         decode("plugin: base requests", [None]),
-        decode("plugin: LoRA", ["lora"]), pre("plugin: LoRA prefill", ["lora"]),
-        decode("plugin: DoRA", ["dora"]), decode("plugin: Pre-Diag", ["prediag"]),
-        decode("plugin: SORA", ["sora"]), decode("plugin: SORA cayley", ["sora_cayley"]),
+        pre("plugin: LoRA prefill", ["lora"]),
+        decode("plugin: DoRA", ["dora"]), decode("plugin: Pre-Diag", ["prediag"]), decode("plugin: SORA cayley", ["sora_cayley"]),
         decode("plugin: 1 adapter x16", ["sora"], batch=16),
         decode("plugin: 4 adapters x16", distinct[:4], batch=16),
         decode("plugin: 16 adapters x16", distinct[:16], batch=16),
     ]
     plugin += [decode(f"plugin: {kind} @ batch {b}", [name], batch=b) for kind, name in (("LoRA", "lora"), ("SORA", "sora")) for b in sweep]
-    stock = [decode("stock: LoRA", ["lora"]), pre("stock: LoRA prefill", ["lora"])]
-    stock += [decode(f"stock: LoRA @ batch {b}", ["lora"], batch=b) for b in sweep]
+    stock = [pre("stock: LoRA prefill", ["lora"])] + [decode(f"stock: LoRA @ batch {b}", ["lora"], batch=b) for b in sweep]
     return disabled, plugin, stock
 
 
@@ -99,20 +98,28 @@ def vllm_scenarios(quick: bool, distinct: list[str]) -> tuple[list[dict], list[d
 
 
 @torch.no_grad()
-def time_generate(generate, batch: int, new_tokens: int, repeats: int, vocab: int = 512) -> dict:
-    """Throughput, time to first token and time per output token of a greedy generate call."""
-    prompt = torch.randint(1, vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
-    generate(prompt, 1)  # warm-up
-    ttft, total = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate(prompt, 1)
-        ttft.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        generate(prompt, new_tokens)
-        total.append(time.perf_counter() - start)
-    tpot = [(t - f) / (new_tokens - 1) for t, f in zip(total, ttft)]
-    return {"tok_per_s": stats([batch * new_tokens / t for t in total]), "ttft_s": stats(ttft), "tpot_s": stats(tpot)}
+def time_in_rounds(cases: dict[str, tuple[Callable, int]], new_tokens: int, repeats: int, vocab: int = 512) -> dict:
+    """Throughput, time to first token and time per output token of greedy `generate(prompt, n)`
+    calls, one (generate, batch) per case. Repeats run in rounds over all cases, so drift of a
+    shared machine hits every case alike."""
+    prompts = {name: torch.randint(1, vocab, (batch, 16), generator=torch.Generator().manual_seed(0)) for name, (_, batch) in cases.items()}
+    for name, (generate, _) in cases.items():
+        generate(prompts[name], 1)  # warm-up
+    ttft: dict[str, list[float]] = {name: [] for name in cases}
+    total: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in tqdm(range(repeats), desc="eager/ONNX rounds", leave=False):
+        for name, (generate, _) in cases.items():
+            start = time.perf_counter()
+            generate(prompts[name], 1)
+            ttft[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            generate(prompts[name], new_tokens)
+            total[name].append(time.perf_counter() - start)
+    results = {}
+    for name, (_, batch) in cases.items():
+        tpot = [(t - f) / (new_tokens - 1) for t, f in zip(total[name], ttft[name])]
+        results[name] = {"tok_per_s": stats([batch * new_tokens / t for t in total[name]]), "ttft_s": stats(ttft[name]), "tpot_s": stats(tpot)}
+    return results
 
 
 def hf_generate(model, names=None):
@@ -146,14 +153,10 @@ def eager_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
     }
     distinct = [n for n in dirs if n.startswith("sora") and n[4:].isdigit()]
     batches = (1, 8) if quick else (1, 8, 32)
-    new_tokens, repeats = (8, 2) if quick else (32, 3)
-    results = {}
-    for name, generate in deployments.items():
-        for batch in batches:
-            results[f"{name} @ batch {batch}"] = time_generate(generate, batch, new_tokens, repeats)
-    for k in (1, 4, 16):
-        results[f"ours SORA, {k} distinct adapters @ batch 16"] = time_generate(hf_generate(runtime, distinct[:k]), 16, new_tokens, repeats)
-    return results
+    new_tokens, repeats = (8, 2) if quick else (32, 5)
+    cases = {f"{name} @ batch {batch}": (generate, batch) for name, generate in deployments.items() for batch in batches}
+    cases |= {f"ours SORA, {k} distinct adapters @ batch 16": (hf_generate(runtime, distinct[:k]), 16) for k in (1, 4, 16)}
+    return time_in_rounds(cases, new_tokens, repeats)
 
 
 def onnx_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
@@ -163,12 +166,12 @@ def onnx_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
     export_onnx(root / "merged-sora", root / "onnx-merged", verify=False)
     export_onnx(base, root / "onnx-adapters", [dirs[n] for n in KINDS], verify=False)
     merged, switchable = OnnxCausalLM(root / "onnx-merged"), OnnxCausalLM(root / "onnx-adapters")
-    new_tokens, repeats = (8, 2) if quick else (32, 3)
-    results = {}
+    new_tokens, repeats = (8, 2) if quick else (32, 5)
+    cases = {}
     for batch in (1, 8):
-        results[f"ONNX merged SORA @ batch {batch}"] = time_generate(lambda p, n: merged.generate(p.numpy(), n), batch, new_tokens, repeats)
-        results[f"ONNX switchable, SORA active @ batch {batch}"] = time_generate(lambda p, n: switchable.generate(p.numpy(), n, adapter="sora"), batch, new_tokens, repeats)
-    return results
+        cases[f"ONNX merged SORA @ batch {batch}"] = (lambda p, n: merged.generate(p.numpy(), n), batch)
+        cases[f"ONNX switchable, SORA active @ batch {batch}"] = (lambda p, n: switchable.generate(p.numpy(), n, adapter="sora"), batch)
+    return time_in_rounds(cases, new_tokens, repeats)
 
 
 # ---------------------------------------------------------------- report
@@ -180,7 +183,7 @@ def run(quick: bool, out_dir: Path | None = None) -> Path:
         base, dirs = build(root, extra_sora=16)
         distinct = [n for n in dirs if n.startswith("sora") and n[4:].isdigit()]
         disabled, plugin, stock = vllm_scenarios(quick, distinct)
-        repeats = 1 if quick else 3
+        repeats = 1 if quick else 5
         vllm = []
         vllm += vllm_engine(root, base, {}, disabled, repeats, enable_lora=False, plugin=True, max_loras=1)
         vllm += vllm_engine(root, base, dirs, plugin, repeats, enable_lora=True, plugin=True, max_loras=16)
@@ -225,13 +228,13 @@ def report(vllm: list[dict], eager: dict, onnx: dict, quick: bool, out_dir) -> P
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     ratios = {
         "eager merged SORA / base decode (batch 8)": ratio(e["merged SORA @ batch 8"], e["base @ batch 8"]),
-        "vLLM plugin SORA / plugin LoRA decode": ratio(v["plugin: SORA"], v["plugin: LoRA"]),
-        "vLLM plugin SORA cayley / plugin LoRA decode": ratio(v["plugin: SORA cayley"], v["plugin: LoRA"]),
-        "vLLM plugin Pre-Diag / plugin LoRA decode": ratio(v["plugin: Pre-Diag"], v["plugin: LoRA"]),
-        "vLLM plugin DoRA / plugin LoRA decode": ratio(v["plugin: DoRA"], v["plugin: LoRA"]),
-        "vLLM plugin LoRA / stock LoRA decode": ratio(v["plugin: LoRA"], v["stock: LoRA"]),
+        "vLLM plugin SORA / plugin LoRA decode": ratio(v["plugin: SORA @ batch 8"], v["plugin: LoRA @ batch 8"]),
+        "vLLM plugin SORA cayley / plugin LoRA decode": ratio(v["plugin: SORA cayley"], v["plugin: LoRA @ batch 8"]),
+        "vLLM plugin Pre-Diag / plugin LoRA decode": ratio(v["plugin: Pre-Diag"], v["plugin: LoRA @ batch 8"]),
+        "vLLM plugin DoRA / plugin LoRA decode": ratio(v["plugin: DoRA"], v["plugin: LoRA @ batch 8"]),
+        "vLLM plugin LoRA / stock LoRA decode": ratio(v["plugin: LoRA @ batch 8"], v["stock: LoRA @ batch 8"]),
         "vLLM plugin LoRA / stock LoRA prefill": ratio(v["plugin: LoRA prefill"], v["stock: LoRA prefill"]),
-        "vLLM base requests (adapters loaded) / LoRA-disabled engine": ratio(v["plugin: base requests"], v["no-lora engine"]),
+        "vLLM base requests (adapters loaded) / LoRA-disabled engine": ratio(v["plugin: base requests"], v["no-lora engine @ batch 8"]),
         "vLLM 16 adapters / 1 adapter (batch 16)": ratio(v["plugin: 16 adapters x16"], v["plugin: 1 adapter x16"]),
         "eager ours SORA / PEFT LoRA (batch 8)": ratio(e["ours SORA @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]),
         "eager ours Pre-Diag / PEFT LoRA (batch 8)": ratio(e["ours Pre-Diag @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]),

@@ -95,7 +95,7 @@ def run(quick: bool, out_dir: Path | None = None, device: str = "cpu") -> Path:
     for name, r in results.items():
         s = r["step_time_s"]
         md.append(f"| {name} | {r['trainable_params']:,} | {1e3 * s['median']:.1f} [{1e3 * s['p10']:.1f}, {1e3 * s['p90']:.1f}] | {t[name] / t['lora']:.3f} | {mem[name]:.0f} | {mem[name] / mem['lora']:.3f} |")
-    memory_note = "torch.cuda.max_memory_allocated over the training steps" if on_gpu else "each method's process lifetime ru_maxrss (model, data, optimizer, interpreter)"
+    memory_note = "torch.cuda.max_memory_allocated over the training steps" if on_gpu else "each method's process lifetime peak resident memory, VmHWM (model, data, optimizer, interpreter)"
     md += ["", f"Device {device}, model {shape['model']}, batch 16 x {shape['max_length']} tokens, r = 16 on all linear layers, r_p = 4. "
            f"{rounds} interleaved rounds of {steps} steps per method, first {WARMUP_STEPS} steps of each dropped. Peak memory: {memory_note}, the largest over rounds.", "", markdown_targets(targets)]
     names = list(results)

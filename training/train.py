@@ -214,7 +214,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "eval_after": after,
         "mean_step_time_s": sum(step_times[1:]) / max(1, len(step_times) - 1),
         "step_times_s": step_times,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # process lifetime peak (ru_maxrss)
+        "peak_rss_mib": peak_rss_mib(),
         "device": str(device),
         "peak_device_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("data", "eval_data")},
@@ -224,6 +224,16 @@ def train_adapter(cfg: TrainConfig) -> dict:
     if cfg.out is not None:
         save_trained(model.cpu(), cfg, metrics)
     return metrics
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss would
+    also count a parent's peak from before the exec (a large benchmark driver, say)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
 
 
 def resolve_device(name: str) -> torch.device:
