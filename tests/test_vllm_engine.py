@@ -239,7 +239,7 @@ def test_grouped_op_equals_each_slot_alone(layout):
 
 def test_batch_plan_is_recomputed_when_vllm_rewrites_the_indices():
     """The per-step plan is cached across layers, and refreshed when the persistent index
-    buffer is overwritten in place (as vLLM does every step)."""
+    buffer is overwritten in place (as vLLM does every step), version counter bumped or not."""
     from types import SimpleNamespace
 
     from sora_serve.vllm_plugin import patches
@@ -251,6 +251,9 @@ def test_batch_plan_is_recomputed_when_vllm_rewrites_the_indices():
     buffer.copy_(torch.tensor([2, 2, 2, 2]))
     second = patches.batch_plan(wrapper, 4)
     assert second.slots == [2] and second.rows is None
+    buffer.data.copy_(torch.tensor([1, -1, 1, 0]))  # .data: no version bump (as in vLLM's TP workers)
+    third = patches.batch_plan(wrapper, 4)
+    assert third.slots == [0, 1] and third.counts == [1, 2]
 
 
 def test_a_slot_refilled_by_plain_lora_has_identity_extras():

@@ -397,13 +397,13 @@ class BatchPlan(NamedTuple):
 
 
 def batch_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
-    """The step's plan, cached on the wrapper until vLLM rewrites the token indices (it copies
-    them into a persistent buffer each step, which bumps the tensor's version counter)."""
+    """The step's plan, cached on the wrapper while the token indices stay the same. Compared by
+    value: vLLM rewrites them in place in a persistent buffer, and not every path bumps the
+    tensor's version counter (tensor-parallel workers gave stale plans when keyed on it)."""
     indices = punica_wrapper.token_lora_indices[:n_tokens]
-    key = (indices._version, indices.data_ptr(), n_tokens)
     cached = getattr(punica_wrapper, "sora_plan", None)
-    if cached is None or cached[0] != key:
-        cached = punica_wrapper.sora_plan = (key, make_plan(indices))
+    if cached is None or cached[0].shape != indices.shape or not torch.equal(cached[0], indices):
+        cached = punica_wrapper.sora_plan = (indices.clone(), make_plan(indices))
     return cached[1]
 
 
