@@ -457,7 +457,7 @@ def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Te
     if any(state.rank[s] or state.has_scale[s] or state.rot_rank[s] for s in plan.slots):  # else: all base
         if plan.rows is None:
             groups = [_slot_group(layer, state, plan.slots[0], None, x, output)]
-        elif plan.balanced:
+        elif plan.balanced and layer.tp_size == 1:  # TP > 1 mismatched eager with it: per slot there
             groups = [_padded_group(layer, state, plan, x, output)]
         else:
             groups = [_slot_group(layer, state, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
