@@ -84,6 +84,9 @@ def test_cli_errors_are_clear_and_leave_nothing(tiny_checkpoints, tmp_path, caps
     assert cli_main(["train", "--model", base, "--data", str(labels), "--method", "sora", "--task", "seq-cls", "--out", str(tmp_path / "o")]) == 1
     assert "field 'row 3 label'" in capsys.readouterr().err
 
+    assert cli_main(["train", "--model", base, "--data", str(data), "--method", "sora", "--device", "gpu0", "--out", str(tmp_path / "o")]) == 1
+    assert "field 'device'" in capsys.readouterr().err
+
     assert cli_main(["train", "--model", str(tmp_path), "--data", str(data), "--method", "sora", "--out", str(tmp_path / "o")]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "data.txt", "labels.tsv"]

@@ -146,7 +146,8 @@ def evaluate(model: nn.Module, batches: list[dict], task: str) -> dict:
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     device = next(model.parameters()).device
-    for batch in map(lambda b: on_device(b, device), batches):
+    for batch in batches:
+        batch = on_device(batch, device)
         out = model(**batch)
         n = batch["labels"].shape[0]
         loss_sum += out.loss.item() * n
@@ -239,7 +240,10 @@ def peak_rss_mib() -> float:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise AdapterError(f"not a torch device: {name!r} ({err})", field="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AdapterError(f"device {name!r} asked for, but torch sees no CUDA device", field="device")
     return device

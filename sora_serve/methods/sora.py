@@ -87,10 +87,10 @@ class SORA(PreDiag):
         # Both thin factors are built as contiguous (2 r_p, out) matrices: CPU GEMMs with a
         # row-major 2r_p x out operand run 2-3x faster than with out x 2r_p, forward and backward.
         q = F.linear(z, torch.cat([c.T, (c - d).T]))  # (..., 2 r_p): the only read of z
-        w_t = rotation_scale(c, d, self.s0) * torch.cat([(d - c).T, c.T])  # K z = q w^T
         if self.rotation == "first_order":
-            return addmm_rows(z, q, w_t)
-        _, u, m = scaled_generator(c, d, self.s0)
+            return addmm_rows(z, q, rotation_scale(c, d, self.s0) * torch.cat([(d - c).T, c.T]))  # K z = q w^T
+        s_p, u, m = scaled_generator(c, d, self.s0)
+        w_t = s_p * torch.cat([(d - c).T, c.T])
         return addmm_rows(z, q, 2 * (w_t + ((w_t @ u) @ cayley_core(u, m).T) @ u.T))
 
     def forward(self, x, base_out, weight, bias):
