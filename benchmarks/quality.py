@@ -20,7 +20,7 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
     if not (SST2 / "dev.tsv").is_file():
         print(f"quality suite skipped: SST-2 not found at {SST2}")
         return None
-    from training.train import TrainConfig, minilm_path, train_adapter
+    from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
     steps, seeds = (30, (0, 1, 2)) if quick else (300, (0, 1, 2))
     dev = SST2 / "dev.tsv"

@@ -135,7 +135,7 @@ def hf_generate(model, names=None):
 def eager_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
     from peft import PeftModel
 
-    from converters.fold import fold_adapter
+    from sora_serve.converters.fold import fold_adapter
 
     fold_adapter(base, dirs["sora"], root / "merged-sora", verify=False, progress=False)
     load = lambda path=base: AutoModelForCausalLM.from_pretrained(path).eval()  # noqa: E731
@@ -160,8 +160,8 @@ def eager_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
 
 
 def onnx_deployments(root: Path, base: Path, dirs: dict, quick: bool) -> dict:
-    from converters.onnx_export import export_onnx
-    from converters.onnx_runtime import OnnxCausalLM
+    from sora_serve.converters.onnx_export import export_onnx
+    from sora_serve.converters.onnx_runtime import OnnxCausalLM
 
     export_onnx(root / "merged-sora", root / "onnx-merged", verify=False)
     export_onnx(base, root / "onnx-adapters", [dirs[n] for n in KINDS], verify=False)

@@ -35,7 +35,7 @@ SHAPES = {"cpu": dict(model=MODEL, max_length=48, long_rows=False), "cuda": dict
 
 WORKER = """
 import json, sys
-from training.train import TrainConfig, train_adapter
+from sora_serve.training.train import TrainConfig, train_adapter
 from sora_serve.tiny import BUILTIN_TEXT
 cfg = json.loads(sys.argv[1])
 data = [" ".join(BUILTIN_TEXT)] * 400 if cfg["long_rows"] else BUILTIN_TEXT * 20

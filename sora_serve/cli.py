@@ -14,10 +14,10 @@ from .errors import AdapterError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.cli", "train a LoRA / DoRA / Pre-Diag / SORA adapter on local data"),
-    "fold": ("converters.fold", "fold an adapter exactly into the base weights; write a merged checkpoint"),
-    "to-lora": ("converters.to_lora", "convert an adapter to a plain PEFT LoRA directory (exact or SVD)"),
-    "export-onnx": ("converters.onnx_export", "export a model to ONNX, merged or with switchable adapters"),
+    "train": ("sora_serve.training.cli", "train a LoRA / DoRA / Pre-Diag / SORA adapter on local data"),
+    "fold": ("sora_serve.converters.fold", "fold an adapter exactly into the base weights; write a merged checkpoint"),
+    "to-lora": ("sora_serve.converters.to_lora", "convert an adapter to a plain PEFT LoRA directory (exact or SVD)"),
+    "export-onnx": ("sora_serve.converters.onnx_export", "export a model to ONNX, merged or with switchable adapters"),
     "serve": ("sora_serve.vllm_plugin.server", "serve a model and adapters with vLLM's OpenAI-compatible server"),
 }
 

@@ -23,11 +23,11 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
-from converters.fold import fold_adapter
-from converters.onnx_export import export_onnx
-from converters.to_lora import to_lora
+from sora_serve.converters.fold import fold_adapter
+from sora_serve.converters.onnx_export import export_onnx
+from sora_serve.converters.to_lora import to_lora
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_checkpoint
-from training.train import TrainConfig, train_adapter
+from sora_serve.training.train import TrainConfig, train_adapter
 
 RUNS = {
     "lora": dict(method="lora"),

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
 from sora_serve.tiny import BUILTIN_TEXT
-from training.train import TrainConfig, train_adapter
+from sora_serve.training.train import TrainConfig, train_adapter
 
 from .test_methods import CASES, IN, LAYER_KINDS, make_layer, reference_dense
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
-from converters.fold import fold_adapter
+from sora_serve.converters.fold import fold_adapter
 from sora_serve.cli import main as cli_main
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
@@ -142,8 +142,8 @@ def test_prefixless_keys_bfloat16_output_and_cli(tmp_path, capsys):
 
 PEAK_SCRIPT = """
 import os, sys, threading
-from converters.fold import fold_adapter
-from converters.checkpoint import Checkpoint
+from sora_serve.converters.fold import fold_adapter
+from sora_serve.converters.checkpoint import Checkpoint
 import sora_serve as ss
 
 def rss():  # resident bytes now (ru_maxrss is a high-water mark that imports already set)

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
-from converters.fold import fold_adapter
-from converters.onnx_export import FACTOR_NAMES, export_onnx
-from converters.onnx_runtime import OnnxCausalLM
+from sora_serve.converters.fold import fold_adapter
+from sora_serve.converters.onnx_export import FACTOR_NAMES, export_onnx
+from sora_serve.converters.onnx_runtime import OnnxCausalLM
 from sora_serve.cli import main as cli_main
 from sora_serve.tiny import make_tiny_model
 

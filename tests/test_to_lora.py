@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import sora_serve as ss
-from converters.to_lora import to_lora
+from sora_serve.converters.to_lora import to_lora
 from sora_serve.cli import main
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 

@@ -13,7 +13,7 @@ import sora_serve as ss
 from sora_serve.cli import main as cli_main
 from sora_serve.errors import AdapterError
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_model
-from training.train import TrainConfig, minilm_path, train_adapter
+from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
 from .helpers import max_abs, perturb_adapter, random_ids
 

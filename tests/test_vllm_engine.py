@@ -145,7 +145,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
-    from converters.fold import fold_adapter
+    from sora_serve.converters.fold import fold_adapter
 
     root, _ = served
     fold_adapter(root / "base", root / "sora_cay", tmp_path / "merged", verify=False, progress=False)
