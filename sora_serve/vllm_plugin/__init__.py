@@ -9,6 +9,8 @@ Design and limits: docs/VLLM.md.
 
 from __future__ import annotations
 
+import os
+
 TESTED_VLLM = "0.32."
 
 
@@ -27,3 +29,7 @@ def register() -> None:
     from . import patches
 
     patches.apply()
+    if os.environ.get("SORA_SERVE_ADAPTER_DIR"):  # `serve --adapter-dir`: requests name adapters in the store
+        from .resolver import register_resolver
+
+        register_resolver()
