@@ -3,13 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,30 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import perturb_adapter
+from .helpers import complete as complete_tokens
+from .helpers import new_tokens, perturb_adapter, post, running_server
 
 PROMPT = "the film is a charming"
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict | str]:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        body, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(body)
-    except json.JSONDecodeError:
-        return status, body
 
 
 @pytest.fixture(scope="module")
@@ -61,48 +35,12 @@ def server(tmp_path_factory):
         perturb_adapter(model, "a", scale=0.15, seed=i)
         ss.save_adapter(model, root / name, "a")
     (root / "chat.jinja").write_text(CHAT_TEMPLATE)
-    port = free_port()
-    command = [
-        sys.executable, "-m", "sora_serve.cli", "serve", "--model", str(base), "--port", str(port), "--max-loras", "2",
-        "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
+    arguments = [
+        "--model", str(base), "--max-loras", "2", "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
         "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
     ]
-    # Own process group: teardown stops the API server, its engine core and workers together.
-    with open(root / "server.log", "w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True
-        )
-    try:
-        yield wait_healthy(process, f"http://127.0.0.1:{port}", root / "server.log"), root
-    finally:
-        stop_group(process)
-
-
-def wait_healthy(process: subprocess.Popen, url: str, log_path, timeout: float = 300) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5)
-            return url
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(2)
-    pytest.fail(f"server did not become healthy in {timeout} s")
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM (vLLM shuts down cleanly), then SIGKILL whatever of the group is left."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
+    with running_server(arguments, root / "server.log") as (url, _):
+        yield url, root
 
 
 @torch.no_grad()
@@ -118,12 +56,8 @@ def eager_tokens(root, adapter: str | None, prompt: str = PROMPT, max_tokens: in
     return ids[prompt_len:]
 
 
-def complete(url: str, model: str, prompt: str = PROMPT) -> tuple[int, dict | str]:
-    return post(f"{url}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
-
-
-def new_tokens(body: dict) -> list[int]:
-    return body["choices"][0]["token_ids"]
+def complete(url: str, model: str) -> tuple[int, dict | str]:
+    return complete_tokens(url, model, PROMPT)
 
 
 @pytest.mark.slow
