@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import AdapterError
@@ -42,12 +43,12 @@ class AdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise AdapterError(f"must be a positive integer, got {value!r}", field=name)
-        if not self.lora_alpha > 0:
-            raise AdapterError(f"must be positive, got {self.lora_alpha!r}", field="lora_alpha")
-        if not self.s0 > 0:
-            raise AdapterError(f"must be positive, got {self.s0!r}", field="s0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AdapterError(f"must be in [0, 1), got {self.lora_dropout!r}", field="lora_dropout")
+        for name in ("lora_alpha", "s0"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0:
+                raise AdapterError(f"must be a positive finite number, got {value!r}", field=name)
+        if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise AdapterError(f"must be a number in [0, 1), got {self.lora_dropout!r}", field="lora_dropout")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [self.target_modules]
         if not self.target_modules:
@@ -59,3 +60,8 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float (not a bool, not a string such as "16")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

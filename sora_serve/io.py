@@ -4,15 +4,25 @@ Two layouts share the PEFT file names (`adapter_config.json`, `adapter_model.saf
 tensor keys `base_model.model.<module path>.<tensor>`):
   - ours, `peft_type` PREDIAG or SORA, with the extra tensors `sora_d`, `sora_C`, `sora_D`;
   - PEFT's LoRA / DoRA (`peft_type` LORA, `use_dora`), written by `peft` itself.
-Everything is validated before the model is touched, and errors name the file and field.
+
+One validator for every entry point (eager load, fold, to-LoRA, ONNX, `serve`, the vLLM plugin):
+`read_adapter` checks what the file alone can tell (known `peft_type`, the type of every config
+field read, PEFT options that change the math, config rank = tensor rank as PEFT resolves it,
+finite tensors, bounded updates); `check_against_base` checks it against a base described by
+`BaseLayer`s (modules present, shapes, `base_fingerprint`, the update relative to ||W0||_F).
+Errors name the file, the field and the module, before any model is touched.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,9 +31,9 @@ from torch import nn
 
 from .config import FORMAT_VERSION, PEFT_TYPES, AdapterConfig
 from .errors import AdapterError
-from .fs import atomic_output_dir
-from .layer import AdaptedLayer
-from .methods import Adapter, build_adapter
+from .fs import atomic_output_dir, readable_dir, readable_file
+from .layer import AdaptedLayer, is_supported_layer
+from .methods import Adapter, build_adapter, rotation_factors
 from .model import CONFIGS_ATTR, adapted_layers, adapter_configs, base_fingerprint, set_active_adapter, wrap_layer
 
 CONFIG_FILE = "adapter_config.json"
@@ -44,17 +54,167 @@ METHOD_TENSORS = {
     "prediag": ("lora_A", "lora_B", "d"),
     "sora": ("lora_A", "lora_B", "d", "sora_C", "sora_D"),
 }
-# PEFT LoraConfig options we cannot represent; refused rather than silently ignored.
-PEFT_UNSUPPORTED = {
-    "lora_bias": lambda v: bool(v),
-    "bias": lambda v: v not in (None, "none"),
-    "modules_to_save": lambda v: bool(v),
-    "target_parameters": lambda v: bool(v),
-    "trainable_token_indices": lambda v: bool(v),
-    "layer_replication": lambda v: bool(v),
-    "use_qalora": lambda v: bool(v),
-    "use_bdlora": lambda v: bool(v),
+
+# ---------------------------------------------------------------- bounds on the update
+# Override for the two magnitude bounds below (never for NaN/inf or float32 overflow). An
+# environment variable, so that vLLM's worker processes see what `serve --allow-large-updates` set.
+ALLOW_LARGE_UPDATES_ENV = "SORA_SERVE_ALLOW_LARGE_UPDATES"
+# ||W - W0||_F / ||W0||_F for a layer whose base is known (an upper bound, see `UpdateSize`).
+# Fine-tuning from B = 0 moves a layer by a few percent to ~0.5 of its norm; the output scale d
+# and DoRA's magnitude start at the base's own scale. 10x the layer's norm is an update no
+# training run produces (it drowns the base), yet it is 28 orders of magnitude below the x1e30
+# adapters that poison shared state. The same 10 bounds ||R diag(d) - I||_2 (scale and
+# rotation) from the file alone: a layer whose output channels are amplified >10x.
+RELATIVE_UPDATE_MAX = 10.0
+# From the file alone, for the low-rank term s B A (and DoRA's adapted weight): the RMS of its
+# entries. Linear weights of real LLMs have entry RMS ~0.01-0.2 (Llama ~0.02, GPT-2 ~0.1-0.2):
+# an update of entry RMS 10 is >=50x any of them, so the bound only trips on absurd files.
+UPDATE_RMS_MAX = 10.0
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def large_updates_allowed(allow: bool | None = None) -> bool:
+    """`allow` when given, else whether SORA_SERVE_ALLOW_LARGE_UPDATES is set to 1/true/yes."""
+    if allow is not None:
+        return allow
+    return os.environ.get(ALLOW_LARGE_UPDATES_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class UpdateSize:
+    """How far one layer's adapter can move the layer, from the file alone (float64).
+
+    Serving form W = R (diag(d) W0 + s B A), b = R (d b0 + shift) (see `ServingFactors`), so
+        ||W - W0||_F = ||(R diag(d) - I) W0 + R s B A||_F <= g ||W0||_F + ||R||_2 ||s B A||_F,
+    with g = max|d - 1| + ||R - I||_2 max|d| >= ||R diag(d) - I||_2 and ||R||_2 <= 1 + ||R - I||_2.
+    DoRA's rows have norm m exactly (W = diag(m / rownorm(W0 + s B A)) (W0 + s B A)), so there
+    ||W - W0||_F <= ||m||_2 + ||W0||_F.
+    """
+
+    out_features: int
+    in_features: int
+    lowrank: float  # ||s B A||_F
+    rotation: float  # ||R - I||_2 (0 without a rotation)
+    scale_rotation: float  # g above
+    magnitude: float | None  # DoRA: ||m||_2 = ||W||_F
+    largest_factor: float  # max |entry| over the float64 serving factors (A, s B, d, m, U, V)
+
+    def entry_rms(self, norm: float) -> float:
+        return norm / math.sqrt(self.out_features * self.in_features)
+
+    def relative_bound(self, weight_norm: float) -> float:
+        """Upper bound of ||W - W0||_F / ||W0||_F given ||W0||_F."""
+        if weight_norm <= 0:
+            return math.inf
+        if self.magnitude is not None:
+            return self.magnitude / weight_norm + 1.0
+        return self.scale_rotation + (1.0 + self.rotation) * self.lowrank / weight_norm
+
+
+def update_size(config: AdapterConfig, t: Mapping[str, torch.Tensor]) -> UpdateSize:
+    """The `UpdateSize` of one layer's tensors (by parameter name) under its resolved config."""
+    a = t["lora_A"].double()
+    sb = t["lora_B"].double() * config.scaling
+    lowrank = math.sqrt(max(((a @ a.T) * (sb.T @ sb)).sum().item(), 0.0))  # ||sBA||_F^2 = tr(A A^T B^T B s^2)
+    factors = [a, sb]
+    d = t["d"].double() if "d" in t else torch.ones(1, dtype=torch.float64)
+    rotation = 0.0
+    if "sora_C" in t:
+        u, v = rotation_factors(t["sora_C"].double(), t["sora_D"].double(), config.s0, config.rotation)
+        rotation = math.sqrt(torch.linalg.eigvals((u.T @ u) @ (v.T @ v)).abs().max().item())  # ||V U^T||_2
+        factors += [u, v]
+    magnitude = None
+    if "magnitude" in t:
+        magnitude = t["magnitude"].double().norm().item()
+        factors.append(t["magnitude"].double())
+    factors.append(d)
+    return UpdateSize(
+        out_features=int(t["lora_B"].shape[0]),
+        in_features=int(t["lora_A"].shape[1]),
+        lowrank=lowrank,
+        rotation=rotation,
+        scale_rotation=(d - 1).abs().max().item() + rotation * d.abs().max().item(),
+        magnitude=magnitude,
+        largest_factor=max(f.abs().max().item() for f in factors),
+    )
+
+
+# ---------------------------------------------------------------- config fields and their types
+_REQUIRED = object()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_targets(v: Any) -> bool:
+    return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v))
+
+
+# name -> (predicate, what it should be)
+TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "positive number": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "optional str": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "targets": (_is_targets, "a module name or a non-empty list of module names"),
+    "rank pattern": (lambda v: v is None or (isinstance(v, dict) and all(TYPES["positive int"][0](x) for x in v.values())),
+                     "an object mapping module patterns to positive integers"),
+    "alpha pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values())),
+                      "an object mapping module patterns to positive numbers"),
+    "init": (lambda v: isinstance(v, (bool, str)), "true, false or an init name"),
 }
+
+
+def _field(raw: dict, key: str, path: Path, kind: str, default: Any = _REQUIRED) -> Any:
+    """raw[key] checked to be of `kind` (a key of TYPES); AdapterError naming file and field otherwise."""
+    if key not in raw:
+        if default is _REQUIRED:
+            raise AdapterError("missing", file=path, field=key)
+        return default
+    check, expected = TYPES[kind]
+    value = raw[key]
+    if not check(value):
+        raise AdapterError(f"expected {expected}, got {value!r}", file=path, field=key)
+    return value
+
+
+# ---------------------------------------------------------------- PEFT's LoraConfig options (PEFT 0.21)
+# Every field of peft.LoraConfig, decided one by one (tests/test_validation.py checks that this
+# table covers exactly the installed PEFT's fields, so an upgrade forces a decision):
+#   read    - used to rebuild the adapter;
+#   ignored - no effect on inference outputs (bookkeeping, training-only, or which modules were
+#             targeted: the tensors in the file say that);
+#   refused - changes the outputs in a way we do not implement (value -> why), refused when set.
+PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "use_dora", "fan_in_fan_out",
+             "rank_pattern", "alpha_pattern", "bias", "init_lora_weights", "base_model_name_or_path"}
+PEFT_IGNORED = {
+    "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "runtime_config",
+    "exclude_modules", "layers_to_transform", "layers_pattern",  # targeting: the file's tensors are the truth
+    "megatron_config", "megatron_core",  # training-time parallel layers; same tensors
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # init-time only (the inits that move W0 are refused below)
+    "velora_config",  # VeLoRA changes only the backward pass; the forward is plain LoRA
+    "qalora_group_size",  # only read with use_qalora (refused)
+    "ensure_weight_tying",  # ties adapters of tied layers at training; each module's tensors are in the file
+}
+PEFT_REFUSED = {
+    "lora_bias": "adds a trained bias to lora_B",
+    "modules_to_save": "replaces whole modules with trained copies",
+    "target_parameters": "adapts raw nn.Parameters (MoE experts), not Linear layers",
+    "trainable_token_indices": "trains embedding rows",
+    "layer_replication": "duplicates decoder layers",
+    "use_qalora": "pools the input before lora_A (QA-LoRA)",
+    "use_bdlora": "block-diagonal LoRA factors",
+    "alora_invocation_tokens": "activates the adapter only after invocation tokens (aLoRA)",
+    "arrow_config": "routes tokens among several adapters (Arrow)",
+    "kasa_config": "truncates W0's SVD and adds singular values (KaSA)",
+    "monteclora_config": "samples the factors (MonteCLoRA)",
+}
+# init_lora_weights values whose init moves W0 (the adapter is then only right on that residual
+# base); PEFT resets the field to true when it converts such an adapter to a plain LoRA.
+BASE_MOVING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 @dataclass
@@ -68,39 +228,56 @@ class AdapterFile:
     fingerprint: dict | None
     base_model_name_or_path: str | None
     fan_in_fan_out: bool = False
+    updates: dict[str, UpdateSize] = field(default_factory=dict)  # module path -> its update's size
 
     @property
     def method(self) -> str:
         return self.config.method
 
+    @property
+    def weights_file(self) -> Path:
+        return self.directory / WEIGHTS_FILE
 
-def read_adapter(directory: str | Path) -> AdapterFile:
-    """Read and validate an adapter directory (ours or PEFT's LoRA/DoRA)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError("adapter directory not found", file=directory)
-    raw = _read_config_json(directory / CONFIG_FILE)
+    @property
+    def config_file(self) -> Path:
+        return self.directory / CONFIG_FILE
+
+
+def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = None) -> AdapterFile:
+    """Read and validate an adapter directory (ours or PEFT's LoRA/DoRA) from the files alone.
+
+    `allow_large_updates` (default: the SORA_SERVE_ALLOW_LARGE_UPDATES environment variable)
+    lifts the magnitude bounds; non-finite values are always refused.
+    """
+    directory = readable_dir(directory, "adapter directory")
+    config_path = directory / CONFIG_FILE
+    raw = _read_config_json(config_path)
     peft_type = raw.get("peft_type")
     if peft_type in ("PREDIAG", "SORA"):
-        config, module_configs_fn, fingerprint = _parse_our_config(raw, directory / CONFIG_FILE)
+        config, fingerprint = _parse_our_config(raw, config_path)
+        module_config: Callable[[str], AdapterConfig] = lambda module_path: config  # noqa: E731
         fan_in_fan_out = False
     elif peft_type == "LORA":
-        config, module_configs_fn = _parse_peft_config(raw, directory / CONFIG_FILE)
-        fingerprint, fan_in_fan_out = None, bool(raw.get("fan_in_fan_out", False))
+        config, module_config = _parse_peft_config(raw, config_path)
+        fingerprint, fan_in_fan_out = None, _field(raw, "fan_in_fan_out", config_path, "bool", False)
     else:
-        raise AdapterError(
-            f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=directory / CONFIG_FILE, field="peft_type"
-        )
-    tensors = _read_tensors(directory / WEIGHTS_FILE, config.method)
-    module_configs = {path: module_configs_fn(path, t) for path, t in tensors.items()}
+        raise AdapterError(f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=config_path, field="peft_type")
+    weights_path = directory / WEIGHTS_FILE
+    tensors = _read_tensors(weights_path, config.method)
+    module_configs = {path: module_config(path) for path in tensors}
     for path, t in tensors.items():
-        _check_shapes(directory / WEIGHTS_FILE, path, t, module_configs[path])
-    return AdapterFile(directory, config, module_configs, tensors, fingerprint, raw.get("base_model_name_or_path"), fan_in_fan_out)
+        _check_shapes(weights_path, path, t, module_configs[path], peft=peft_type == "LORA")
+    adapter = AdapterFile(
+        directory, config, module_configs, tensors, fingerprint,
+        _field(raw, "base_model_name_or_path", config_path, "optional str", None), fan_in_fan_out,
+        updates={path: update_size(module_configs[path], t) for path, t in tensors.items()},
+    )
+    check_update_bounds(adapter, allow_large_updates=allow_large_updates)
+    return adapter
 
 
 def _read_config_json(path: Path) -> dict:
-    if not path.is_file():
-        raise AdapterError("missing adapter config", file=path)
+    readable_file(path, "adapter config")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -110,12 +287,6 @@ def _read_config_json(path: Path) -> dict:
     return raw
 
 
-def _require(raw: dict, key: str, path: Path):
-    if key not in raw:
-        raise AdapterError("missing", file=path, field=key)
-    return raw[key]
-
-
 def _config_or_error(path: Path, **kwargs) -> AdapterConfig:
     try:
         return AdapterConfig(**kwargs)
@@ -123,53 +294,100 @@ def _config_or_error(path: Path, **kwargs) -> AdapterConfig:
         raise AdapterError(str(exc).split(": ", 1)[-1], file=path, field=exc.field) from exc
 
 
-def _parse_our_config(raw: dict, path: Path):
-    version = _require(raw, "format_version", path)
+def _parse_our_config(raw: dict, path: Path) -> tuple[AdapterConfig, dict]:
+    version = _field(raw, "format_version", path, "positive int")
     if version != FORMAT_VERSION:
         raise AdapterError(f"format_version {version!r} is not supported (this is {FORMAT_VERSION})", file=path, field="format_version")
+    if _field(raw, "bias", path, "str", "none") != "none":
+        raise AdapterError(f"expected 'none', got {raw['bias']!r}", file=path, field="bias")
     config = _config_or_error(
         path,
         method=raw["peft_type"].lower(),
-        r=_require(raw, "r", path),
-        lora_alpha=_require(raw, "lora_alpha", path),
-        r_p=_require(raw, "r_p", path),
-        s0=_require(raw, "s0", path),
-        rotation=_require(raw, "rotation", path),
-        target_modules=_require(raw, "target_modules", path),
-        lora_dropout=raw.get("lora_dropout", 0.0),
+        r=_field(raw, "r", path, "positive int"),
+        lora_alpha=_field(raw, "lora_alpha", path, "positive number"),
+        r_p=_field(raw, "r_p", path, "positive int"),
+        s0=_field(raw, "s0", path, "positive number"),
+        rotation=_field(raw, "rotation", path, "str"),
+        target_modules=_field(raw, "target_modules", path, "targets"),
+        lora_dropout=_field(raw, "lora_dropout", path, "fraction", 0.0),
     )
-    fingerprint = _require(raw, "base_fingerprint", path)
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("modules"), dict):
+    return config, _parse_fingerprint(raw.get("base_fingerprint", _REQUIRED), path)
+
+
+def _parse_fingerprint(fingerprint: Any, path: Path) -> dict:
+    """base_fingerprint: {"model_type": str | null, "modules": {path: [out, in, has_bias]}, ...}."""
+    if fingerprint is _REQUIRED:
+        raise AdapterError("missing", file=path, field="base_fingerprint")
+    modules = fingerprint.get("modules") if isinstance(fingerprint, dict) else None
+    if not isinstance(modules, dict):
         raise AdapterError("expected an object with 'modules'", file=path, field="base_fingerprint")
-    return config, (lambda module_path, tensors: config), fingerprint
+    if not TYPES["optional str"][0](fingerprint.get("model_type")):
+        raise AdapterError(f"expected a string or null, got {fingerprint['model_type']!r}", file=path, field="base_fingerprint.model_type")
+    for module_path, entry in modules.items():
+        ok = isinstance(entry, list) and len(entry) == 3 and all(TYPES["positive int"][0](x) for x in entry[:2]) and isinstance(entry[2], bool)
+        if not ok:
+            raise AdapterError(f"expected [out, in, has_bias], got {entry!r}", file=path, field=f"base_fingerprint.modules.{module_path}")
+    return fingerprint
 
 
-def _parse_peft_config(raw: dict, path: Path):
-    for key, unsupported in PEFT_UNSUPPORTED.items():
-        if key in raw and unsupported(raw[key]):
-            raise AdapterError(f"PEFT option {key}={raw[key]!r} is not supported", file=path, field=key)
+def _parse_peft_config(raw: dict, path: Path) -> tuple[AdapterConfig, Callable[[str], AdapterConfig]]:
+    """PEFT's LoraConfig: every option decided (see the tables above); rank/alpha patterns resolved per module."""
+    _refuse_peft_options(raw, path)
     config = _config_or_error(
         path,
-        method="dora" if raw.get("use_dora") else "lora",
-        r=_require(raw, "r", path),
-        lora_alpha=_require(raw, "lora_alpha", path),
-        target_modules=_require(raw, "target_modules", path),
-        lora_dropout=raw.get("lora_dropout", 0.0),
-        use_rslora=bool(raw.get("use_rslora", False)),
+        method="dora" if _field(raw, "use_dora", path, "bool", False) else "lora",
+        r=_field(raw, "r", path, "positive int"),
+        lora_alpha=_field(raw, "lora_alpha", path, "positive number"),
+        target_modules=_field(raw, "target_modules", path, "targets"),
+        lora_dropout=_field(raw, "lora_dropout", path, "fraction", 0.0),
+        use_rslora=_field(raw, "use_rslora", path, "bool", False),
     )
-    alpha_pattern = raw.get("alpha_pattern") or {}
+    rank_pattern = _compiled_patterns(_field(raw, "rank_pattern", path, "rank pattern", None) or {}, path, "rank_pattern")
+    alpha_pattern = _compiled_patterns(_field(raw, "alpha_pattern", path, "alpha pattern", None) or {}, path, "alpha_pattern")
 
-    def module_config(module_path: str, tensors: dict[str, torch.Tensor]) -> AdapterConfig:
-        # The rank comes from the tensors (covers rank_pattern); alpha from alpha_pattern.
-        alpha = next((a for pat, a in alpha_pattern.items() if re.fullmatch(rf"(.*\.)?{pat}", module_path)), config.lora_alpha)
-        return AdapterConfig(**{**config.to_dict(), "r": int(tensors["lora_A"].shape[0]), "lora_alpha": alpha})
+    def module_config(module_path: str) -> AdapterConfig:
+        r = _pattern_value(rank_pattern, module_path, config.r)
+        alpha = _pattern_value(alpha_pattern, module_path, config.lora_alpha)
+        return AdapterConfig(**{**config.to_dict(), "r": r, "lora_alpha": alpha})
 
     return config, module_config
 
 
+def _refuse_peft_options(raw: dict, path: Path) -> None:
+    for key, value in raw.items():
+        if key in PEFT_REFUSED and value:
+            raise AdapterError(f"PEFT option {key}={value!r} is not supported: it {PEFT_REFUSED[key]}", file=path, field=key)
+        if key not in PEFT_READ | PEFT_IGNORED | PEFT_REFUSED.keys() and value not in (None, False, [], {}):
+            raise AdapterError(f"unknown LoraConfig option {key}={value!r} (not in PEFT 0.21): it may change the outputs", file=path, field=key)
+    if _field(raw, "bias", path, "str", "none") != "none":
+        raise AdapterError(f"PEFT option bias={raw['bias']!r} is not supported: it trains the base layers' biases", file=path, field="bias")
+    init = _field(raw, "init_lora_weights", path, "init", True)
+    if isinstance(init, str) and init.startswith(BASE_MOVING_INITS):
+        raise AdapterError(
+            f"init_lora_weights={init!r} moved the base weights at init, so this adapter is only right on that residual base; "
+            "convert it with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) to a plain LoRA",
+            file=path, field="init_lora_weights",
+        )
+
+
+def _compiled_patterns(pattern: dict, path: Path, name: str) -> list[tuple[re.Pattern, Any]]:
+    """PEFT 0.21 `get_pattern_key`: key k matches module path p when re.match(rf"(.*\\.)?({k})$", p)."""
+    compiled = []
+    for key, value in pattern.items():
+        try:
+            compiled.append((re.compile(rf"(.*\.)?({key})$"), value))
+        except re.error as exc:
+            raise AdapterError(f"pattern {key!r} is not a valid regular expression ({exc})", file=path, field=name) from exc
+    return compiled
+
+
+def _pattern_value(compiled: list[tuple[re.Pattern, Any]], module_path: str, default: Any) -> Any:
+    """The value of the first pattern (in file order) matching `module_path`, as PEFT picks it; else `default`."""
+    return next((value for regex, value in compiled if regex.match(module_path)), default)
+
+
 def _read_tensors(path: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise AdapterError("missing adapter weights", file=path)
+    readable_file(path, "adapter weights")
     try:
         flat = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -183,7 +401,7 @@ def _read_tensors(path: Path, method: str) -> dict[str, dict[str, torch.Tensor]]
         if not tensor.is_floating_point():
             raise AdapterError(f"dtype {tensor.dtype} is not floating point", file=path, field=key)
         if not torch.isfinite(tensor).all():
-            raise AdapterError("contains NaN or infinite values", file=path, field=key)
+            raise AdapterError(f"module '{module_path}': contains NaN or infinite values", file=path, field=key)
         modules.setdefault(module_path, {})[param] = tensor
     if not modules:
         raise AdapterError("no adapter tensors", file=path)
@@ -203,67 +421,153 @@ def _split_key(key: str, suffix_to_param: dict[str, str]) -> tuple[str, str | No
     return body, None
 
 
-def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], config: AdapterConfig) -> None:
-    r, out_f = t["lora_A"].shape[0], t["lora_B"].shape[0]
+def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], config: AdapterConfig, *, peft: bool) -> None:
+    """Every tensor's shape from the config's ranks: the config's r is the rank (as PEFT and vLLM read it)."""
+    out_f, in_f = t["lora_B"].shape[0], t["lora_A"].shape[-1]
     expected = {
-        "lora_A": (config.r, t["lora_A"].shape[-1]),
+        "lora_A": (config.r, in_f),
         "lora_B": (out_f, config.r),
         "magnitude": (out_f,),
         "d": (out_f,),
         "sora_C": (out_f, config.r_p),
         "sora_D": (out_f, config.r_p),
     }
+    rank_source = "field 'r' (or its rank_pattern entry)" if peft else "field 'r'"
     for param, tensor in t.items():
         if tuple(tensor.shape) != expected[param]:
             raise AdapterError(
-                f"shape {tuple(tensor.shape)} does not match r={r if param == 'lora_A' else config.r}, "
-                f"r_p={config.r_p}, out={out_f}: expected {expected[param]}",
+                f"module '{module_path}': shape {tuple(tensor.shape)} does not match the config's r={config.r} "
+                f"({rank_source} of {CONFIG_FILE}), r_p={config.r_p}, out={out_f}: expected {expected[param]}",
                 file=path,
                 field=f"{PEFT_PREFIX}{module_path}.{FILE_NAMES[param]}",
             )
 
 
-def check_base(adapter: AdapterFile, model: nn.Module) -> None:
-    """Refuse an adapter whose modules are absent from `model` or differ in shape or bias."""
-    modules = dict(model.named_modules())
-    weights_file = adapter.directory / WEIGHTS_FILE
-    for module_path, t in adapter.tensors.items():
-        layer = modules.get(module_path)
-        if layer is None:
+def check_update_bounds(adapter: AdapterFile, *, allow_large_updates: bool | None = None) -> None:
+    """What the file alone bounds: float32-representable serving factors (always), and, unless
+    allowed, the low-rank term's entry RMS <= UPDATE_RMS_MAX and the scale/rotation gain <= RELATIVE_UPDATE_MAX."""
+    allowed = large_updates_allowed(allow_large_updates)
+    for module_path, size in adapter.updates.items():
+        key = f"{PEFT_PREFIX}{module_path}"
+        values = (size.lowrank, size.rotation, size.scale_rotation, size.largest_factor, size.magnitude or 0.0)
+        if not all(math.isfinite(v) for v in values) or size.largest_factor > FLOAT32_MAX:
             raise AdapterError(
-                f"module '{module_path}' not found in {type(model).__name__}: adapter for a different base?",
-                file=weights_file,
-                field=f"{PEFT_PREFIX}{module_path}",
+                f"module '{module_path}': the serving factors overflow float32 (largest |entry| {size.largest_factor:.3g})",
+                file=adapter.weights_file, field=key,
             )
-        shape = _out_in(layer)
-        got = (t["lora_B"].shape[0], t["lora_A"].shape[1])
-        if shape != got:
+        if allowed:
+            continue
+        checks = [
+            (size.entry_rms(size.lowrank), UPDATE_RMS_MAX, "lora_B", "the low-rank update s B A has entry RMS"),
+            (size.scale_rotation, RELATIVE_UPDATE_MAX, "sora_d" if size.rotation == 0 else "sora_C",
+             "the output scale and rotation change the layer by up to (||R diag(d) - I||_2 <=)"),
+        ]
+        if size.magnitude is not None:
+            checks.append((size.entry_rms(size.magnitude), UPDATE_RMS_MAX, "magnitude", "DoRA's adapted weight has entry RMS"))
+        for value, bound, param, what in checks:
+            if value > bound:
+                raise _too_large(adapter.weights_file, f"{key}.{FILE_NAMES[param]}", module_path, f"{what} {value:.3g} > {bound:g}")
+
+
+def _too_large(file: Path, field_name: str, module_path: str, what: str) -> AdapterError:
+    return AdapterError(
+        f"module '{module_path}': {what}, far beyond what training produces; if intended, set "
+        f"{ALLOW_LARGE_UPDATES_ENV}=1 (or pass allow_large_updates=True / --allow-large-updates)",
+        file=file, field=field_name,
+    )
+
+
+# ---------------------------------------------------------------- against a known base
+@dataclass(frozen=True)
+class BaseLayer:
+    """One base layer as the checks need it (from a model, a checkpoint's headers or vLLM's layers)."""
+
+    out_features: int
+    in_features: int
+    has_bias: bool
+    weight_norm: float | None = None  # ||W0||_F of the layer when known (relative bound)
+
+
+def check_against_base(
+    adapter: AdapterFile,
+    layers: Mapping[str, BaseLayer],
+    *,
+    model_type: str | None = None,
+    allow_large_updates: bool | None = None,
+) -> None:
+    """Refuse an adapter that does not fit the base described by `layers` (HF module path -> layer).
+
+    Every adapted module must exist with the adapter's (out, in); our `base_fingerprint` must
+    agree (model_type when given, (out, in, has_bias) per module); and where ||W0||_F is known the
+    update's relative size ||W - W0||_F / ||W0||_F (an upper bound, `UpdateSize`) must be at most
+    RELATIVE_UPDATE_MAX unless large updates are allowed.
+    """
+    for module_path, t in adapter.tensors.items():
+        key = f"{PEFT_PREFIX}{module_path}"
+        layer = layers.get(module_path)
+        if layer is None:
+            raise AdapterError(f"module '{module_path}' not found in the base model (or not a linear layer there): adapter for a different base?", file=adapter.weights_file, field=key)
+        got = (int(t["lora_B"].shape[0]), int(t["lora_A"].shape[1]))
+        if got != (layer.out_features, layer.in_features):
             raise AdapterError(
-                f"adapter is {got[0]}x{got[1]} but base layer '{module_path}' is {shape[0]}x{shape[1]}: adapter for a different base?",
-                file=weights_file,
-                field=f"{PEFT_PREFIX}{module_path}",
+                f"module '{module_path}': adapter is {got[0]}x{got[1]} but the base layer is "
+                f"{layer.out_features}x{layer.in_features} (out x in): adapter for a different base?",
+                file=adapter.weights_file, field=key,
             )
     if adapter.fingerprint is not None:
-        ours = base_fingerprint(model, list(adapter.tensors))
-        for module_path, expected in adapter.fingerprint["modules"].items():
-            if ours["modules"].get(module_path) != expected:
-                raise AdapterError(
-                    f"base layer '{module_path}' is {ours['modules'].get(module_path)} (out, in, bias) but the adapter was "
-                    f"trained on {expected}: adapter for a different base",
-                    file=adapter.directory / CONFIG_FILE,
-                    field="base_fingerprint",
-                )
+        _check_fingerprint(adapter, layers, model_type)
+    if large_updates_allowed(allow_large_updates):
+        return
+    for module_path, size in adapter.updates.items():
+        norm = layers[module_path].weight_norm
+        if norm is not None and (bound := size.relative_bound(norm)) > RELATIVE_UPDATE_MAX:
+            raise _too_large(
+                adapter.weights_file, f"{PEFT_PREFIX}{module_path}", module_path,
+                f"the update can be {bound:.3g}x the base layer's norm (||W - W0||_F / ||W0||_F <= {bound:.3g} > {RELATIVE_UPDATE_MAX:g})",
+            )
 
 
-def _out_in(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, AdaptedLayer):
-        return layer.out_features, layer.in_features
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, layer.in_features
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.dim() != 2:
-        return (-1, -1)
-    return int(weight.shape[1]), int(weight.shape[0])  # Conv1D stores (in, out)
+def _check_fingerprint(adapter: AdapterFile, layers: Mapping[str, BaseLayer], model_type: str | None) -> None:
+    expected_type = adapter.fingerprint.get("model_type")
+    if model_type is not None and expected_type is not None and model_type != expected_type:
+        raise AdapterError(
+            f"the base is a {model_type!r} model but the adapter was trained on a {expected_type!r} one: adapter for a different base",
+            file=adapter.config_file, field="base_fingerprint.model_type",
+        )
+    for module_path, expected in adapter.fingerprint["modules"].items():
+        layer = layers.get(module_path)
+        ours = None if layer is None else [layer.out_features, layer.in_features, layer.has_bias]
+        if ours != expected:
+            raise AdapterError(
+                f"module '{module_path}': base layer is {ours} (out, in, has_bias) but the adapter was trained on {expected}: "
+                "adapter for a different base",
+                file=adapter.config_file, field="base_fingerprint",
+            )
+
+
+def model_layers(model: nn.Module, paths: Iterable[str]) -> dict[str, BaseLayer]:
+    """`BaseLayer`s of `model`'s linear layers among `paths` (absent or non-linear modules are left out).
+
+    ||W0||_F is included unless the weights are on the meta device."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for path in paths:
+        module = modules.get(path)
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if module is None or not is_supported_layer(base):
+            continue
+        weight = base.weight
+        out_f, in_f = weight.shape if isinstance(base, nn.Linear) else weight.T.shape  # Conv1D stores (in, out)
+        norm = None if weight.is_meta else weight.detach().double().norm().item()
+        layers[path] = BaseLayer(int(out_f), int(in_f), getattr(base, "bias", None) is not None, norm)
+    return layers
+
+
+def check_base(adapter: AdapterFile, model: nn.Module, *, allow_large_updates: bool | None = None) -> None:
+    """`check_against_base` with the base read from `model` (an nn.Module, weights or meta)."""
+    paths = set(adapter.tensors) | set((adapter.fingerprint or {}).get("modules", {}))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    check_against_base(adapter, model_layers(model, paths), model_type=model_type, allow_large_updates=allow_large_updates)
 
 
 def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> Adapter:
@@ -273,13 +577,18 @@ def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor]
     return adapter
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str | None = None) -> nn.Module:
-    """Load an adapter directory into `model` (wrapping layers as needed) and make it active."""
-    adapter = read_adapter(adapter_dir)
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, name: str | None = None, *, allow_large_updates: bool | None = None
+) -> nn.Module:
+    """Load an adapter directory into `model` (wrapping layers as needed) and make it active.
+
+    Validated first (`read_adapter`, then `check_base` against `model`); `allow_large_updates`
+    as in `read_adapter`."""
+    adapter = read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     name = name or Path(adapter_dir).absolute().name
     if name in adapter_configs(model):
         raise AdapterError(f"an adapter named '{name}' is already attached", field="name")
-    check_base(adapter, model)
+    check_base(adapter, model, allow_large_updates=allow_large_updates)
     modules = dict(model.named_modules())
     for param in model.parameters():
         param.requires_grad_(False)
