@@ -6,7 +6,7 @@ and the serving integrations read it. The math of each method is in `sora_serve.
 
 from .config import AdapterConfig
 from .errors import AdapterError
-from .io import AdapterFile, load_adapter, read_adapter, save_adapter
+from .io import AdapterFile, BaseLayer, check_against_base, load_adapter, read_adapter, save_adapter
 from .methods import ServingFactors
 from .model import (
     adapted_layers,
@@ -23,11 +23,13 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterFile",
+    "BaseLayer",
     "ServingFactors",
     "adapted_layers",
     "adapter_configs",
     "adapters_disabled",
     "attach",
+    "check_against_base",
     "count_parameters",
     "delete_adapter",
     "load_adapter",
