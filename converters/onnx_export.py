@@ -14,6 +14,9 @@ elsewhere): the graph fed nothing is the base model, and ONNX Runtime's LoRA ada
 override them per run (`RunOptions.add_active_adapter`); ONNX Runtime 1.32 overrides only
 initializers that are also graph inputs. Tracing them as parameters instead would make plain
 initializers, which the exporter may also merge when equal (all the zero defaults).
+
+`--format genai` writes the same folder plus `genai_config.json`, which onnxruntime-genai's
+`og.Model` reads (converters/onnx_genai.py); verification then also runs the folder through genai.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from sora_serve.fs import atomic_output_dir
 from sora_serve.io import adapter_from_tensors, check_base
 from sora_serve.methods import ServingFactors
 
+from .onnx_genai import GenaiCausalLM, import_genai, write_genai_config
 from .onnx_runtime import MANIFEST_FILE, MODEL_FILE
 
 EXPORTERS = ("torchscript", "dynamo")
+FORMATS = ("onnxruntime", "genai")  # genai: + genai_config.json for onnxruntime-genai
 FACTOR_NAMES = ("scale", "bias_shift", "lora_A", "lora_B", "rot_U", "rot_V")
 
 
@@ -193,11 +198,13 @@ def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None
 
 
 def export_onnx(
-    model_dir, out_dir, adapters=None, force: bool = False, *, opset: int = 18, exporter: str = "torchscript", verify: bool = True
+    model_dir, out_dir, adapters=None, force: bool = False, *, opset: int = 18, exporter: str = "torchscript",
+    output_format: str = "onnxruntime", verify: bool = True,
 ) -> dict:
     """Export `model_dir` (merged if no adapters, else switchable); return the measured errors.
 
     `exporter`: "torchscript" (torch.onnx's tracer, default: ~10x faster here) or "dynamo" (torch.export).
+    `output_format`: "onnxruntime" (the folder `OnnxCausalLM` runs) or "genai" (also `og.Model`'s).
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -208,17 +215,24 @@ def export_onnx(
         raise AdapterError(f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters")
     if exporter not in EXPORTERS:
         raise AdapterError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}", field="exporter")
+    if output_format not in FORMATS:
+        raise AdapterError(f"unknown format {output_format!r}; expected one of {FORMATS}", field="format")
+    genai = output_format == "genai"
+    if genai and verify:
+        import_genai()  # verification runs genai: fail before any work if it is missing
     with atomic_output_dir(out_dir, force=force) as tmp:  # refuses an existing output before any work
-        manifest = write_export(model_dir, tmp, adapter_files, opset, exporter)
-    result = {"out_dir": str(out_dir), "mode": manifest["mode"], "adapters": names}
+        manifest = write_export(model_dir, tmp, adapter_files, opset, exporter, genai)
+    result = {"out_dir": str(out_dir), "mode": manifest["mode"], "format": output_format, "adapters": names}
     if verify:
-        result["max_abs_error"] = verify_export(model_dir, out_dir, adapters or [])
-        print("verified ONNX vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result["max_abs_error"].items()))
+        result.update(verify_export(model_dir, out_dir, adapters or [], genai=genai))
+        for key, label in (("max_abs_error", "ONNX Runtime"), ("genai_max_abs_error", "onnxruntime-genai (next token)")):
+            if key in result:
+                print(f"verified {label} vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result[key].items()))
     return result
 
 
-def write_export(model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str) -> dict:
-    """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files and the manifest; returns the manifest."""
+def write_export(model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str, genai: bool = False) -> dict:
+    """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files, the manifest (and genai_config.json); returns the manifest."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     factors = adapter_factors(model, adapter_files)
     switchable = install_switchable_layers(model, factors) if adapter_files else {}
@@ -232,6 +246,8 @@ def write_export(model_dir: Path, out: Path, adapter_files: list, opset: int, ex
     kv_heads, head_dim = kv_shape(model.config)
     manifest = {"num_layers": model.config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "adapters": list(factors), "mode": "adapters" if switchable else "merged"}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if genai:
+        write_genai_config(out, model.config, model_dir, manifest)
     return manifest
 
 
@@ -252,19 +268,33 @@ def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switcha
 
 
 @torch.no_grad()
-def verify_export(model_dir, out_dir, adapters: list, seed: int = 0) -> dict[str, float]:
-    """Max |ONNX - PyTorch| logits per adapter (and the base), on random ids, full prompt."""
-    from .onnx_runtime import OnnxCausalLM  # imports onnxruntime
-
-    onnx_lm = OnnxCausalLM(out_dir)
+def reference_logits(model_dir, adapters: list, seed: int = 0) -> tuple[np.ndarray, dict[str | None, np.ndarray]]:
+    """Random ids and the PyTorch runtime's logits for them: the base (key None) and each adapter."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.randint(1, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
-    errors = {"base": float(np.abs(onnx_lm.logits(ids.numpy()) - base(ids).logits.numpy()).max())}
+    logits = {None: base(ids).logits.numpy()}
     for adapter_dir in adapters:
         name = Path(adapter_dir).name
         ss.load_adapter(base, adapter_dir, name=name)
-        errors[name] = float(np.abs(onnx_lm.logits(ids.numpy(), adapter=name) - base(ids).logits.numpy()).max())
+        logits[name] = base(ids).logits.numpy()
         ss.set_active_adapter(base, None)
+    return ids.numpy(), logits
+
+
+def verify_export(model_dir, out_dir, adapters: list, seed: int = 0, *, genai: bool = False) -> dict[str, dict[str, float]]:
+    """Max |ONNX - PyTorch| logits per adapter (and the base) on random ids: every position through
+    ONNX Runtime (`max_abs_error`); with `genai`, also the next-token logits through onnxruntime-genai
+    (`genai_max_abs_error`)."""
+    from .onnx_runtime import OnnxCausalLM  # imports onnxruntime
+
+    ids, expected = reference_logits(model_dir, adapters, seed)
+    onnx_lm = OnnxCausalLM(out_dir)
+    errors = {"max_abs_error": {name or "base": float(np.abs(onnx_lm.logits(ids, adapter=name) - ref).max()) for name, ref in expected.items()}}
+    if genai:
+        genai_lm = GenaiCausalLM(out_dir)
+        errors["genai_max_abs_error"] = {
+            name or "base": float(np.abs(genai_lm.next_token_logits(ids, adapter=name) - ref[:, -1]).max()) for name, ref in expected.items()
+        }
     return errors
 
 
@@ -275,6 +305,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["merged", "adapters"], default="merged", help="merged: the checkpoint as is; adapters: switchable inputs")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx exporter (docs/ONNX.md)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="onnxruntime",
+        help="genai: also write genai_config.json, so onnxruntime-genai's og.Model opens the folder (needs sora-serve[genai] to verify)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check against PyTorch")
 
@@ -282,5 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if (args.mode == "adapters") != bool(args.adapters):
         raise AdapterError("--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters")
-    result = export_onnx(args.model, args.out, args.adapters, force=args.force, opset=args.opset, exporter=args.exporter, verify=not args.no_verify)
-    print(f"wrote {result['out_dir']} ({result['mode']}{': ' + ', '.join(result['adapters']) if result['adapters'] else ''})")
+    result = export_onnx(
+        args.model, args.out, args.adapters, force=args.force, opset=args.opset, exporter=args.exporter,
+        output_format=args.format, verify=not args.no_verify,
+    )
+    adapters = ": " + ", ".join(result["adapters"]) if result["adapters"] else ""
+    print(f"wrote {result['out_dir']} ({result['format']}, {result['mode']}{adapters})")

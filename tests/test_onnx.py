@@ -26,11 +26,11 @@ TARGETS = {  # attention and MLP layers; GPT-2's are Conv1D (fan_in_fan_out)
 }
 
 
-def save_random_adapter(arch, out, method, r, r_p=2, rotation="first_order", targets=None, seed=0):
+def save_random_adapter(arch, out, method, r, r_p=2, rotation="first_order", targets=None, seed=0, scale=0.1):
     model = make_tiny_model(arch)
     config = ss.AdapterConfig(method=method, r=r, r_p=r_p, rotation=rotation, target_modules=list(targets or TARGETS[arch]))
     ss.attach(model, config, "a", verbose=False)
-    perturb_adapter(model, "a", scale=0.1, seed=seed)
+    perturb_adapter(model, "a", scale=scale, seed=seed)
     return ss.save_adapter(model, out, "a")
 
 
