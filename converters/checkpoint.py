@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -22,8 +22,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from sora_serve.errors import AdapterError
+from sora_serve.fs import readable_dir, readable_file
+from sora_serve.io import BaseLayer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -37,21 +40,20 @@ DTYPE_NAMES = {
 
 class Checkpoint:
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise AdapterError("model directory not found", file=self.directory)
-        config_file = self.directory / "config.json"
-        if not config_file.is_file():
-            raise AdapterError("missing model config", file=config_file)
+        self.directory = readable_dir(directory, "model directory")
+        config_file = readable_file(self.directory / "config.json", "model config (not a Hugging Face checkpoint directory?)")
         try:
             self.config_dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterError(f"not valid JSON ({exc})", file=config_file) from exc
+        if not isinstance(self.config_dict, dict):
+            raise AdapterError("expected a JSON object", file=config_file)
         self.weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
-        if index.is_file():
+        if index.exists():
+            readable_file(index, "safetensors index")
             try:
                 return dict(json.loads(index.read_text())["weight_map"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -63,6 +65,7 @@ class Checkpoint:
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
+        readable_file(path, "safetensors file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 return list(f.keys())
@@ -78,7 +81,7 @@ class Checkpoint:
         return sorted(set(self.weight_map.values()))
 
     def open(self, shard: str):
-        path = self.directory / shard
+        path = readable_file(self.directory / shard, "safetensors shard")
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
@@ -138,6 +141,36 @@ class Checkpoint:
             return None
         embed_path = next(name for name, m in model.named_modules() if m is embed)
         return self.tensor_key(embed_path, "weight")
+
+
+def check_stored_shape(checkpoint: Checkpoint, key: str, expected: tuple[int, ...], path: str) -> None:
+    """The stored tensor `key` has the shape the model built from config.json gives layer `path`."""
+    got = checkpoint.shape(key)
+    if got != expected:
+        raise AdapterError(
+            f"tensor '{key}' is {list(got)} but config.json makes layer '{path}' {list(expected)}: weights and config disagree",
+            file=checkpoint.directory / checkpoint.weight_map[key],
+        )
+
+
+def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bool = True) -> dict[str, BaseLayer]:
+    """`BaseLayer`s for the linear layers among `paths`, shapes from the safetensors headers.
+
+    Layers the model does not have (or that are not Linear / Conv1D) are left out, so
+    `check_against_base` names them. With `norms`, ||W0||_F is read too, one tensor at a time.
+    """
+    modules = dict(checkpoint.meta_model.named_modules())
+    layers = {}
+    for path in paths:
+        module = modules.get(path)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        key = checkpoint.weight_key(path)
+        check_stored_shape(checkpoint, key, tuple(module.weight.shape), path)
+        out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]  # Conv1D stores (in, out)
+        norm = checkpoint.get_tensor(key).double().norm().item() if norms else None
+        layers[path] = BaseLayer(int(out_f), int(in_f), checkpoint.tensor_key(path, "bias") is not None, norm)
+    return layers
 
 
 def tensor_spec(shard, key: str) -> tuple[torch.dtype, tuple[int, ...]]:

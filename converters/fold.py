@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,11 +21,12 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
+from sora_serve.cli import add_allow_large_updates
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import AdapterFile, adapter_from_tensors, check_base
+from sora_serve.io import AdapterFile, adapter_from_tensors, check_against_base
 
-from .checkpoint import INDEX_FILE, Checkpoint, tensor_spec, write_safetensors
+from .checkpoint import INDEX_FILE, Checkpoint, checkpoint_layers, tensor_spec, write_safetensors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,8 +48,6 @@ class LayerFolder:
         self.untied = {p: source for p in paths if (source := checkpoint.tied_source(p)) is not None}
         # Untied heads stored only as the embedding: path -> the embedding key they are read from.
         self.new_heads = {p: source for p, source in self.untied.items() if self.weight_keys[p] == source}
-        for p in paths:
-            check_stored_shape(checkpoint, self.weight_keys[p], tuple(modules[p].weight.shape), p)
 
     def keys_to_layers(self) -> dict[str, str]:
         """File key -> adapted layer, for every stored tensor the fold replaces."""
@@ -69,15 +69,6 @@ class LayerFolder:
         return merged if bias_key is None else merged | {bias_key: merged_b}
 
 
-def check_stored_shape(checkpoint: Checkpoint, key: str, expected: tuple[int, ...], path: str) -> None:
-    got = checkpoint.shape(key)
-    if got != expected:
-        raise AdapterError(
-            f"tensor '{key}' is {list(got)} but config.json makes layer '{path}' {list(expected)}: weights and config disagree",
-            file=checkpoint.directory / checkpoint.weight_map[key],
-        )
-
-
 def fold_adapter(
     base_dir: str | Path,
     adapter_dir: str | Path,
@@ -88,16 +79,21 @@ def fold_adapter(
     force: bool = False,
     verify: bool = True,
     progress: bool = True,
+    allow_large_updates: bool | None = None,
 ) -> dict:
-    """Write base + adapter as one plain checkpoint; return what was done and the measured error."""
+    """Write base + adapter as one plain checkpoint; return what was done and the measured error.
+
+    The adapter is validated against the base first (`check_against_base`, with ||W0||_F);
+    `allow_large_updates` as in `read_adapter`."""
     if math_dtype not in ("float32", "float64"):
         raise AdapterError(f"math dtype must be float32 or float64, got {math_dtype!r}", field="math_dtype")
     if dtype != "auto" and dtype not in DTYPES:
         raise AdapterError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}", field="dtype")
     checkpoint = Checkpoint(base_dir)
-    adapter = ss.read_adapter(adapter_dir)
-    check_base(adapter, checkpoint.meta_model)
+    adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     checkpoint.validate()
+    layers = checkpoint_layers(checkpoint, adapter.base_paths)
+    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), allow_large_updates=allow_large_updates)
     folder = LayerFolder(checkpoint, adapter, DTYPES[math_dtype])
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -105,9 +101,10 @@ def fold_adapter(
         write_shards(checkpoint, folder, tmp, out_dtype, progress)
     if folder.untied:
         print(f"untied {sorted(folder.untied)} from {sorted(set(folder.untied.values()))}: the adapter changes the output head")
+        warn_if_vllm_ties_the_head(checkpoint.config_dict)
     result = {"out_dir": str(out_dir), "layers": len(adapter.tensors), "shards": len(checkpoint.shards), "untied": sorted(folder.untied)}
     if verify:
-        result["max_abs_error"] = verify_fold(base_dir, adapter_dir, out_dir)
+        result["max_abs_error"] = verify_fold(base_dir, adapter_dir, out_dir, allow_large_updates=allow_large_updates)
         print(f"verified: max |merged - runtime adapter| logit error = {result['max_abs_error']:.3e}")
     return result
 
@@ -160,12 +157,36 @@ def _output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.d
     return requested if requested is not None and stored.is_floating_point else stored
 
 
+def warn_if_vllm_ties_the_head(config: dict) -> None:
+    """Warn (stderr) when vLLM's implementation of the architecture always ties the head.
+
+    Such a class (Gemma2, Cohere, ...) computes logits with the input embeddings and has no
+    `lm_head` to load, so vLLM cannot serve the untied checkpoint (`sora-serve serve` refuses it
+    before the engine starts). A warning, not a refusal: the merged checkpoint is exact and
+    transformers and ONNX honour `tie_word_embeddings: false`.
+    """
+    try:
+        from sora_serve.vllm_plugin.server import vllm_always_ties_head
+    except ImportError:  # vLLM is an optional extra
+        return
+    architecture = next(iter(config.get("architectures") or []), None)
+    if architecture and vllm_always_ties_head(architecture):
+        print(
+            f"WARNING: vLLM's {architecture} always ties the output head to the input embeddings: it cannot serve this "
+            "untied checkpoint (transformers and ONNX can). To serve with vLLM, train the adapter without lm_head.",
+            file=sys.stderr,
+        )
+
+
 @torch.no_grad()
-def verify_fold(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, seed: int = 0) -> float:
+def verify_fold(
+    base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, seed: int = 0, *, allow_large_updates: bool | None = None
+) -> float:
     """Max |logits(merged) - logits(base + runtime adapter)| on random token ids (loads both models)."""
     from transformers import AutoModelForCausalLM
 
-    runtime = ss.load_adapter(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval(), adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    runtime = ss.load_adapter(base, adapter_dir, allow_large_updates=allow_large_updates)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, runtime.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
     return (merged(ids).logits - runtime(ids).logits).abs().max().item()
@@ -179,10 +200,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--math-dtype", default="float32", choices=["float32", "float64"], help="dtype of the fold math")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check (it loads base and merged models)")
+    add_allow_large_updates(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     result = fold_adapter(
-        args.base, args.adapter, args.out, dtype=args.dtype, math_dtype=args.math_dtype, force=args.force, verify=not args.no_verify
+        args.base, args.adapter, args.out, dtype=args.dtype, math_dtype=args.math_dtype, force=args.force,
+        verify=not args.no_verify, allow_large_updates=args.allow_large_updates or None,
     )
     print(f"wrote {result['out_dir']}: {result['layers']} layers folded across {result['shards']} shard(s)")

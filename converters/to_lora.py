@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
+from sora_serve.cli import add_allow_large_updates
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_base
+from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_against_base
 from sora_serve.methods import ServingFactors
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, checkpoint_layers
 
 
 BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding
@@ -84,8 +85,12 @@ def to_lora(
     rank: int | None = None,
     force: bool = False,
     progress: bool = True,
+    allow_large_updates: bool | None = None,
 ) -> dict:
     """Write a PEFT LoRA dir equal to the adapter (or, with allow_approx, its best rank-`rank` fit).
+
+    The adapter is validated against the base first (`check_against_base`, with ||W0||_F);
+    `allow_large_updates` as in `read_adapter`.
 
     Returns exact, rank, per-layer relative Frobenius errors and the overall one,
     |all residuals|_F / |all deltas|_F (0 when exact).
@@ -93,8 +98,9 @@ def to_lora(
     if allow_approx != (rank is not None) or (rank is not None and rank <= 0):
         raise AdapterError("--allow-approx and a positive --rank go together", field="rank")
     checkpoint = Checkpoint(base_dir)
-    adapter = ss.read_adapter(adapter_dir)
-    check_base(adapter, checkpoint.meta_model)
+    adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
+    layers = checkpoint_layers(checkpoint, adapter.base_paths)
+    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), allow_large_updates=allow_large_updates)
     modules = dict(checkpoint.meta_model.named_modules())
     tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):
@@ -146,10 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-approx", action="store_true", help="write the best rank-K fit (truncated SVD of each layer's update) instead of the exact form")
     parser.add_argument("--rank", type=int, help="rank of the approximation (with --allow-approx)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_allow_large_updates(parser)
 
 
 def run(args: argparse.Namespace) -> None:
-    result = to_lora(args.base, args.adapter, args.out, allow_approx=args.allow_approx, rank=args.rank, force=args.force)
+    result = to_lora(
+        args.base, args.adapter, args.out, allow_approx=args.allow_approx, rank=args.rank, force=args.force,
+        allow_large_updates=args.allow_large_updates or None,
+    )
     if result["exact"]:
         print(f"wrote an exact PEFT LoRA of rank {result['rank']} to {args.out}")
         return

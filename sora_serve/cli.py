@@ -22,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_allow_large_updates(parser: argparse.ArgumentParser) -> None:
+    """--allow-large-updates, shared by fold, to-lora and serve: lifts the update-magnitude bounds."""
+    parser.add_argument(
+        "--allow-large-updates", action="store_true",
+        help="accept adapters whose update exceeds the magnitude bounds (docs/VLLM.md, 'What is validated'); NaN/inf are always refused",
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
