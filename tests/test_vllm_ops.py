@@ -1,13 +1,16 @@
-"""vLLM CPU's torch LoRA ops as the plugin replaces them: per-slot GEMMs, rows with slot -1 untouched.
-
-Stock, they gather `weights[indices]` per token and -1 wraps to the last slot; the embedding and
-logits LoRA layers still call them (linear layers use the plugin's own op)."""
+"""The plugin's ops without an engine: the grouped linear op, its per-step plan, slot filling, and
+vLLM CPU's torch LoRA ops (stock, they gather `weights[indices]` per token and -1 wraps to the last
+slot; the embedding and logits LoRA layers still call them)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-from sora_serve.vllm_plugin import patches
+from sora_serve.methods import ServingFactors
+from sora_serve.vllm_plugin import apply, cpu_ops, op, slots
 
 SLOTS, RANK, IN, OUT = 3, 4, 16, 24
 INDICES = torch.tensor([0, -1, 2, 1, -1, 2, 2])
@@ -20,7 +23,7 @@ def reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> 
 
 
 def test_cpu_lora_ops_leave_base_rows_alone():
-    patches.apply()
+    apply()
     from vllm.lora.punica_wrapper import punica_cpu
 
     gen = torch.Generator().manual_seed(0)
@@ -50,3 +53,96 @@ def test_cpu_lora_ops_leave_base_rows_alone():
     prefill = torch.empty(len(INDICES), RANK)
     punica_cpu.sgmv_shrink(x, a, prefill, None, lengths, per_sequence, 3, 3, len(INDICES), 1.0)
     assert torch.allclose(prefill.double(), reference(x, a, per_sequence.repeat_interleave(lengths)), **tol)
+
+
+def random_slot_layer(slot_specs, sizes=(24, 8, 8), in_f=32, max_rank=16):
+    """A stand-in for a vLLM linear LoRA layer (qkv-like, three slices) with random slot contents.
+
+    slot_specs: (rank, rotation rank, has scale/shift) per slot."""
+    layer = SimpleNamespace(
+        tp_size=1, output_slices=sizes,
+        lora_a_stacked=tuple(torch.zeros(len(slot_specs), 1, max_rank, in_f) for _ in sizes),
+        lora_b_stacked=tuple(torch.zeros(len(slot_specs), 1, n, max_rank) for n in sizes),
+    )
+    state = slots.slot_state(layer)
+    for slot, (r, k, scale) in enumerate(slot_specs):
+        state.rank[slot], state.rot_rank[slot], state.has_scale[slot], state.has_shift[slot] = r, k, scale, scale
+        for i, n in enumerate(sizes):
+            layer.lora_a_stacked[i][slot, 0, :r] = torch.randn(r, in_f)
+            layer.lora_b_stacked[i][slot, 0, :, :r] = torch.randn(n, r)
+            if scale:
+                state.scale[i][slot] = 1 + 0.1 * torch.randn(n)
+                state.shift[i][slot] = 0.1 * torch.randn(n)
+            state.rot_ut[i][slot, :k] = 0.1 * torch.randn(k, n)
+            state.rot_vt[i][slot, :k] = 0.1 * torch.randn(k, n)
+    return layer, state
+
+
+def per_slot_reference(layer, state, indices, x, base):
+    """float64 ServingFactors.apply, slot by slot and slice by slice; -1 rows stay base."""
+    expected = base.double()
+    for slot in sorted(s for s in set(indices.tolist()) if s >= 0):
+        rows = (indices == slot).nonzero().squeeze(1)
+        r, k = state.rank[slot], state.rot_rank[slot]
+        expected[rows] = torch.cat([
+            ServingFactors(
+                layer.lora_a_stacked[i][slot, 0, :r], layer.lora_b_stacked[i][slot, 0, :, :r], state.scale[i][slot], state.shift[i][slot],
+                state.rot_ut[i][slot, :k].T, state.rot_vt[i][slot, :k].T,
+            ).to(torch.float64).apply(x[rows].double(), part)
+            for i, part in enumerate(base[rows].double().split(layer.output_slices, dim=1))
+        ], dim=1)
+    return expected
+
+
+# Token -> slot layouts, and the strategy of the op each one takes.
+LAYOUTS = {
+    "one slot, whole batch": ([1] * 6, "one slot"),
+    "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
+    "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
+    "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
+    "base rows only": ([-1, -1, -1], "none"),
+    "very uneven (prefill)": ([2] * 12 + [0, -1, 1], "per slot"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_op_equals_each_slot_alone(layout):
+    """Every strategy of the plugin's op (one slot; padded batched GEMMs; one group per slot) gives
+    each row its own slot's ServingFactors.apply, slot -1 rows untouched. Slots mix ranks 0-16,
+    rotation ranks 0-4 and scale/shift on or off, so padding to the largest rank is exercised."""
+    torch.manual_seed(0)
+    layer, state = random_slot_layer([(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (0, 3, False)])
+    indices, strategy = torch.tensor(LAYOUTS[layout][0]), LAYOUTS[layout][1]
+    plan = op.make_plan(indices)
+    assert ("none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot") == strategy
+    x, base = torch.randn(len(indices), 32), torch.randn(len(indices), sum(layer.output_slices))
+    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
+    result = op.grouped_adapter_op(layer, x, base.clone())
+    assert torch.allclose(result.double(), per_slot_reference(layer, state, indices, x, base), atol=1e-4)  # fp32 GEMMs vs float64
+    assert torch.equal(result[indices == -1], base[indices == -1])
+
+
+def test_batch_plan_is_recomputed_when_vllm_rewrites_the_indices():
+    """The per-step plan is cached across layers, and refreshed when the persistent index
+    buffer is overwritten in place (as vLLM does every step), version counter bumped or not."""
+    buffer = torch.tensor([0, 0, 1, -1])
+    wrapper = SimpleNamespace(token_lora_indices=buffer)
+    first = op.batch_plan(wrapper, 4)
+    assert op.batch_plan(wrapper, 4) is first and first.slots == [0, 1] and first.counts == [2, 1]
+    buffer.copy_(torch.tensor([2, 2, 2, 2]))
+    second = op.batch_plan(wrapper, 4)
+    assert second.slots == [2] and second.rows is None
+    buffer.data.copy_(torch.tensor([1, -1, 1, 0]))  # .data: no version bump (as in vLLM's TP workers)
+    third = op.batch_plan(wrapper, 4)
+    assert third.slots == [0, 1] and third.counts == [1, 2]
+
+
+def test_a_slot_refilled_by_plain_lora_has_identity_extras():
+    """The padded path reads every present slot's extras: a slot reused by a plain LoRA must
+    return to scale 1, shift 0, no rotation."""
+    layer, state = random_slot_layer([(4, 0, False), (8, 4, True)])
+    slots.fill_plain_lora_slot(layer, 1, None)
+    assert state.rot_rank[1] == 0 and not state.has_scale[1]
+    for i, n in enumerate(layer.output_slices):
+        assert not state.rot_ut[i][1].any() and not state.rot_vt[i][1].any() and not state.shift[i][1].any()
+        assert torch.equal(state.scale[i][1], torch.ones(n))

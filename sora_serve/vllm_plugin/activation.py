@@ -1,0 +1,275 @@
+"""Slot activation is a copy: every adapter's slot contents are computed once, when vLLM loads it.
+
+At load (`precompute_factors`, called from `loading.py`), each linear LoRA layer the adapter
+touches gets its `ServingFactors` per output slice, already cut to this tensor-parallel rank's
+shard and cast to the slot dtype, stored on vLLM's `LoRAModel` (its CPU cache entry). When the
+adapter later enters slot i (`LoRAModelManager.activate_adapter`), they are copied into slot i:
+the cost of bringing an adapter in is the size of its factors, whatever the base model's size.
+
+DoRA's g = m / ||W0 + sBA||_row is the only factor that reads the base. It never needs W0 as a
+dense matrix: ||W0||^2 per row is recorded once per layer when vLLM processes the loaded weights
+(`record_row_norms`, before vLLM CPU repacks W0 for oneDNN and drops `.weight`), and W0 A^T is the
+layer's own GEMM on the r rows of A (see `sora_serve.methods.dora`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sora_serve.errors import AdapterError
+from sora_serve.io import AdapterFile
+from sora_serve.methods import Adapter, ServingFactors, build_adapter
+from sora_serve.methods.dora import DoRA
+
+from .isolation import slot_lora_ids
+from .slots import fill_plain_lora_slot, fill_slot, parallel_kind, slot_state
+
+
+def slice_paths(module_name: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
+    """HF module names of a vLLM layer's output slices (qkv_proj -> q_proj, k_proj, v_proj)."""
+    prefix, _, last = module_name.rpartition(".")
+    names = packed_modules_mapping.get(last, [last])
+    return [f"{prefix}.{n}" if prefix else n for n in names]
+
+
+def slice_offsets(layer) -> list[int]:
+    offsets = [0]
+    for n in layer.output_slices:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+# ------------------------------------------------------------------ once per layer: ||W0||^2 per row
+
+
+def record_row_norms(layer: torch.nn.Module) -> None:
+    """||W0||^2 per output row (float64), this rank's shard, kept on the layer for DoRA."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and not weight.is_meta:
+        layer.sora_row_sq_norms = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=torch.float64) ** 2
+
+
+def patch_weight_processing() -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    stock = UnquantizedLinearMethod.process_weights_after_loading
+
+    @functools.wraps(stock)
+    def process_weights_after_loading(self, layer) -> None:
+        record_row_norms(layer)  # before vLLM CPU repacks the weight and drops `.weight`
+        stock(self, layer)
+
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+
+
+def row_sq_norms(layer) -> torch.Tensor:
+    """||W0||^2 per row of this rank's output rows, whole rows (row-parallel ranks sum their parts once)."""
+    full = getattr(layer, "sora_full_row_sq_norms", None)
+    if full is None:
+        base = layer.base_layer
+        if not hasattr(base, "sora_row_sq_norms"):
+            record_row_norms(base)  # weights still present (e.g. GPU), or loaded before the plugin
+        if not hasattr(base, "sora_row_sq_norms"):
+            raise RuntimeError(f"sora-serve: no row norms recorded for {type(base).__name__}; DoRA cannot be served on it")
+        full = base.sora_row_sq_norms
+        if parallel_kind(layer) == "row":
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            full = tensor_model_parallel_all_reduce(full.clone())
+        layer.sora_full_row_sq_norms = full
+    return full
+
+
+@torch.no_grad()
+def weight_times(layer, a: torch.Tensor) -> torch.Tensor:
+    """W0 A^T for this rank's output rows, (out_local_total, r) in float64, by the layer's own GEMM.
+
+    Row-parallel ranks hold input columns: each multiplies its columns of A and the parts are
+    summed. The GEMM runs in the model dtype; its rounding enters g only through the cross term."""
+    kind = parallel_kind(layer)
+    a_local = _shard_input(layer, a) if kind == "row" else a
+    dtype = layer.lora_a_stacked[0].dtype
+    product = layer._get_quant_method().apply(layer.base_layer, a_local.to(dtype).contiguous(), None).double()
+    if kind == "row":
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        product = tensor_model_parallel_all_reduce(product)
+    return product.T
+
+
+# ------------------------------------------------------------------ once per adapter: factors at load
+
+
+def precompute_factors(lora_model, modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+    """Every adapted layer's per-slice slot contents, stored on the LoRAModel as `sora_factors`."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    adapter: AdapterFile = lora_model.sora_adapter
+    by_vllm_name = {v: k for k, v in lora_model.sora_paths.items()}
+    factors: dict[str, list[ServingFactors | None]] = {}
+    for module_name, layer in modules.items():
+        if not isinstance(layer, BaseLinearLayerWithLoRA):
+            continue
+        paths = [lora_model.sora_paths.get(n, by_vllm_name.get(n, n)) for n in slice_paths(module_name, packed_modules_mapping)]
+        if any(p in adapter.tensors for p in paths):
+            factors[module_name] = [None if p not in adapter.tensors else slice_factors(layer, i, adapter, p) for i, p in enumerate(paths)]
+    lora_model.sora_factors = factors
+
+
+def slice_factors(layer, i: int, adapter: AdapterFile, path: str) -> ServingFactors:
+    """This rank's ServingFactors for output slice i of `layer`, in the slot dtype, contiguous."""
+    tensors = adapter.tensors[path]
+    module = adapter_module(adapter, path)
+    _check_ranks(layer, adapter, path, tensors)
+    if isinstance(module, DoRA):
+        factors = dora_factors(layer, i, module)
+    else:  # LoRA, Pre-Diag and SORA factors do not depend on W0 or b
+        factors = shard_factors(layer, i, module.serving_factors(torch.empty(module.out_features, module.in_features, device="meta"), None))
+    dtype = layer.lora_a_stacked[i].dtype
+    return ServingFactors(**{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(factors).items()})
+
+
+def adapter_module(adapter: AdapterFile, path: str) -> Adapter:
+    """The method's module holding exactly the file's tensors (no base weight needed)."""
+    tensors = adapter.tensors[path]
+    shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
+    module = build_adapter(adapter.module_configs[path], torch.empty(shape, dtype=torch.float64, device="meta"))
+    module.load_state_dict({k: v.double() for k, v in tensors.items()}, strict=True, assign=True)
+    return module
+
+
+def _check_ranks(layer, adapter: AdapterFile, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    max_rank = layer.lora_a_stacked[0].shape[2]
+    ranks = {"r": tensors["lora_A"].shape[0]}
+    if "sora_C" in tensors:
+        ranks["2*r_p"] = 2 * tensors["sora_C"].shape[1]  # the rotation's rank: U = [C D]
+    for name, rank in ranks.items():
+        if rank > max_rank:
+            raise AdapterError(f"{name} = {rank} exceeds the engine's max_lora_rank {max_rank} (module {path})", file=adapter.directory, field=name)
+
+
+def dora_factors(layer, i: int, module: DoRA) -> ServingFactors:
+    """DoRA for this rank's rows of slice i from ||W0||^2 per row and W0 A^T: O(r in out), no W0.
+
+    Column-parallel ranks hold whole output rows (g is local); row-parallel ranks sum their
+    partial W0 A^T and norms, and add the bias shift on rank 0 only (vLLM adds b once)."""
+    kind = parallel_kind(layer)
+    lo, hi = slice_offsets(layer)[i : i + 2]
+    rows = _shard_rows(layer, i, torch.arange(module.out_features)[:, None])[:, 0] if kind == "column" else slice(None)
+    bias = layer.base_layer.bias  # column-parallel: this rank's rows; otherwise whole
+    bias = None if bias is None or (kind == "row" and layer.tp_rank != 0) else bias.detach()[lo:hi]
+    a = module.lora_A.detach().double()
+    factors = module.serving_factors_from_projections(row_sq_norms(layer)[lo:hi], weight_times(layer, a)[lo:hi], bias, rows)
+    if kind == "row":
+        factors.lora_A = _shard_input(layer, factors.lora_A, i)
+    return factors
+
+
+# ------------------------------------------------------------------ tensor-parallel shards
+
+
+def _shard_input(layer, a: torch.Tensor, i: int = 0) -> torch.Tensor:
+    """This rank's input columns of A (row-parallel layers)."""
+    return _slice_lora(layer, i, a, "a")
+
+
+def _shard_rows(layer, i: int, t: torch.Tensor) -> torch.Tensor:
+    """This rank's output rows of slice i (column-parallel layers)."""
+    return _slice_lora(layer, i, t, "b")
+
+
+def _slice_lora(layer, i: int, t: torch.Tensor, which: str) -> torch.Tensor:
+    """vLLM's own `slice_lora_a`/`slice_lora_b`, so every layout vLLM supports is followed."""
+    if layer.tp_size == 1:
+        return t
+    slicer = getattr(layer, f"slice_lora_{which}")
+    if layer.n_slices == 1:
+        return slicer(t)
+    parts = [None] * layer.n_slices
+    parts[i] = t
+    return slicer(parts)[i]
+
+
+def shard_factors(layer, i: int, f: ServingFactors) -> ServingFactors:
+    """Column-parallel: output rows of B, scale, shift, U, V. Row-parallel: input columns of A, and
+    the bias shift on rank 0 only (vLLM sums the ranks' partial outputs, bias included once)."""
+    kind = parallel_kind(layer)
+    if kind == "replicated":
+        return f
+    if kind == "row":
+        shift = f.bias_shift if layer.tp_rank == 0 else None
+        return ServingFactors(_shard_input(layer, f.lora_A, i), f.lora_B, f.scale, shift, f.rot_U, f.rot_V)
+    rows = lambda t: None if t is None else _shard_rows(layer, i, t)  # noqa: E731
+    vector_rows = lambda t: None if t is None else rows(t[:, None])[:, 0]  # noqa: E731
+    return ServingFactors(f.lora_A, rows(f.lora_B), vector_rows(f.scale), vector_rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V))
+
+
+# ------------------------------------------------------------------ servability, checked at load
+
+
+def require_plain_weights(layer, module_name: str) -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    if not isinstance(layer.base_layer.quant_method, UnquantizedLinearMethod):
+        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer is quantized; Pre-Diag/SORA/DoRA need its plain weight")
+    if layer.base_layer.bias is not None and layer.base_layer.skip_bias_add:
+        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)")
+
+
+def check_servable(lora_model, modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+    """Every adapted module must be a plain (unquantized) linear LoRA layer of this vLLM model.
+
+    Fails closed, naming the module: an embedding, MoE expert or quantized layer would otherwise
+    be served partially or with the wrong W0."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    packed_parent = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
+    for vllm_name, path in lora_model.sora_paths.items():
+        prefix, _, last = vllm_name.rpartition(".")
+        layer_name = f"{prefix}.{packed_parent.get(last, last)}" if prefix else packed_parent.get(last, last)
+        layer = modules.get(layer_name)
+        if not isinstance(layer, BaseLinearLayerWithLoRA):
+            kind = "not found" if layer is None else f"a {type(layer).__name__}, not a plain linear layer"
+            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: '{layer_name}' is {kind}")
+        require_plain_weights(layer, path)
+
+
+# ------------------------------------------------------------------ the patches
+
+
+def patch_activation() -> None:
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.model_manager import LoRAModelManager
+
+    stock_activate = LoRAModelManager.activate_adapter
+
+    @functools.wraps(stock_activate)
+    def activate_adapter(self, lora_id: int) -> bool:
+        activated = stock_activate(self, lora_id)
+        if not activated:
+            return activated
+        index = self.lora_index_to_id.index(lora_id)
+        slot_lora_ids[index] = lora_id  # so a request that goes non-finite can be traced to its adapter
+        lora_model = self._registered_adapters[lora_id]
+        factors = getattr(lora_model, "sora_factors", None)
+        for module_name, module in self.modules.items():
+            if not isinstance(module, BaseLinearLayerWithLoRA):
+                continue
+            if factors is None:
+                fill_plain_lora_slot(module, index, self._get_lora_layer_weights(lora_model, module_name))
+            else:
+                fill_slot(module, index, factors.get(module_name, [None] * len(module.output_slices)))
+        return activated
+
+    stock_register = LoRAModelManager.register_module
+
+    @functools.wraps(stock_register)
+    def register_module(self, module_name: str, module) -> None:
+        stock_register(self, module_name, module)
+        if isinstance(module, BaseLinearLayerWithLoRA):
+            slot_state(module)  # allocate the extras at engine start; refuses unsupported layer kinds there
+
+    LoRAModelManager.activate_adapter = activate_adapter
+    LoRAModelManager.register_module = register_module
