@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .errors import AdapterError
+from .fs import os_error
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         importlib.import_module(COMMANDS[args.command][0]).run(args)
     except AdapterError as exc:
-        print(f"sora-serve {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(args.command, exc)
+    except (PermissionError, FileNotFoundError) as exc:  # one not caught where the file is read: still one line, named
+        return _error(args.command, os_error(exc, exc.filename or "?"))
     return 0
+
+
+def _error(command: str, exc: AdapterError) -> int:
+    """Print `sora-serve COMMAND: error: FILE: field 'F': message` (no traceback); exit status 1."""
+    print(f"sora-serve {command}: error: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

