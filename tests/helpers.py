@@ -63,7 +63,7 @@ def eager_model(base_dir: Path, adapter_dir: Path | None = None) -> nn.Module:
     """The HF base model in float64, with the adapter loaded by our eager runtime."""
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if adapter_dir is not None:
-        ss.load_adapter(model, adapter_dir)
+        ss.load_adapter(model, adapter_dir, name="adapter")  # the dir name may not be a module name
     return model.double()
 
 

@@ -34,6 +34,8 @@ from vllm.lora.resolver import LoRAResolver
 from sora_serve.errors import AdapterError
 from sora_serve.io import CONFIG_FILE, read_adapter
 
+from .loading import ERROR_MARK
+
 ADAPTER_DIR_ENV = "SORA_SERVE_ADAPTER_DIR"
 RESOLVER_NAME = "sora_serve"
 
@@ -104,7 +106,11 @@ def engine_refusal_response(lora_name: str, error: BaseException, resolver: LoRA
     """The 400 vLLM's resolve_lora would give, with the engine's reason instead of none."""
     from vllm.entrypoints.serve import create_error_response
 
-    reason = store_relative(str(error), resolver.store) if isinstance(resolver, AdapterStoreResolver) else str(error)
+    reason = str(error)
+    if ERROR_MARK in reason:  # our validator's refusal inside vLLM's "Call to add_lora method failed: ..." wrapper
+        reason = reason[reason.index(ERROR_MARK) :]
+    if isinstance(resolver, AdapterStoreResolver):
+        reason = store_relative(reason, resolver.store)
     return create_error_response(
         message=f"adapter {lora_name!r} could not be loaded: {reason}",
         err_type="BadRequestError",
