@@ -158,3 +158,52 @@ def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
     expected_tokens, expected_logprobs = eager_reference(root, "sora_cay", PROMPTS[0])
     assert tokens == expected_tokens
     assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL
+
+
+def broken_copy(root, defect: str, tmp_path):
+    """A copy of the served PEFT LoRA (or an adapter for another base) with one defect."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / defect
+    if defect == "other_base":  # same architecture, another MLP width: an adapter trained elsewhere
+        model = make_tiny_model("qwen2", intermediate_size=80)
+        ss.attach(model, ss.AdapterConfig(method="sora", r=8, target_modules="all-linear"), "a", verbose=False)
+        perturb_adapter(model, "a", scale=0.1, seed=5)
+        return ss.save_adapter(model, target, "a")
+    shutil.copytree(root / "lora", target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    if defect == "rank_mismatch":  # PEFT refuses it; vLLM alone would scale by alpha/4, eager by alpha/8
+        config["r"] = 4
+    elif defect == "unknown_peft_type":
+        config["peft_type"] = "FOO"
+    elif defect == "nan":
+        weights = load_file(target / "adapter_model.safetensors")
+        key = next(k for k in weights if k.endswith("lora_B.weight"))
+        weights[key][0, 0] = float("nan")
+        save_file(weights, target / "adapter_model.safetensors")
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "defect,message",
+    [("rank_mismatch", r"field 'r'|rank"), ("unknown_peft_type", "peft_type"), ("nan", "NaN"), ("other_base", "different base")],
+)
+def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, message):
+    """`vllm.LLM` with a LoRARequest runs the same validator as eager loading: each defect is a
+    ValueError naming the file and field before the engine sees the request, and the engine
+    keeps serving (no EngineDeadError, the next request is exact)."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    root, llm = served
+    path = broken_copy(root, defect, tmp_path)
+    with pytest.raises(ValueError, match=message) as refused:
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), lora_request=LoRARequest(defect, 900, str(path)), use_tqdm=False)
+    assert "adapter_config.json" in str(refused.value) or "adapter_model.safetensors" in str(refused.value)
+    with pytest.raises(ss.AdapterError, match=message):  # eager agrees on the same file
+        ss.load_adapter(make_tiny_model("qwen2"), path)
+    assert vllm_generate(llm, root, ["lora"], [PROMPTS[1]])[0][0] == eager_reference(root, "lora", PROMPTS[1])[0]

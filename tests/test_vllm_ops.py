@@ -146,3 +146,90 @@ def test_a_slot_refilled_by_plain_lora_has_identity_extras():
     for i, n in enumerate(layer.output_slices):
         assert not state.rot_ut[i][1].any() and not state.rot_vt[i][1].any() and not state.shift[i][1].any()
         assert torch.equal(state.scale[i][1], torch.ones(n))
+
+
+class LayerGemm:
+    """The layer's own GEMM as vLLM's quant method exposes it: x W0^T (+ b), W0 never handed out."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return x @ self.weight.T if bias is None else x @ self.weight.T + bias
+
+
+def packed_float64_layer(sizes=(24, 8, 8), in_f=32, max_rank=16, max_loras=2):
+    """A qkv-like float64 linear LoRA layer (three slices, random non-zero bias), tensor parallel 1,
+    with ||W0||^2 per row recorded as the plugin does when vLLM processes the loaded weights."""
+    from sora_serve.vllm_plugin.activation import record_row_norms
+
+    weight = torch.randn(sum(sizes), in_f, dtype=torch.float64) / in_f**0.5
+    base = SimpleNamespace(weight=weight, bias=0.1 * torch.randn(sum(sizes), dtype=torch.float64))
+    record_row_norms(base)
+    del base.weight  # vLLM CPU drops it after repacking: the activation path must not need it
+    gemm = LayerGemm(weight)
+    layer = SimpleNamespace(
+        tp_size=1, output_slices=sizes, base_layer=base, _get_quant_method=lambda: gemm,
+        lora_a_stacked=tuple(torch.zeros(max_loras, 1, max_rank, in_f, dtype=torch.float64) for _ in sizes),
+        lora_b_stacked=tuple(torch.zeros(max_loras, 1, n, max_rank, dtype=torch.float64) for n in sizes),
+    )
+    return layer, weight
+
+
+METHODS = {
+    "lora": dict(method="lora"),
+    "dora": dict(method="dora"),
+    "prediag": dict(method="prediag"),
+    "sora_first_order": dict(method="sora", rotation="first_order"),
+    "sora_cayley": dict(method="sora", rotation="cayley"),
+}
+
+
+@pytest.mark.parametrize("kind", METHODS)
+def test_activation_factors_equal_the_dense_formula(kind, tmp_path):
+    """Factors computed once at load, per slice of a packed layer with a bias, equal each method's
+    dense float64 `serving_factors(W0, b)` to 1e-10; DoRA's come from ||W0||^2 per row and the
+    layer's GEMM on A, never from W0. Filling a slot copies exactly those factors."""
+    import sora_serve as ss
+    from sora_serve.vllm_plugin.activation import adapter_module, slice_factors
+
+    from .helpers import perturb_adapter
+
+    torch.manual_seed(3)
+    layer, weight = packed_float64_layer()
+    names = ["q_proj", "k_proj", "v_proj"]
+    model = torch.nn.ModuleDict({n: torch.nn.Linear(32, size, dtype=torch.float64) for n, size in zip(names, layer.output_slices)})
+    config = ss.AdapterConfig(r=6, r_p=3, target_modules=names, **METHODS[kind])
+    ss.attach(model, config, "a", verbose=False)
+    perturb_adapter(model, "a", scale=0.2, seed=7)
+    adapter = ss.read_adapter(ss.save_adapter(model, tmp_path / kind, "a"))
+    offsets = [0, 24, 32, 40]
+    for i, name in enumerate(names):
+        dense = adapter_module(adapter, name).serving_factors(weight[offsets[i] : offsets[i + 1]], layer.base_layer.bias[offsets[i] : offsets[i + 1]])
+        got = slice_factors(layer, i, adapter, name)
+        for field, expected in vars(dense).items():
+            actual = getattr(got, field)
+            assert (actual is None) == (expected is None), field
+            if expected is not None:
+                assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12), (name, field, (actual - expected).abs().max())
+        slots.fill_slot(layer, 1, [got if j == i else None for j in range(3)])
+        state = slots.slot_state(layer)
+        assert torch.equal(layer.lora_b_stacked[i][1, 0, :, : got.lora_B.shape[1]], got.lora_B)
+        assert state.has_scale[1] == (got.scale is not None) and state.rot_rank[1] == (0 if got.rot_U is None else got.rot_U.shape[1])
+
+
+def test_non_finite_adapter_rows_are_zeroed_and_traced_to_their_adapter():
+    """Rows of adapter tokens holding NaN/inf are zeroed (nothing non-finite reaches the KV cache)
+    and their adapter's id is reported once; finite rows and base rows (-1) are left as they are."""
+    from sora_serve.vllm_plugin import isolation
+
+    output = torch.randn(5, 6)
+    output[1, 2], output[3, 0], output[4, 5] = float("nan"), float("inf"), float("nan")
+    token_slots = torch.tensor([0, 1, 0, 1, -1])  # row 4 is a base row: not ours to touch
+    before = output.clone()
+    isolation.slot_lora_ids.update({0: 11, 1: 12})
+    isolation.quarantine_rows(output, token_slots)
+    assert not output[1].any() and not output[3].any()
+    assert torch.equal(output[[0, 2]], before[[0, 2]]) and torch.isnan(output[4, 5])
+    assert isolation.take_poisoned_lora_ids() == {12}
+    assert isolation.take_poisoned_lora_ids() == set()

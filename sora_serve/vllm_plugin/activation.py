@@ -75,9 +75,7 @@ def row_sq_norms(layer) -> torch.Tensor:
             raise RuntimeError(f"sora-serve: no row norms recorded for {type(base).__name__}; DoRA cannot be served on it")
         full = base.sora_row_sq_norms
         if parallel_kind(layer) == "row":
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            full = tensor_model_parallel_all_reduce(full.clone())
+            full = sum_over_ranks(full)
         layer.sora_full_row_sq_norms = full
     return full
 
@@ -92,11 +90,19 @@ def weight_times(layer, a: torch.Tensor) -> torch.Tensor:
     a_local = _shard_input(layer, a) if kind == "row" else a
     dtype = layer.lora_a_stacked[0].dtype
     product = layer._get_quant_method().apply(layer.base_layer, a_local.to(dtype).contiguous(), None).double()
-    if kind == "row":
-        from vllm.distributed import tensor_model_parallel_all_reduce
+    return (sum_over_ranks(product) if kind == "row" else product).T
 
-        product = tensor_model_parallel_all_reduce(product)
-    return product.T
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of `t` over tensor-parallel ranks. vLLM CPU's all-reduce has no float64,
+    and a float32 sum would round: each rank sends t as float32 hi + lo parts (exact to ~1e-14)
+    through an all-gather, and the parts are added in float64."""
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    hi = t.float()
+    parts = torch.stack([hi, (t - hi.double()).float()])[None]  # (1, 2, ...)
+    gathered = tensor_model_parallel_all_gather(parts.contiguous(), dim=0)  # (ranks, 2, ...)
+    return gathered.double().sum(dim=(0, 1))
 
 
 # ------------------------------------------------------------------ once per adapter: factors at load

@@ -2,8 +2,9 @@
 
 - Front end (`InputProcessor._validate_lora`, in the API server or the `vllm.LLM` process):
   before a request is admitted, its adapter dir is checked by `sora_serve.read_adapter` (finite
-  tensors, config rank = tensor rank, known peft_type, typed config fields, bounded update);
-  the verdict is cached by the files' size and mtime, so a dir is read once, not per request.
+  tensors, config rank = tensor rank, known peft_type, typed config fields, bounded update) and
+  against the base checkpoint's safetensors headers (modules, shapes, fingerprint); the verdict
+  is cached by the files' size and mtime, so a dir is read once, not per request.
   A bad adapter is a ValueError there: HTTP 400, or an exception from `LLM.generate`, and the
   engine never sees it.
 - Worker (`LoRAModel.from_local_checkpoint`, `_validate_modules_to_save`): the same validator,
@@ -57,12 +58,34 @@ def _files_key(lora_dir: str) -> tuple:
     return (os.path.abspath(lora_dir), *stats)
 
 
-def validate_request_adapter(lora_request) -> None:
-    """Raise AdapterError (a ValueError) for a request whose adapter dir is invalid."""
-    key = _files_key(lora_request.lora_path)
+@functools.lru_cache(maxsize=4)
+def _base_checkpoint(model_dir: str):
+    from sora_serve.converters.checkpoint import Checkpoint
+
+    return Checkpoint(model_dir)
+
+
+def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
+    """Modules, shapes and fingerprint against the base's safetensors headers (no weights read);
+    the update's size relative to ||W0|| is checked in the worker, where row norms are recorded."""
+    from sora_serve.converters.checkpoint import checkpoint_layers
+    from sora_serve.io import check_against_base
+
+    checkpoint = _base_checkpoint(model_dir)
+    layers = checkpoint_layers(checkpoint, adapter.tensors, norms=False)
+    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"))
+
+
+def validate_request_adapter(lora_request, model_dir: str | None = None) -> None:
+    """Raise AdapterError (a ValueError) for a request whose adapter dir is invalid, or does not
+    fit the base checkpoint in `model_dir` (a local dir; hub names are checked in the worker)."""
+    model_dir = model_dir if model_dir and os.path.isdir(model_dir) else None
+    key = (*_files_key(lora_request.lora_path), model_dir)
     if key not in _verdicts:
         try:
-            read_adapter(lora_request.lora_path)
+            adapter = read_adapter(lora_request.lora_path)
+            if model_dir is not None:
+                check_against_checkpoint(adapter, model_dir)
             _verdicts[key] = None
         except AdapterError as exc:
             _verdicts[key] = str(adapter_error(lora_request.lora_name, lora_request.lora_path, exc))
@@ -81,7 +104,7 @@ def patch_front_end() -> None:
     def _validate_lora(self, lora_request) -> None:
         stock(self, lora_request)
         if lora_request is not None:
-            validate_request_adapter(lora_request)
+            validate_request_adapter(lora_request, self.model_config.model)
 
     InputProcessor._validate_lora = _validate_lora
 
