@@ -31,19 +31,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+from transformers import PretrainedConfig
 
 from sora_serve.errors import AdapterError
 
 from .onnx_runtime import MANIFEST_FILE, MODEL_FILE
 
 GENAI_CONFIG_FILE = "genai_config.json"
-# HF model types kept as genai's `model.type` (tested here); any other architecture runs as "decoder".
+# HF model types kept as genai's `model.type` (llama, qwen2 in tests; mistral by hand); any other runs as "decoder".
 GENAI_NAMED_TYPES = ("llama", "mistral", "qwen2")
 PAST_NAMES = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
 PRESENT_NAMES = {"present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
 
 
-def genai_config(config, generation_config: dict, manifest: dict) -> dict:
+def genai_config(config: PretrainedConfig, generation_config: dict, manifest: dict) -> dict:
     """genai_config.json for a graph written by `onnx_export` (`config`: the transformers config).
 
     Special token ids come from generation_config.json when it has them, as transformers'
@@ -74,7 +75,7 @@ def genai_config(config, generation_config: dict, manifest: dict) -> dict:
     return {"model": model, "search": search}
 
 
-def write_genai_config(out: Path, config, model_dir: Path, manifest: dict) -> None:
+def write_genai_config(out: Path, config: PretrainedConfig, model_dir: Path, manifest: dict) -> None:
     """Write `out/genai_config.json` for the export in `out` of the checkpoint in `model_dir`."""
     generation = model_dir / "generation_config.json"
     generation_config = json.loads(generation.read_text()) if generation.is_file() else {}
