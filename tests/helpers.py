@@ -144,14 +144,14 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_server(arguments: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(arguments: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """`sora-serve serve --port P ARGUMENTS` on 127.0.0.1, healthy: yields its URL and process; stopped on exit."""
     port = free_port()
     command = [sys.executable, "-m", "sora_serve.cli", "serve", "--port", str(port), *arguments]
     # Own process group: teardown stops the API server, its engine core and workers together.
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True
         )
     try:
         yield wait_healthy(process, f"http://127.0.0.1:{port}", log_path), process

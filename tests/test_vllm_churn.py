@@ -49,8 +49,11 @@ def served(tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SORA_SERVE_ALLOW_LARGE_UPDATES", "1")  # finite, passes the validator only with the override
         write_random_adapter(root / "overflow", VERSIONS["sora_c"], seed=12, scale=0.05, factor_scale=1e30)
-    arguments = ["--model", str(root / "base"), "--max-loras", "2", "--adapter", f"{STATIC}={root / STATIC}", "--", "--served-model-name", "base"]
-    with running_server(arguments, root / "server.log", env={"SORA_SERVE_ALLOW_LARGE_UPDATES": "1"}) as (url, process):
+    arguments = [
+        "--model", str(root / "base"), "--max-loras", "2", "--adapter", f"{STATIC}={root / STATIC}", "--allow-large-updates",
+        "--", "--served-model-name", "base",
+    ]
+    with running_server(arguments, root / "server.log") as (url, process):
         yield url, root, process
 
 

@@ -1,4 +1,4 @@
-"""An adapter store served on demand: `sora-serve serve` with SORA_SERVE_ADAPTER_DIR, requests name adapters."""
+"""An adapter store served on demand: `sora-serve serve --adapter-dir DIR`, requests name adapters in DIR."""
 
 from __future__ import annotations
 
@@ -27,26 +27,28 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """base/ (tiny qwen2), store/ with one adapter per kind and two bad ones, outside/ a valid adapter beside the store."""
+    """base/ (tiny qwen2), store/ with one adapter per kind and bad ones, outside/ a valid adapter beside the store."""
     root = tmp_path_factory.mktemp("resolver")
     make_tiny_checkpoint("qwen2", root / "base")
     for i, (name, config) in enumerate(KINDS.items()):
-        write_random_adapter(root / "store" / name, config, seed=i, scale=0.15)
+        write_random_adapter(root / "store" / name, config, seed=i, scale=0.05)
     shutil.copytree(root / "store" / "sora", root / "store" / "nan")
     set_first_value(root / "store" / "nan", "lora_B.weight", float("nan"))
     shutil.copytree(root / "store" / "prediag", root / "store" / "text_rank")
     config_path = root / "store" / "text_rank" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": "16"}))
+    # Valid files the engine refuses: only the base can tell (the resolver passes the engine's reason on).
+    write_random_adapter(root / "store" / "headed", ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]), seed=7, scale=0.05)
+    write_random_adapter(root / "store" / "llama_sora", KINDS["sora"], seed=8, scale=0.05, arch="llama")
     (root / "store" / "notes").mkdir()  # a directory without adapter_config.json is no adapter
-    write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.15)
+    write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.05)
     return root
 
 
 @pytest.fixture(scope="module")
 def server(store):
-    # TODO(integration): switch to `--adapter-dir` once server.py has it; the env var is what it sets.
-    arguments = ["--model", str(store / "base"), "--max-loras", "2", "--", "--served-model-name", "base"]
-    with running_server(arguments, store / "server.log", env={"SORA_SERVE_ADAPTER_DIR": str(store / "store")}) as (url, _):
+    arguments = ["--model", str(store / "base"), "--max-loras", "2", "--adapter-dir", str(store / "store"), "--", "--served-model-name", "base"]
+    with running_server(arguments, store / "server.log") as (url, _):
         yield url
 
 
@@ -76,6 +78,8 @@ def test_unknown_names_are_404(server):
 @pytest.mark.parametrize("name,file,reason", [
     ("nan", "nan/adapter_model.safetensors", "NaN"),
     ("text_rank", "text_rank/adapter_config.json", "'r'"),
+    ("headed", "adapter_model.safetensors", "lm_head"),
+    ("llama_sora", "adapter_config.json", "different base"),
 ])
 def test_bad_store_adapter_is_400_naming_the_file_and_the_server_keeps_serving(store, server, name, file, reason):
     status, body = complete(server, name, PROMPT, MAX_TOKENS)
