@@ -29,6 +29,8 @@ import os
 from http import HTTPStatus
 from pathlib import Path
 
+from vllm.exceptions import VLLMValidationError
+from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from sora_serve.errors import AdapterError
@@ -47,7 +49,7 @@ def plain_name_error(name: str) -> str | None:
     so a request can never reach outside the store (`../x`, `/etc`, `a/../../b`)."""
     if not name or name in (".", ".."):
         return "is not an adapter name"
-    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+    if "/" in name or "\\" in name:  # '\\' too: a name is never a path, on any OS
         return "contains a path separator; adapter names in the store are plain directory names"
     if "\0" in name:
         return "contains a NUL character"
@@ -68,8 +70,6 @@ class AdapterStoreResolver(LoRAResolver):
     def locate(self, lora_name: str) -> Path | None:
         """The adapter directory for `lora_name`, None when the store has none by that name;
         raises `VLLMValidationError` (HTTP 400) for a name that is not a plain directory name."""
-        from vllm.exceptions import VLLMValidationError
-
         reason = plain_name_error(lora_name)
         if reason is not None:
             raise VLLMValidationError(f"adapter name {lora_name!r} {reason}", parameter="model")
@@ -78,8 +78,6 @@ class AdapterStoreResolver(LoRAResolver):
 
     def validate(self, lora_name: str, directory: Path) -> None:
         """`read_adapter` on the directory; its error (or an unreadable file) as a 400 naming the file."""
-        from vllm.exceptions import VLLMValidationError
-
         try:
             read_adapter(directory)
         except PermissionError as exc:
@@ -90,9 +88,7 @@ class AdapterStoreResolver(LoRAResolver):
             return
         raise VLLMValidationError(f"adapter {lora_name!r} refused: {store_relative(message, self.store)}", parameter="model")
 
-    async def resolve_lora(self, base_model_name: str, lora_name: str):
-        from vllm.lora.request import LoRARequest
-
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         directory = self.locate(lora_name)
         if directory is None:
             return None
