@@ -13,10 +13,12 @@ Outputs go to ./out/demo (override with SORA_DEMO_DIR).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -37,12 +39,30 @@ RUNS = {
 }
 
 
+# Wide enough that no table of the demo is cut or wrapped when the output is piped or saved.
+PLAIN_WIDTH = 200
+
+
+def make_console(file=None) -> Console:
+    """rich's console for a terminal; for a pipe or file, a wide one with no colour codes, so
+    tables are never cut at 80 columns (rich's default width off a terminal)."""
+    console = Console(file=file)
+    if console.is_terminal:
+        return console
+    return Console(file=file, width=PLAIN_WIDTH, no_color=True, highlight=False)
+
+
+def new_table(title: str, console: Console) -> Table:
+    """A table with box-drawing borders on a terminal and ASCII ones elsewhere (any encoding reads them)."""
+    return Table(title=title, box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
+
+
 def train_all(base: Path, root: Path, console: Console) -> dict[str, dict]:
     results = {}
     for name, kwargs in RUNS.items():
         cfg = TrainConfig(model=base, data=BUILTIN_TEXT * 8, out=root / name, steps=40, lr=3e-3, r=8, force=True, **kwargs)
         results[name] = train_adapter(cfg)
-    table = Table(title="trained adapters (tiny Llama, built-in text, 40 steps each)")
+    table = new_table("trained adapters (tiny Llama, built-in text, 40 steps each)", console)
     for column in ("adapter", "trainable params", "eval loss before", "eval loss after", "ms / step"):
         table.add_column(column, justify="right")
     for name, m in results.items():
@@ -70,7 +90,7 @@ def mixed_batch_check(base: Path, root: Path, console: Console) -> float:
 
 
 def main() -> None:
-    console = Console()
+    console = make_console(sys.stdout)
     root = Path(os.environ.get("SORA_DEMO_DIR", "out/demo")).absolute()
     start = time.perf_counter()
     base = make_tiny_checkpoint("llama", root / "base", max_shard_size="1MB", hidden_size=256, intermediate_size=512, num_layers=4)
@@ -109,7 +129,7 @@ def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
     with torch.no_grad(), ss.use_adapters(model, rows):
         ids = torch.tensor([prompt] * len(rows))
         eager = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)[:, len(prompt) :]
-    table = Table(title="vLLM (one engine, one mixed batch, sora-serve plugin) vs eager runtime")
+    table = new_table("vLLM (one engine, one mixed batch, sora-serve plugin) vs eager runtime", console)
     for column in ("request", "vLLM tokens", "same as eager"):
         table.add_column(column)
     for name, out, ref in zip(rows, outputs, eager.tolist()):

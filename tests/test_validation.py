@@ -7,6 +7,7 @@ No vLLM engine is started here; `serve` is run as a subprocess that must fail in
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -315,3 +316,30 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base):
         result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
         assert "Starting vLLM" not in stderr and "EngineCore" not in stderr, name
         assert_one_line_error(result, "serve", cases[name][1])
+
+
+# ---------------------------------------------------------------- 6. smaller items
+
+
+def test_demo_tables_are_whole_and_ascii_when_piped():
+    from sora_serve.demo import make_console, new_table
+
+    out = io.StringIO()  # not a terminal, as when the demo is piped
+    console = make_console(out)
+    table = new_table("vLLM vs eager", console)
+    for column in ("request", "vLLM tokens", "same as eager"):
+        table.add_column(column)
+    tokens = " ".join(str(1000 + i) for i in range(24))  # a row wider than 80 columns
+    table.add_row("sora", tokens, "yes")
+    console.print(table)
+    text = out.getvalue()
+    assert tokens in text and text.isascii() and "\x1b" not in text
+
+
+def test_docs_curl_lines_send_json_that_parses():
+    lines = [line for line in (REPO / "docs" / "VLLM.md").read_text().splitlines() if line.startswith("curl ")]
+    assert lines
+    for line in lines:
+        assert "-H 'Content-Type: application/json'" in line, line
+        body = re.search(r"-d '([^']*)'", line)
+        assert body is not None and isinstance(json.loads(body.group(1)), dict), line

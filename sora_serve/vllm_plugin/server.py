@@ -150,13 +150,13 @@ def run(args: argparse.Namespace) -> None:
     allow_large_updates = args.allow_large_updates or None  # None: the environment decides
     check_arguments(args)
     checkpoint = open_model_dir(args.model)
-    adapters = [read_adapter(path, allow_large_updates=allow_large_updates) for _, path in args.adapter]  # file-only checks first
-    check_architecture(checkpoint)
     from sora_serve.converters.checkpoint import checkpoint_layers
 
     model_type = checkpoint.config_dict.get("model_type")
-    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
+    for _, path in args.adapter:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
+        adapter = read_adapter(path, allow_large_updates=allow_large_updates)
         check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
+    check_architecture(checkpoint)  # last: it imports vLLM (~10 s)
     command = server_command(args)
     # exec, not a child process: signals (Ctrl-C, terminate()) reach the server itself, so
     # stopping `sora-serve serve` never leaves an orphaned vLLM engine behind.
