@@ -298,7 +298,47 @@ def gptj_checkpoint(path: Path) -> Path:
     return path
 
 
-def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base):
+@pytest.fixture(scope="module")
+def gemma2_untied(tmp_path_factory) -> tuple[Path, str]:
+    """A tiny Gemma2 (head tied to the embeddings) folded with an adapter on lm_head: (merged dir, fold's stderr)."""
+    root = tmp_path_factory.mktemp("gemma2")
+    config = AutoConfig.for_model(
+        "gemma2", hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        num_hidden_layers=1, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize_biases(model)
+    model.save_pretrained(root / "base")
+    ss.attach(model, ss.AdapterConfig(method="lora", r=4, target_modules=["lm_head", "q_proj"]), "a", verbose=False)
+    perturb_adapter(model, "a")
+    ss.save_adapter(model, root / "adapter", "a")
+    result = run_cli(["fold", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(root / "merged")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "merged", result.stderr
+
+
+def test_fold_warns_when_vllm_always_ties_the_untied_head(gemma2_untied):
+    merged, stderr = gemma2_untied
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "WARNING: vLLM's Gemma2ForCausalLM always ties the output head" in stderr
+
+
+def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
+    from sora_serve.cli import build_parser
+    from sora_serve.vllm_plugin.server import ADAPTER_DIR_ENV, server_command, server_env
+
+    args = build_parser("serve").parse_args(["serve", "--model", "m", "--adapter-dir", str(tmp_path), "--allow-large-updates", "--max-loras", "3"])
+    env, command = server_env(args), server_command(args)
+    assert env[ADAPTER_DIR_ENV] == str(tmp_path.absolute()) and env[ALLOW_LARGE_UPDATES_ENV] == "1"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert command[command.index("--max-cpu-loras") + 1] == "8"  # max(8, 2 x 3), as before the flag existed
+    args = build_parser("serve").parse_args(["serve", "--model", "m", "--max-cpu-loras", "5"])
+    assert server_command(args)[server_command(args).index("--max-cpu-loras") + 1] == "5"
+    assert ADAPTER_DIR_ENV not in server_env(args) and ALLOW_LARGE_UPDATES_ENV not in server_env(args)
+
+
+def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_untied):
     """Each case exits non-zero, naming the file and field, without starting an engine (run side by side)."""
     wrong_shape = sora_dir(tmp_path, "wrong", hidden_size=96, num_attention_heads=3, num_key_value_heads=1)
     cases = {
@@ -308,6 +348,7 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base):
         "shape": (["--model", str(llama_base), "--adapter", f"w={wrong_shape}"],
                   r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': .*adapter is 96x96 but the base layer is 128x128"),
         "adapter dir": (["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")], r"none: adapter directory \(--adapter-dir\) not found"),
+        "untied head": (["--model", str(gemma2_untied[0])], r"merged/config.json: field 'tie_word_embeddings': .*Gemma2ForCausalLM always computes logits"),
     }
     procs = {name: subprocess.Popen([*SORA_SERVE, "serve", *args, "--port", "1"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
              for name, (args, _) in cases.items()}
