@@ -7,6 +7,8 @@ trained model (load_adapter: 1e-6, fold: 1e-4).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -32,9 +34,10 @@ def token_dataset(rows: int = 16, length: int = 12) -> list[dict]:
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
 
 
-def train(base, out, method: str, *, checkpointing: bool = False) -> dict:
+def train(base, out, method: str, *, checkpointing: bool = False, resume: Path | None = None) -> dict:
     """Attach a fresh adapter `method` to the base and train it with Trainer (gradient checkpointing and
-    recompute-base both on with `checkpointing`); returns the model, the weights before, the trainer."""
+    recompute-base both on with `checkpointing`; from Trainer's checkpoint `resume` if given);
+    returns the model, the weights before, the trainer."""
     torch.manual_seed(0)  # the adapter's random init
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     base_before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -47,7 +50,7 @@ def train(base, out, method: str, *, checkpointing: bool = False) -> dict:
         gradient_checkpointing=checkpointing, use_cpu=True, report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[SaveAdapterCallback(base_model_name_or_path=str(base))])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     return {"model": model.eval(), "base_before": base_before, "adapter_init": adapter_init, "trainer": trainer, "out": out}
 
 
@@ -105,6 +108,15 @@ def test_saved_adapters_reproduce_the_trained_model(trained, tiny_checkpoints, m
     fold_adapter(base, final, tmp_path / "merged", verify=False, progress=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (logits(merged, ids) - expected).abs().max() <= FOLD_TOL
+
+
+def test_trainer_checkpoint_resumes_the_same_training(trained, tiny_checkpoints, tmp_path):
+    """Trainer's own checkpoint (whole model state, adapter included) resumes to the same weights."""
+    run = trained["sora"]
+    resumed = train(tiny_checkpoints["llama"], tmp_path, "sora", checkpointing=True, resume=run["out"] / f"checkpoint-{SAVE_EVERY}")["model"]
+    reference = adapter_parameters(run["model"])
+    for name, p in adapter_parameters(resumed).items():
+        assert torch.allclose(p, reference[name], rtol=0, atol=SAME_TRAINING_TOL), name
 
 
 def test_bad_use(tiny_checkpoints, tmp_path):
