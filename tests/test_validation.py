@@ -6,6 +6,7 @@ No vLLM engine is started here; `serve` is run as a subprocess that must fail in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import sora_serve as ss
 from sora_serve.converters.checkpoint import Checkpoint, checkpoint_layers
+from sora_serve.converters.fold import fold_adapter
 from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, PEFT_IGNORED, PEFT_READ, PEFT_REFUSED, RELATIVE_UPDATE_MAX, UPDATE_RMS_MAX, BaseLayer
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model, randomize_biases
 
@@ -248,9 +250,40 @@ def unprivileged(command: list[str]) -> list[str]:
     return wrapped
 
 
-def run_cli(args: list[str], timeout: float = 120, unprivileged_run: bool = False) -> subprocess.CompletedProcess:
-    command = [*SORA_SERVE, *args]
-    return subprocess.run(unprivileged(command) if unprivileged_run else command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*SORA_SERVE, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+# Runs `sora_serve.cli.main` once per case in ONE child process (one import of torch, transformers
+# and vLLM instead of one per case). os.execve is replaced there, so a check that wrongly passes
+# ends its case with status 99 instead of starting an engine.
+CLI_CASES = r"""
+import contextlib, io, json, os, sys
+from sora_serve import cli
+
+def refuse_exec(*args):
+    raise SystemExit(99)
+
+os.execve = refuse_exec
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = cli.main(argv)
+        except SystemExit as exc:
+            status = exc.code
+    results[name] = [status, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def run_cli_cases(cases: dict[str, list[str]], *, unprivileged_run: bool = False, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    command = [sys.executable, "-c", CLI_CASES, json.dumps(cases)]
+    proc = subprocess.run(unprivileged(command) if unprivileged_run else command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # an uncaught exception (a traceback) lands here
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: subprocess.CompletedProcess(cases[name], status, "", stderr) for name, (status, stderr) in results.items()}
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, command: str, match: str) -> None:
@@ -261,20 +294,24 @@ def assert_one_line_error(result: subprocess.CompletedProcess, command: str, mat
 
 
 def test_unreadable_adapter_file_and_directory_are_named_as_permission_errors(tmp_path, llama_base):
-    adapter = sora_dir(tmp_path)
-    weights = adapter / "adapter_model.safetensors"
-    weights.chmod(0)
+    unreadable_file, unreadable_dir = sora_dir(tmp_path, "file"), sora_dir(tmp_path, "dir")
+    weights = unreadable_file / "adapter_model.safetensors"
+    config = tmp_path / "base" / "config.json"
+    shutil.copytree(llama_base, config.parent)
+    cases = {
+        "file": ["fold", "--base", str(llama_base), "--adapter", str(unreadable_file), "--out", str(tmp_path / "o")],
+        "dir": ["to-lora", "--base", str(llama_base), "--adapter", str(unreadable_dir), "--out", str(tmp_path / "o")],
+        "base config": ["fold", "--base", str(config.parent), "--adapter", str(unreadable_dir), "--out", str(tmp_path / "o")],
+    }
+    for path in (weights, unreadable_dir, config):
+        path.chmod(0)
     try:
-        result = run_cli(["fold", "--base", str(llama_base), "--adapter", str(adapter), "--out", str(tmp_path / "o")], unprivileged_run=True)
-        assert_one_line_error(result, "fold", rf"{re.escape(str(weights))}: permission denied")
+        results = run_cli_cases(cases, unprivileged_run=True)
     finally:
-        weights.chmod(0o644)
-    adapter.chmod(0)
-    try:
-        result = run_cli(["to-lora", "--base", str(llama_base), "--adapter", str(adapter), "--out", str(tmp_path / "o")], unprivileged_run=True)
-        assert_one_line_error(result, "to-lora", rf"{re.escape(str(adapter))}: permission denied")
-    finally:
-        adapter.chmod(0o755)
+        weights.chmod(0o644), unreadable_dir.chmod(0o755), config.chmod(0o644)
+    assert_one_line_error(results["file"], "fold", rf"{re.escape(str(weights))}: permission denied")
+    assert_one_line_error(results["dir"], "to-lora", rf"{re.escape(str(unreadable_dir))}: permission denied")
+    assert_one_line_error(results["base config"], "fold", rf"{re.escape(str(config))}: permission denied")
     assert not (tmp_path / "o").exists()
 
 
@@ -313,9 +350,10 @@ def gemma2_untied(tmp_path_factory) -> tuple[Path, str]:
     ss.attach(model, ss.AdapterConfig(method="lora", r=4, target_modules=["lm_head", "q_proj"]), "a", verbose=False)
     perturb_adapter(model, "a")
     ss.save_adapter(model, root / "adapter", "a")
-    result = run_cli(["fold", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(root / "merged")])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "merged", result.stderr
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        fold_adapter(root / "base", root / "adapter", root / "merged", progress=False)
+    return root / "merged", stderr.getvalue()
 
 
 def test_fold_warns_when_vllm_always_ties_the_untied_head(gemma2_untied):
@@ -339,10 +377,11 @@ def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
 
 
 def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_untied):
-    """Each case exits non-zero, naming the file and field, without starting an engine (run side by side)."""
+    """Each case exits 1 with one line naming the file and field, before any engine start."""
+    missing = run_cli(["serve", "--model", str(tmp_path / "nope")], timeout=60)  # the real command, end to end
+    assert_one_line_error(missing, "serve", rf"{tmp_path}/nope: field '--model': model directory not found")
     wrong_shape = sora_dir(tmp_path, "wrong", hidden_size=96, num_attention_heads=3, num_key_value_heads=1)
     cases = {
-        "missing model": (["--model", str(tmp_path / "nope")], rf"{tmp_path}/nope: field '--model': model directory not found"),
         "no LoRA in vLLM": (["--model", str(gptj_checkpoint(tmp_path / "gptj"))],
                             r"gptj/config.json: field 'architectures': vLLM 0.32 serves GPTJForCausalLM without LoRA support.*sora-serve fold"),
         "shape": (["--model", str(llama_base), "--adapter", f"w={wrong_shape}"],
@@ -350,13 +389,9 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_unt
         "adapter dir": (["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")], r"none: adapter directory \(--adapter-dir\) not found"),
         "untied head": (["--model", str(gemma2_untied[0])], r"merged/config.json: field 'tie_word_embeddings': .*Gemma2ForCausalLM always computes logits"),
     }
-    procs = {name: subprocess.Popen([*SORA_SERVE, "serve", *args, "--port", "1"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-             for name, (args, _) in cases.items()}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=120)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
-        assert "Starting vLLM" not in stderr and "EngineCore" not in stderr, name
-        assert_one_line_error(result, "serve", cases[name][1])
+    results = run_cli_cases({name: ["serve", *args] for name, (args, _) in cases.items()}, timeout=120)
+    for name, (_, match) in cases.items():
+        assert_one_line_error(results[name], "serve", match)
 
 
 # ---------------------------------------------------------------- 6. smaller items
