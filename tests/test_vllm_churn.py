@@ -21,7 +21,7 @@ import pytest
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint
 
-from .helpers import complete, eager_model, error_message, new_tokens, off_greedy, post, running_server, set_first_value, write_random_adapter
+from .helpers import complete, eager_greedy, eager_model, error_message, new_tokens, off_greedy, post, running_server, set_first_value, write_random_adapter
 
 VERSIONS = {  # adapter dirs that names get loaded with; scale 0.05 keeps them inside the validator's bounds
     "lora_a": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -160,6 +160,8 @@ def test_load_unload_races_under_traffic(served):
     request was in flight (or a clean 404/400 when the name may have been absent)."""
     url, root, process = served
     names, n_requests, n_cycles = ["c0", "c1", "c2"], 300, 30
+    for prompt in PROMPTS:  # otherwise a wrong version's answer could pass for the right one
+        assert len({tuple(eager_greedy(reference(root, v), prompt, 4)) for v in [*VERSIONS, STATIC, None]}) == len(VERSIONS) + 2
     histories = {name: NameHistory() for name in names}
     done = []  # (model, prompt index, status, body, sent, replied)
     lock = threading.Lock()
