@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import AdapterError
@@ -23,29 +23,22 @@ def os_error(exc: OSError, path: str | Path) -> AdapterError:
 
 def readable_dir(path: str | Path, what: str) -> Path:
     """`path` if it is a directory this process can list; else an AdapterError saying why (missing, not a dir, permission)."""
-    path = Path(path)
-    try:
-        with os.scandir(path):
-            pass
-    except FileNotFoundError as exc:
-        raise AdapterError(f"{what} not found", file=path) from exc
-    except NotADirectoryError as exc:
-        raise AdapterError(f"{what} is not a directory", file=path) from exc
-    except OSError as exc:
-        raise os_error(exc, path) from exc
-    return path
+    return _probe(Path(path), lambda p: os.scandir(p).close(), f"{what} not found", NotADirectoryError, f"{what} is not a directory")
 
 
 def readable_file(path: str | Path, what: str) -> Path:
     """`path` if it is a file this process can open for reading; else an AdapterError saying why."""
-    path = Path(path)
+    return _probe(Path(path), lambda p: open(p, "rb").close(), f"missing {what}", IsADirectoryError, f"{what} is a directory, expected a file")
+
+
+def _probe(path: Path, probe: Callable[[Path], None], missing: str, wrong_kind: type[OSError], wrong_kind_message: str) -> Path:
+    """Run `probe(path)` (open and close it); its OSError becomes a one-line AdapterError naming `path`."""
     try:
-        with open(path, "rb"):
-            pass
+        probe(path)
     except FileNotFoundError as exc:
-        raise AdapterError(f"missing {what}", file=path) from exc
-    except IsADirectoryError as exc:
-        raise AdapterError(f"{what} is a directory, expected a file", file=path) from exc
+        raise AdapterError(missing, file=path) from exc
+    except wrong_kind as exc:
+        raise AdapterError(wrong_kind_message, file=path) from exc
     except OSError as exc:
         raise os_error(exc, path) from exc
     return path
