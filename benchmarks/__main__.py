@@ -1,4 +1,4 @@
-"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--out DIR]`."""
+"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--shape small|realistic] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def main() -> None:
     parser.add_argument("suite", choices=[*SUITES, "all", "readme"])
     parser.add_argument("--quick", action="store_true", help="small settings (each suite < 5 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default ./results)")
+    parser.add_argument("--shape", choices=["small", "realistic"], default=None,
+                        help="serving suite only: model shape (default: realistic, small with --quick)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                        help="serving suite only: reuse the finished sections saved in FILE (serving-sections-*.json) by a cut-off run")
     parser.add_argument("--device", default="cpu", help="training suite only: torch device to train on, e.g. cuda (default cpu)")
     args = parser.parse_args()
     if args.suite == "readme":
@@ -22,7 +26,7 @@ def main() -> None:
         print_headline(args.out)
         return
     for suite in SUITES if args.suite == "all" else (args.suite,):
-        options = {"device": args.device} if suite == "training" else {}
+        options = {"training": {"device": args.device}, "serving": {"shape": args.shape, "resume": args.resume}}.get(suite, {})
         importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out, **options)
 
 

@@ -32,15 +32,43 @@ def test_training_suite(tmp_path):
 @pytest.mark.slow
 def test_quality_suite(tmp_path, sst2_dir):
     data = run_suite("quality", tmp_path)
-    for result in data["results"].values():
-        assert len(result["runs"]) == 3 and 0.0 <= result["mean"] <= 1.0
+    methods = {"lora", "dora", "prediag", "sora_first_order", "sora_cayley"}
+    assert set(data["tasks"]) == {"sst2", "books", "airline"} and set(data["lr_sweep"]) == methods
+    for task in data["tasks"].values():
+        assert set(task["runs"]) == methods and all(len(runs) == 2 for runs in task["runs"].values())
+        assert len({runs[0]["trainable_params"] for runs in task["runs"].values()}) == 1  # matched budgets
+        assert all(0.0 <= s["mean"] <= 1.0 for s in task["summary"].values())
+        assert all(runs[0]["diagnostics"] for runs in task["runs"].values())
+    assert data["pooled_paired"]["sora_cayley - lora"]["wins"] + data["pooled_paired"]["sora_cayley - lora"]["losses"] <= 6
+    assert all(d["predictions_equal"] for d in data["serving"]["domains"].values()) and data["serving"]["adapters"] == 2
+    assert (tmp_path / "quality-partial.json").is_file()
+
+
+@pytest.mark.slow
+def test_quality_stability_suite(tmp_path, sst2_dir):
+    subprocess.run([sys.executable, "-m", "benchmarks.quality_stability", "--quick", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
+    data = json.loads((tmp_path / "quality-stability-latest.json").read_text())
+    assert set(data["results"]) == {"sora_first_order", "sora_cayley"}
+    runs = data["results"]["sora_cayley"]["0.01"]
+    assert len(runs) == 2 and all(r["orth_error_max"] < 1e-9 and r["K_norm_max"] > 0 for r in runs)
+    assert all(r["orth_error_max"] > 0 for r in data["results"]["sora_first_order"]["0.01"])  # I + K is never exactly orthogonal once K != 0
 
 
 @pytest.mark.slow
 def test_serving_suite(tmp_path):
     data = run_suite("serving", tmp_path)
+    assert data["shape"] == "small" and data["settings"]["model"]["hidden_size"] == 512
     assert all(value is not None for value in data["ratios"].values()), data["ratios"]
-    assert len(data["targets"]) == 7 and all(t["met"] in (True, False) for t in data["targets"])
-    assert all(row["tok_per_s"]["samples"] for row in data["vllm"])
+    assert set(data["limits"]) == set(data["ratios"]) and all(0 < v <= 1 for v in data["limits"].values() if v is not None)
+    assert all(t["met"] in (True, False) for t in data["targets"]) and len(data["targets"]) >= 12
+    assert all(row["tok_per_s"]["samples"] for row in data["vllm"] if row["kind"] in ("decode", "prefill"))
+    # online load: every request streamed its tokens, at every rate, for every adapter set
+    for result in data["online"]["results"].values():
+        assert [r["rate"] for r in result["rates"]] == data["online"]["plan"]["rates"]
+        assert all(r["errors"] == 0 and r["ttft_s"]["p50"] > 0 for r in result["rates"]), result
+    # scale curves: every point measured, first requests for every kind
+    assert set(data["scale"]["distinct"]) == {"plugin LoRA", "stock LoRA", "plugin SORA"}
+    assert [r["adapters"] for r in data["scale"]["rotation"]["plugin, cache holds all"]] == data["settings"]["plan"]["scale"]["rotation"]
+    assert set(data["scale"]["first_request"]["small"]) == {"lora", "dora", "prediag", "sora"}
     out = subprocess.run([sys.executable, "-m", "benchmarks", "readme", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
-    assert "vLLM plugin LoRA / stock LoRA decode" in out.stdout
+    assert "vLLM plugin LoRA / stock LoRA decode" in out.stdout and "physical limit" in out.stdout
