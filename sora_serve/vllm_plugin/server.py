@@ -149,12 +149,12 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     allow_large_updates = args.allow_large_updates or None  # None: the environment decides
     check_arguments(args)
+    adapters = [read_adapter(path, allow_large_updates=allow_large_updates) for _, path in args.adapter]  # the files alone
     checkpoint = open_model_dir(args.model)
     from sora_serve.converters.checkpoint import checkpoint_layers
 
     model_type = checkpoint.config_dict.get("model_type")
-    for _, path in args.adapter:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
-        adapter = read_adapter(path, allow_large_updates=allow_large_updates)
+    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
         check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
     check_architecture(checkpoint)  # last: it imports vLLM (~10 s)
     command = server_command(args)
