@@ -1,48 +1,361 @@
-"""Quality suite: SST-2 dev accuracy on all-MiniLM-L6-v2, LoRA / DoRA / Pre-Diag / SORA, three seeds.
+"""Quality suite: LoRA / DoRA / Pre-Diag / SORA (both rotations) on all-MiniLM-L6-v2, a fair protocol.
 
-Budgets are matched by rank: LoRA r=8 on query/value is the reference; DoRA and Pre-Diag add
-one vector per layer; SORA trades rank for its rotation (r=6, r_p=2: 6*(in+out) + out + 4*out).
+Tasks: SST-2 (dev set) and the five Amazon review domains (a seeded subset of each test split).
+Protocol, identical for every method:
+
+- the same scale s = alpha / r = 2 and matched trainable parameters (12 adapted layers, 384 x 384):
+  DoRA / Pre-Diag r = 8 add one vector per layer (8 * 768 + 384 = 6528); SORA r = 6, r_p = 2
+  (6 * 768 + 384 + 2 * 384 * 2 = 6528); LoRA has no vector, so it gets r = 9 on query and r = 8 on
+  value (PEFT rank_pattern): (9 + 8) * 768 = 2 * 6528. Every budget is exactly equal.
+- AdamW with weight decay on matrices only (m and d are not pulled toward 0), linear warm-up/decay.
+- the learning rate of each method is the best of a small sweep trained on SST-2's training set
+  minus a held-out part, and scored on that held-out part (never on a dev or test set);
+  the chosen lr then serves every task.
+- seeds: data order and head init are shared by all methods for a seed (paired comparison);
+  the adapter init is the method's own draw (see training/train.py).
+
+Then one SORA adapter per Amazon domain is loaded into one model and all domains run in one mixed
+batch through the eager runtime (`use_adapters`, one adapter per row); each row's predictions must
+equal those of its adapter alone. Partial results are written after every task.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import random
 import statistics
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .common import bar_chart, save_suite
+from scipy import stats as scipy_stats
+from tqdm.auto import tqdm
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-RUNS = {"lora": dict(r=8), "dora": dict(r=8), "prediag": dict(r=8), "sora": dict(r=6, r_p=2)}
+from .common import RESULTS, plt, save_suite
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SST2 = SHARED_DATA / "sst2"
+AMAZON = SHARED_DATA / "amazon-reviews"
+DOMAINS = ("books", "dvd", "electronics", "kitchen", "airline")
+SCALE = 2.0  # s = alpha / r for every method
+HELD_OUT_SEED = 12345  # which SST-2 training sentences the lr sweep holds out
+SERVED = "sora_cayley"  # the method whose Amazon adapters are served together
+
+
+@dataclass
+class Method:
+    """One column of the table: a training method at a budget-matching rank."""
+
+    method: str
+    r: int
+    r_p: int = 1
+    rotation: str = "cayley"
+    rank_pattern: dict[str, int] | None = None
+
+    def train_kwargs(self) -> dict:
+        return dict(method=self.method, r=self.r, r_p=self.r_p, rotation=self.rotation, lora_alpha=SCALE * self.r, rank_pattern=self.rank_pattern)
+
+
+METHODS = {
+    "lora": Method("lora", 8, rank_pattern={"query": 9}),
+    "dora": Method("dora", 8),
+    "prediag": Method("prediag", 8),
+    "sora_first_order": Method("sora", 6, 2, "first_order"),
+    "sora_cayley": Method("sora", 6, 2, "cayley"),
+}
+# Paired comparisons reported per seed: (method, reference).
+PAIRS = [(m, "lora") for m in METHODS if m != "lora"] + [("sora_cayley", "dora"), ("prediag", "dora"), ("sora_cayley", "sora_first_order")]
+
+
+@dataclass
+class Settings:
+    seeds: tuple[int, ...]
+    sweep_lrs: tuple[float, ...]
+    sweep_seed: int  # not one of `seeds`
+    sweep_held_out: int  # SST-2 training sentences held out to score the sweep
+    sst2_steps: int
+    sst2_eval: int | None  # dev sentences (None: all 872)
+    amazon_steps: int
+    amazon_eval: int  # test reviews per domain (a seeded random subset; the files are sorted by label)
+    domains: tuple[str, ...] = DOMAINS
+    batch_size: int = 16
+    max_length: int = 64
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+
+
+QUICK = Settings(seeds=(0, 1), sweep_lrs=(5e-3,), sweep_seed=100, sweep_held_out=48, sst2_steps=4, sst2_eval=48,
+                 amazon_steps=3, amazon_eval=32, domains=("books", "airline"), max_length=48)
+# Sized for about an hour on 2 CPU cores shared with other work: 165 runs, ~6,200 steps of batch 16
+# (a step takes ~0.2 s on 2 idle cores, SST-2 sentences; ~0.35 s for 64-token reviews), plus evaluation.
+FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(1e-3, 3e-3, 1e-2), sweep_seed=100, sweep_held_out=500, sst2_steps=80,
+                sst2_eval=None, amazon_steps=24, amazon_eval=250)
+
+
+def read_tsv(path: Path) -> list[tuple[str, int]]:
+    with path.open(newline="") as f:
+        return [(row["sentence"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def sample(examples: list, n: int | None, seed: int) -> list:
+    if n is None or n >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, n)
+
+
+def train_one(name: str, train, eval_, steps: int, lr: float, seed: int, settings: Settings, out: Path | None = None) -> dict:
+    from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
+
+    cfg = TrainConfig(model=minilm_path(), data=train, eval_data=eval_, task="seq-cls", target_modules=["query", "value"],
+                      steps=steps, lr=lr, seed=seed, batch_size=settings.batch_size, max_length=settings.max_length,
+                      warmup_ratio=settings.warmup_ratio, weight_decay=settings.weight_decay, progress=False,
+                      evaluate_before=False, out=out, force=True, **METHODS[name].train_kwargs())
+    m = train_adapter(cfg)
+    after = m["eval_after"]
+    last = m["diagnostics"][-1]
+    return {"seed": seed, "lr": lr, "accuracy": after["accuracy"], "eval_loss": after["loss"], "majority_share": after["majority_share"],
+            "final_train_loss": last["loss"], "trainable_params": m["trainable_params"], "train_time_s": m["train_time_s"],
+            "mean_step_time_s": m["mean_step_time_s"], "diagnostics": m["diagnostics"], "predictions": after["predictions"]}
+
+
+def held_out_split(examples: list, n: int) -> tuple[list, list]:
+    """(n held-out examples, the rest), by a fixed shuffle: what lr sweeps train and score on."""
+    shuffled = sample(examples, len(examples), HELD_OUT_SEED)
+    return shuffled[:n], shuffled[n:]
+
+
+def sweep_lr(settings: Settings, sst2_train: list, bar) -> dict:
+    """Each method's lr: the best held-out accuracy after training on the rest of SST-2's training set."""
+    held_out, rest = held_out_split(sst2_train, settings.sweep_held_out)
+    sweep = {}
+    for name in METHODS:
+        scores = {}
+        for lr in settings.sweep_lrs:
+            run = train_one(name, rest, held_out, settings.sst2_steps, lr, settings.sweep_seed, settings)
+            scores[lr] = {k: run[k] for k in ("accuracy", "eval_loss", "majority_share", "final_train_loss")}
+            bar.update(1)
+            bar.write(f"sweep {name} lr {lr:g}: held-out accuracy {100 * run['accuracy']:.2f}")
+        best = max(settings.sweep_lrs, key=lambda lr: (scores[lr]["accuracy"], -scores[lr]["eval_loss"]))
+        sweep[name] = {"lr": best, "scores": {f"{lr:g}": s for lr, s in scores.items()}}
+    return sweep
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Per-seed differences a - b: mean, std, wins/losses/ties, two-sided sign test and paired t-test."""
+    diff = [x - y for x, y in zip(a, b)]
+    wins, losses = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+    sign_p = float(scipy_stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+    t = scipy_stats.ttest_rel(a, b) if len(diff) > 1 and statistics.pstdev(diff) > 0 else None
+    return {"diff": diff, "mean": statistics.mean(diff), "std": statistics.stdev(diff) if len(diff) > 1 else 0.0,
+            "wins": wins, "losses": losses, "ties": len(diff) - wins - losses, "sign_p": sign_p,
+            "t": None if t is None else float(t.statistic), "t_p": None if t is None else float(t.pvalue)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    accs = [r["accuracy"] for r in runs]
+    return {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "collapsed": sum(r["majority_share"] > 0.95 for r in runs),
+            "train_time_s": statistics.mean(r["train_time_s"] for r in runs)}
+
+
+def task_comparisons(task: dict) -> dict:
+    acc = {m: [r["accuracy"] for r in task["runs"][m]] for m in task["runs"]}
+    return {f"{a} - {b}": paired(acc[a], acc[b]) for a, b in PAIRS if a in acc and b in acc}
+
+
+def pooled_comparisons(tasks: dict) -> dict:
+    """All (task, seed) pairs together: the Amazon mean alone would hide per-domain signs."""
+    out = {}
+    for a, b in PAIRS:
+        xs = [r["accuracy"] for t in tasks.values() for r in t["runs"].get(a, [])]
+        ys = [r["accuracy"] for t in tasks.values() for r in t["runs"].get(b, [])]
+        if xs and len(xs) == len(ys):
+            out[f"{a} - {b}"] = paired(xs, ys)
+    return out
+
+
+def run_round(seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings, bar, keep_root: Path) -> None:
+    """Every task and method for one seed; seed 0 of SERVED on Amazon is saved for the serving check."""
+    for task, (train, eval_, steps) in data.items():
+        for name in METHODS:
+            keep = task in settings.domains and name == SERVED and seed == settings.seeds[0]
+            run = train_one(name, train, eval_, steps, lrs[name], seed, settings, out=keep_root / task if keep else None)
+            if not keep:
+                run.pop("predictions")
+            tasks[task]["runs"][name].append(run)
+            bar.update(1)
+            bar.write(f"seed {seed} {task} {name}: accuracy {100 * run['accuracy']:.2f} ({run['train_time_s']:.0f} s training)")
+    for task in tasks.values():
+        task["summary"] = {m: summarize(r) for m, r in task["runs"].items()}
+        task["paired"] = task_comparisons(task)
+
+
+def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], settings: Settings, train_predictions: dict) -> dict:
+    """All domain adapters in one model; one mixed batch stream vs each adapter alone."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import sora_serve as ss
+    from sora_serve.training.train import HEAD_FILE, minilm_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    heads = {}
+    for domain, path in adapters.items():
+        ss.load_adapter(model, path, name=domain)
+        head = torch.nn.Linear(model.config.hidden_size, 2)
+        head.load_state_dict({k.split(".", 1)[1]: v for k, v in load_file(str(path / HEAD_FILE)).items()})
+        heads[domain] = head.eval()
+
+    def encode(texts):
+        return tokenizer(texts, padding="max_length", truncation=True, max_length=settings.max_length, return_tensors="pt")
+
+    @torch.no_grad()
+    def predict_alone(domain: str, texts: list[str]) -> list[int]:
+        """The plain forward: one active adapter, the domain's head in place of the classifier."""
+        ss.set_active_adapter(model, domain)
+        model.classifier = heads[domain]
+        return model(**encode(texts)).logits.argmax(-1).tolist()
+
+    @torch.no_grad()
+    def predict_mixed(rows: list[tuple[str, str]]) -> list[int]:
+        """rows: (domain, text); one encoder pass, each row its own adapter, then its own head."""
+        with ss.use_adapters(model, [d for d, _ in rows]):
+            pooled = model.bert(**encode([t for _, t in rows])).pooler_output
+        return [heads[d](pooled[i]).argmax().item() for i, (d, _) in enumerate(rows)]
+
+    alone = {d: [p for i in range(0, len(ex), 32) for p in predict_alone(d, [t for t, _ in ex[i : i + 32]])] for d, ex in evals.items()}
+    mixed_rows = [(d, i) for i in range(max(map(len, evals.values()))) for d in evals if i < len(evals[d])]  # interleaved
+    mixed = {d: [None] * len(evals[d]) for d in evals}
+    start = time.perf_counter()
+    for b in range(0, len(mixed_rows), 32):
+        chunk = mixed_rows[b : b + 32]
+        for (d, i), p in zip(chunk, predict_mixed([(d, evals[d][i][0]) for d, i in chunk])):
+            mixed[d][i] = p
+    mixed_time = time.perf_counter() - start
+    out = {}
+    for domain, examples in evals.items():
+        labels = [y for _, y in examples]
+        assert mixed[domain] == alone[domain], f"{domain}: mixed-batch predictions differ from the adapter alone"
+        out[domain] = {"accuracy_mixed": sum(p == y for p, y in zip(mixed[domain], labels)) / len(labels),
+                       "accuracy_alone": sum(p == y for p, y in zip(alone[domain], labels)) / len(labels),
+                       "predictions_equal": True,
+                       "agreement_with_training_eval": sum(p == q for p, q in zip(alone[domain], train_predictions[domain])) / len(labels)}
+    return {"method": SERVED, "adapters": len(adapters), "rows": len(mixed_rows), "batch": 32, "mixed_time_s": mixed_time, "domains": out}
+
+
+def quiet_transformers() -> None:
+    """Hundreds of model loads: keep the log to one line per run (no load reports or bars)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def write_partial(payload: dict, out_dir: Path) -> None:
+    """The results so far, so a run stopped late still leaves its finished tasks."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "quality-partial.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(out_dir / "quality-partial.json")
 
 
 def run(quick: bool, out_dir: Path | None = None) -> Path | None:
-    if not (SST2 / "dev.tsv").is_file():
-        print(f"quality suite skipped: SST-2 not found at {SST2}")
+    if not (SST2 / "dev.tsv").is_file() or not AMAZON.is_dir():
+        print(f"quality suite skipped: SST-2 or the Amazon reviews not found under {SHARED_DATA}")
         return None
-    from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
+    settings = QUICK if quick else FULL
+    out_dir = Path(out_dir or RESULTS)
+    quiet_transformers()
+    started = time.perf_counter()
+    sst2_train = read_tsv(SST2 / "train_full.tsv")
+    n_runs = len(METHODS) * (len(settings.sweep_lrs) + len(settings.seeds) * (1 + len(settings.domains)))
+    payload = {"quick": quick, "settings": {**asdict(settings), "scale": SCALE, "methods": {k: asdict(v) for k, v in METHODS.items()}}}
+    data = {"sst2": (sst2_train, sample(read_tsv(SST2 / "dev.tsv"), settings.sst2_eval, 0), settings.sst2_steps)}
+    for domain in settings.domains:
+        data[domain] = (read_tsv(AMAZON / domain / "train.tsv"), sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
+                        settings.amazon_steps)
+    tasks = payload["tasks"] = {t: {"steps": steps, "n_eval": len(ev), "runs": {m: [] for m in METHODS}} for t, (_, ev, steps) in data.items()}
+    keep_root = Path(tempfile.mkdtemp(prefix="quality-adapters-"))
+    with tqdm(total=n_runs, desc="quality runs") as bar:
+        payload["lr_sweep"] = sweep_lr(settings, sst2_train, bar)
+        lrs = {m: s["lr"] for m, s in payload["lr_sweep"].items()}
+        for seed in settings.seeds:  # seed-major: a run stopped late keeps whole rounds of every task
+            run_round(seed, tasks, data, lrs, settings, bar, keep_root)
+            write_partial(payload, out_dir)
+    evals = {d: data[d][1] for d in settings.domains}
+    train_predictions = {d: tasks[d]["runs"][SERVED][0].pop("predictions") for d in settings.domains}
+    payload["serving"] = serve_domains_together({d: keep_root / d for d in settings.domains}, evals, settings, train_predictions)
+    payload["pooled_paired"] = pooled_comparisons(tasks)
+    payload["amazon_paired"] = pooled_comparisons({d: tasks[d] for d in settings.domains})
+    payload["runtime_s"] = time.perf_counter() - started
+    return save_suite("quality", payload, markdown(payload, settings), {"accuracy": accuracy_figure(payload)}, out_dir)
 
-    steps, seeds = (30, (0, 1, 2)) if quick else (300, (0, 1, 2))
-    dev = SST2 / "dev.tsv"
-    if quick:  # the first 300 dev sentences keep the quick mode under 5 minutes
-        dev = Path(tempfile.mkdtemp()) / "dev300.tsv"
-        dev.write_text("".join((SST2 / "dev.tsv").read_text().splitlines(keepends=True)[:301]))
-    results = {}
-    for method, ranks in RUNS.items():
-        runs = []
-        for seed in seeds:
-            cfg = TrainConfig(model=minilm_path(), data=SST2 / "train_full.tsv", eval_data=dev, task="seq-cls", method=method,
-                              target_modules=["query", "value"], steps=steps, batch_size=16, lr=5e-3, seed=seed, progress=False, **ranks)
-            m = train_adapter(cfg)
-            runs.append({"seed": seed, "accuracy": m["eval_after"]["accuracy"], "trainable_params": m["trainable_params"]})
-        accs = [r["accuracy"] for r in runs]
-        results[method] = {"runs": runs, "mean": statistics.mean(accs), "std": statistics.stdev(accs), "trainable_params": runs[0]["trainable_params"]}
-    md = ["| method | trainable params (incl. 2-class head) | dev accuracy mean ± std (3 seeds) |", "| --- | --- | --- |"]
-    md += [f"| {m} | {r['trainable_params']:,} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} |" for m, r in results.items()]
-    md += ["", f"{steps} steps, batch 16, lr 5e-3, AdamW with linear warm-up/decay, targets query/value, {'first 300 sentences of' if quick else 'full'} SST-2 dev set."]
-    names = list(results)
-    fig = bar_chart("SST-2 dev accuracy (all-MiniLM-L6-v2)", names, [100 * results[n]["mean"] for n in names],
-                    ([100 * results[n]["std"] for n in names], [100 * results[n]["std"] for n in names]), "accuracy (%)")
-    fig.axes[0].set_ylim(40, 100)
-    payload = {"quick": quick, "settings": {"steps": steps, "seeds": list(seeds), "runs": RUNS}, "results": results}
-    return save_suite("quality", payload, "\n".join(md), {"accuracy": fig}, out_dir)
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown(payload: dict, settings: Settings) -> str:
+    tasks = payload["tasks"]
+    names = list(METHODS)
+    first = tasks["sst2"]["runs"]
+    lines = [f"all-MiniLM-L6-v2, adapters on query/value in all 6 layers, s = alpha/r = {SCALE:g} for every method, "
+             f"{'quick (smoke) mode' if payload['quick'] else 'full mode'}, {len(settings.seeds)} seeds, total runtime "
+             f"{payload['runtime_s'] / 60:.1f} min.", "",
+             "| method | trainable params (incl. head) | lr (sweep) | " + " | ".join(tasks) + " | Amazon mean | train time / run (s) | collapsed runs |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
+    for m in names:
+        cells = [f"{pct(t['summary'][m]['mean'])} ± {pct(t['summary'][m]['std'])}" for t in tasks.values()]
+        amazon = [statistics.mean(tasks[d]["runs"][m][i]["accuracy"] for d in settings.domains) for i in range(len(settings.seeds))]
+        amazon_cell = f"{pct(statistics.mean(amazon))} ± {pct(statistics.stdev(amazon))}" if len(amazon) > 1 else pct(amazon[0])
+        time_per_run = statistics.mean(t["summary"][m]["train_time_s"] for t in tasks.values())
+        collapsed = sum(t["summary"][m]["collapsed"] for t in tasks.values())
+        lines.append(f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep'][m]['lr']:g} | " + " | ".join(cells)
+                     + f" | {amazon_cell} | {time_per_run:.1f} | {collapsed} |")
+    lines += ["", "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
+              f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch {settings.batch_size}, max "
+              f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon {settings.amazon_eval} random test reviews per domain.",
+              "", "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided sign test p, paired t-test p.", "",
+              "| comparison | SST-2 | Amazon (all domains × seeds) | all tasks × seeds |", "| --- | --- | --- | --- |"]
+
+    def cell(p: dict) -> str:
+        t_p = "n/a" if p["t_p"] is None else f"{p['t_p']:.3f}"
+        return f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}, {p['wins']}/{p['losses']}, sign p {p['sign_p']:.3f}, t p {t_p}"
+
+    for key in payload["pooled_paired"]:
+        lines.append(f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | {cell(payload['pooled_paired'][key])} |")
+    lines += ["", "lr sweep (held-out SST-2 training sentences, seed "
+              f"{settings.sweep_seed}, {settings.sweep_held_out} held out): accuracy % per lr", "",
+              "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " |", "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " |"]
+    for m, s in payload["lr_sweep"].items():
+        lines.append(f"| {m} | " + " | ".join(pct(s["scores"][f"{lr:g}"]["accuracy"]) for lr in settings.sweep_lrs) + " |")
+    serving = payload["serving"]
+    lines += ["", f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed {settings.seeds[0]}) in one "
+              f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, `use_adapters`, each row its own head):", "",
+              "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal |", "| --- | --- | --- | --- |"]
+    lines += [f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} |" for d, v in serving["domains"].items()]
+    lines += ["", "vLLM does not serve BERT encoders with LoRA adapters, so this check uses the eager runtime only."]
+    return "\n".join(lines)
+
+
+def accuracy_figure(payload: dict) -> plt.Figure:
+    tasks = list(payload["tasks"])
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks)), 4))
+    width = 0.8 / len(METHODS)
+    for i, m in enumerate(METHODS):
+        xs = [j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(tasks))]
+        means = [100 * payload["tasks"][t]["summary"][m]["mean"] for t in tasks]
+        stds = [100 * payload["tasks"][t]["summary"][m]["std"] for t in tasks]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=m)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy (%), mean ± std over seeds")
+    ax.set_title("all-MiniLM-L6-v2, matched budgets")
+    low = min(100 * s["mean"] for t in payload["tasks"].values() for s in t["summary"].values())
+    ax.set_ylim(max(0, math.floor(low / 5) * 5 - 5), 100)
+    ax.legend(fontsize=7, ncol=len(METHODS))
+    return fig

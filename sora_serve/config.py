@@ -29,7 +29,7 @@ class AdapterConfig:
     lora_alpha: float = 16.0
     r_p: int = 4
     s0: float = 1.0
-    rotation: str = "first_order"
+    rotation: str = "cayley"
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_dropout: float = 0.0
     use_rslora: bool = False  # PEFT's rsLoRA scale s = lora_alpha / sqrt(r); only from PEFT dirs

@@ -13,7 +13,10 @@ import sora_serve as ss
 from sora_serve.cli import main as cli_main
 from sora_serve.errors import AdapterError
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_model
-from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
+from safetensors.torch import load_file
+
+from sora_serve.training.diagnostics import sora_layer_diagnostics
+from sora_serve.training.train import TrainConfig, make_optimizer, minilm_path, train_adapter
 
 from .helpers import max_abs, perturb_adapter, random_ids
 
@@ -130,3 +133,90 @@ def test_recompute_base_gives_the_same_loss_and_gradients(method, rotation):
 def test_recompute_base_is_refused_for_peft_methods(tiny_checkpoints):
     with pytest.raises(AdapterError, match="recompute_base"):
         train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method="lora", steps=1, recompute_base=True, progress=False))
+
+
+def test_weight_decay_spares_vectors():
+    """AdamW decays matrices only: DoRA's m and d start at row norms / ones, and decay would pull
+    them toward 0 rather than toward their init (the issue's unfair setting)."""
+    vector, matrix = torch.nn.Parameter(torch.full((4,), 2.0)), torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = make_optimizer([vector, matrix], TrainConfig(model="unused", data=[], lr=0.1, weight_decay=0.5))
+    vector.grad, matrix.grad = torch.zeros_like(vector), torch.zeros_like(matrix)
+    optimizer.step()
+    assert torch.equal(vector, torch.full((4,), 2.0))
+    assert torch.allclose(matrix, torch.full((4, 3), 1 - 0.1 * 0.5))  # decoupled decay: w <- w (1 - lr wd)
+
+
+def test_methods_draw_their_own_adapter_init_but_share_data_order(tiny_checkpoints, tmp_path):
+    """Same seed: the same batches for every method, but LoRA and DoRA no longer start from the
+    same A (they used to, so short runs gave identical per-seed numbers); a rerun repeats exactly."""
+    def lora_a(method: str, seed: int) -> torch.Tensor:
+        out = tmp_path / f"{method}-{seed}"
+        metrics = train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method=method, steps=1, lr=1e-9, seed=seed,
+                                            target_modules=["q_proj"], out=out, force=True, progress=False))
+        tensors = load_file(str(out / "adapter_model.safetensors"))
+        return next(v for k, v in sorted(tensors.items()) if "lora_A" in k), metrics["loss_curve"][0]
+
+    (a_lora, loss_lora), (a_dora, loss_dora) = lora_a("lora", 0), lora_a("dora", 0)
+    assert not torch.equal(a_lora, a_dora)
+    assert loss_lora == pytest.approx(loss_dora, abs=1e-6)  # B = 0 at init: same model, same first batch, same loss
+    assert torch.equal(lora_a("lora", 0)[0], a_lora) and not torch.equal(lora_a("lora", 1)[0], a_lora)
+
+
+def dense_rotation(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, R) built densely in float64: the reference for the low-rank diagnostics."""
+    s_p = min(1.0, s0 / (c.norm() + d.norm() + 1e-6).item())
+    k = s_p * (d @ c.T - c @ d.T)
+    eye = torch.eye(k.shape[0], dtype=k.dtype)
+    return k, eye + k if rotation == "first_order" else torch.linalg.solve(eye - k, eye + k)
+
+
+@pytest.mark.parametrize("rotation", ["first_order", "cayley"])
+def test_sora_diagnostics_match_dense_float64(rotation):
+    """|K|_2 and |R^T R - I|_2 from the low-rank formulas equal the dense ones (tolerance 1e-10).
+    The defect they expose: s_p does not bound K (|K| grows with |C| + |D|), and the first-order
+    R = I + K then amplifies every layer by sqrt(1 + |K|^2); Cayley stays orthogonal."""
+    torch.manual_seed(3)
+    layer = ss.attach(torch.nn.Sequential(torch.nn.Linear(24, 40)), ss.AdapterConfig(method="sora", r=2, r_p=3, rotation=rotation,
+                                                                                       target_modules=["0"]), "a", verbose=False)
+    adapter = layer[0].adapters["a"]
+    for growth in (1.0, 10.0):
+        with torch.no_grad():
+            adapter.sora_C.copy_(growth * torch.randn(40, 3))
+            adapter.sora_D.copy_(growth * torch.randn(40, 3))
+        got = sora_layer_diagnostics(adapter)
+        k, r = dense_rotation(adapter.sora_C.double(), adapter.sora_D.double(), adapter.s0, rotation)
+        eye = torch.eye(40, dtype=torch.float64)
+        assert got["K_norm"] == pytest.approx(torch.linalg.matrix_norm(k, ord=2).item(), rel=1e-10)
+        assert got["orth_error"] == pytest.approx(torch.linalg.matrix_norm(r.T @ r - eye, ord=2).item(), rel=1e-8, abs=1e-12)
+        if growth == 10.0:
+            assert got["K_norm"] > 5  # s_p = s0 / (|C| + |D|) leaves |K| ~ s0 (|C| + |D|) / 2
+            assert (got["orth_error"] > 25) if rotation == "first_order" else (got["orth_error"] < 1e-9)
+
+
+def test_diagnostics_are_logged_during_training(tiny_checkpoints, tmp_path):
+    metrics = train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method="sora", steps=6, diagnostics_every=2,
+                                        out=tmp_path / "a", progress=False))
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())["diagnostics"]
+    assert [d["step"] for d in saved] == [2, 4, 6]
+    assert all(d["K_norm_max"] > 0 and d["d_minus_1_max"] > 0 and d["orth_error_max"] < 1e-9 and d["s_p_min"] <= 1 for d in saved)
+    dora = train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method="dora", steps=2, lr=1e-2, progress=False))
+    assert dora["diagnostics"][-1]["m_over_m0_minus_1_max"] > 0 and "K_norm_max" not in dora["diagnostics"][-1]
+
+
+def test_quality_budgets_are_matched_at_the_same_scale():
+    """The quality suite's ranks give every method exactly the same trainable parameters on
+    all-MiniLM-L6-v2 (query/value), and the same s = alpha / r on every adapted module."""
+    from benchmarks.quality import METHODS, SCALE
+    from sora_serve.training.train import add_adapter, load_model
+
+    counts, scales = {}, set()
+    for name, method in METHODS.items():
+        cfg = TrainConfig(model=minilm_path(), data=[], task="seq-cls", target_modules=["query", "value"], **method.train_kwargs())
+        model = add_adapter(load_model(cfg, num_labels=2)[0], cfg)
+        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peft_scales = [s for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) for s in m.scaling.values()]
+        our_scales = [adapter.scaling for _, layer in ss.adapted_layers(model) for adapter in layer.adapters.values()]
+        assert len(peft_scales) + len(our_scales) == 12  # query and value in 6 layers
+        scales |= set(peft_scales + our_scales)
+    assert len(set(counts.values())) == 1, counts
+    assert scales == {SCALE}

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; s = alpha / r (default 16)")
     parser.add_argument("--r-p", type=positive_int, default=4, help="SORA rotation rank (default 4)")
     parser.add_argument("--s0", type=positive_float, default=1.0, help="SORA s_p numerator (default 1)")
-    parser.add_argument("--rotation", default="first_order", choices=ROTATIONS)
+    parser.add_argument("--rotation", default="cayley", choices=ROTATIONS,
+                        help="sora: cayley (exactly orthogonal, stable; default) or first_order (the paper's I + K; "
+                             "not orthogonal, can diverge at high lr)")
     parser.add_argument("--target-modules", default="all-linear", help="comma-separated module-name suffixes, or all-linear")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="optimizer steps")
@@ -59,5 +61,5 @@ def run(args: argparse.Namespace) -> None:
     )
     metrics = train_adapter(cfg)
     before, after = metrics["eval_before"], metrics["eval_after"]
-    summary = ", ".join(f"eval {k} {before[k]:.4f} -> {after[k]:.4f}" for k in after)
+    summary = ", ".join(f"eval {k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("loss", "accuracy") if k in after)
     print(f"{args.method}: {metrics['trainable_params']:,} trainable params, {metrics['steps']} steps, {summary}; wrote {args.out}")

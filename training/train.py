@@ -4,17 +4,25 @@ LoRA and DoRA are built by PEFT (`get_peft_model`, `save_pretrained`); Pre-Diag 
 `sora_serve.attach` / `write_adapter_files`. Everything else is shared: data order, batches,
 AdamW, linear warm-up/decay, evaluation. The output directory is the adapter directory plus
 `metrics.json` (and, for seq-cls with our methods, `head.safetensors`: the trained classifier).
+
+Seeds: `seed` fixes the data order and the classification head's init, identical for every
+method (a paired comparison across methods sees the same batches and head); the adapter's own
+init and dropout masks draw from a stream of (seed, method), so two methods never share a draw by
+accident (LoRA and DoRA would otherwise start from the same A and follow the same path).
+Weight decay applies to matrices only: DoRA's m and Pre-Diag/SORA's d start at non-zero values
+(row norms, ones) and decay would pull them toward 0, not toward their init.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 import platform
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -32,6 +40,7 @@ from sora_serve.fs import atomic_output_dir
 from sora_serve.io import write_adapter_files
 
 from .data import Example, load_examples
+from .diagnostics import adapter_diagnostics, magnitude_snapshot
 
 TASKS = ("causal-lm", "seq-cls")
 HEAD_FILE = "head.safetensors"
@@ -50,7 +59,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     r_p: int = 4
     s0: float = 1.0
-    rotation: str = "first_order"
+    rotation: str = "cayley"
+    rank_pattern: dict[str, int] | None = None  # lora/dora (PEFT): per-module ranks; alpha follows, so s = alpha / r everywhere
     target_modules: list[str] | str = "all-linear"
     steps: int | None = None
     epochs: float = 1.0
@@ -58,12 +68,15 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 64
     warmup_ratio: float = 0.1
+    weight_decay: float = 0.01  # AdamW, on matrices only (never on biases, m or d)
     seed: int = 0
     force: bool = False
     eval_fraction: float = 0.1  # held out from `data` when no eval_data is given
     progress: bool = True
     device: str = "auto"  # "auto": CUDA when available, else CPU
     recompute_base: bool = False  # Pre-Diag/SORA: recompute W0 x in backward, LoRA-level activation memory
+    diagnostics_every: int | None = None  # steps between adapter diagnostics (default: ~20 per run)
+    evaluate_before: bool = True  # evaluate the untrained adapter too (eval_before in the metrics)
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
@@ -112,11 +125,15 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             raise AdapterError("recompute_base applies to prediag and sora; PEFT trains lora and dora", field="recompute_base")
         from peft import LoraConfig, get_peft_model
 
+        ranks = cfg.rank_pattern or {}
         peft_config = LoraConfig(
             r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_dora=cfg.method == "dora",
             modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+            rank_pattern=ranks, alpha_pattern={k: cfg.lora_alpha * r / cfg.r for k, r in ranks.items()},
         )
         return get_peft_model(model, peft_config)
+    if cfg.rank_pattern:
+        raise AdapterError("rank_pattern applies to lora and dora (PEFT); prediag and sora use one r", field="rank_pattern")
     adapter.target_modules = targets
     ss.attach(model, adapter, ADAPTER_NAME, verbose=False)
     for _, layer in ss.adapted_layers(model):
@@ -143,8 +160,10 @@ def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_s
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict], task: str) -> dict:
+    """Mean loss; for seq-cls also accuracy, the predictions, and two collapse signals: the share
+    of the most frequent predicted class and the std of the logit margin over the eval set."""
     model.eval()
-    loss_sum, count, correct = 0.0, 0, 0
+    loss_sum, count, predictions, margins = 0.0, 0, [], []
     device = next(model.parameters()).device
     for batch in batches:
         batch = on_device(batch, device)
@@ -153,10 +172,15 @@ def evaluate(model: nn.Module, batches: list[dict], task: str) -> dict:
         loss_sum += out.loss.item() * n
         count += n
         if task == "seq-cls":
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            predictions += out.logits.argmax(-1).tolist()
+            margins.append(out.logits[:, -1] - out.logits[:, 0])
     metrics = {"loss": loss_sum / count}
     if task == "seq-cls":
-        metrics["accuracy"] = correct / count
+        labels = [label for batch in batches for label in batch["labels"].tolist()]
+        metrics["accuracy"] = sum(p == y for p, y in zip(predictions, labels)) / count
+        metrics["majority_share"] = max(predictions.count(c) for c in set(predictions)) / count
+        metrics["logit_margin_std"] = torch.cat(margins).std().item() if count > 1 else 0.0
+        metrics["predictions"] = predictions
     return metrics
 
 
@@ -185,23 +209,26 @@ def train_adapter(cfg: TrainConfig) -> dict:
     cfg.adapter_config()  # validates method, ranks, rotation before any work
     if cfg.out is not None and Path(cfg.out).exists() and not cfg.force:
         raise AdapterError("output exists; pass --force to replace it", file=cfg.out)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the head's init: the same for every method
     train_examples, eval_examples = split_data(cfg)
     num_labels = check_labels(train_examples + eval_examples, cfg)
     model, tokenizer = load_model(cfg, num_labels)
     device = resolve_device(cfg.device)
+    torch.manual_seed(adapter_seed(cfg.seed, cfg.method))  # the adapter's init and dropout: its own stream
     model = add_adapter(model, cfg).to(device)
     eval_batches = list(make_batches(eval_examples, tokenizer, cfg, shuffle_seed=None))
-    before = evaluate(model, eval_batches, cfg.task)
+    before = evaluate(model, eval_batches, cfg.task) if cfg.evaluate_before else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = make_optimizer(params, cfg)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    losses, step_times = train_loop(model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps)
+    start = time.perf_counter()
+    losses, step_times, diagnostics = train_loop(model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps)
+    train_time = time.perf_counter() - start
     after = evaluate(model, eval_batches, cfg.task)
 
     metrics = {
@@ -213,18 +240,41 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "loss_curve": losses,
         "eval_before": before,
         "eval_after": after,
+        "diagnostics": diagnostics,
+        "train_time_s": train_time,
         "mean_step_time_s": sum(step_times[1:]) / max(1, len(step_times) - 1),
         "step_times_s": step_times,
         "peak_rss_mib": peak_rss_mib(),
         "device": str(device),
         "peak_device_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("data", "eval_data")},
+        "config": config_record(cfg),
         "data": str(cfg.data) if isinstance(cfg.data, (str, Path)) else f"<{len(train_examples)} in-memory examples>",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     if cfg.out is not None:
         save_trained(model.cpu(), cfg, metrics)
     return metrics
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """The settings for metrics.json, without the data (not asdict: it would deep-copy in-memory data)."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("data", "eval_data")}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def adapter_seed(seed: int, method: str) -> int:
+    """A per-(seed, method) torch seed: a stable hash, not Python's salted hash()."""
+    return zlib.crc32(f"{method}:{seed}".encode())
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases, DoRA's m and d are 1-D and start at
+    non-zero values that decay would pull toward 0 instead of toward their init."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
 def peak_rss_mib() -> float:
@@ -253,10 +303,14 @@ def on_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps) -> tuple[list[float], list[float]]:
+def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps) -> tuple[list[float], list[float], list[dict]]:
+    """Returns the loss per step, the time per step and the adapter diagnostics every
+    `cfg.diagnostics_every` steps (and at the last), each with the step and the mean recent loss."""
     model.train()
     device = next(model.parameters()).device
-    losses, step_times, epoch = [], [], 0
+    every = cfg.diagnostics_every or max(1, total_steps // 20)
+    magnitudes0 = magnitude_snapshot(model)
+    losses, step_times, diagnostics, epoch = [], [], [], 0
     bar = tqdm(total=total_steps, desc=f"train {cfg.method}", disable=not cfg.progress)
     while len(losses) < total_steps:
         for batch in make_batches(examples, tokenizer, cfg, shuffle_seed=cfg.seed + epoch):
@@ -271,13 +325,16 @@ def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps
                 torch.cuda.synchronize(device)  # step time, not launch time
             step_times.append(time.perf_counter() - start)
             losses.append(loss.item())
+            if len(losses) % every == 0 or len(losses) == total_steps:
+                recent = losses[-every:]
+                diagnostics.append({"step": len(losses), "loss": sum(recent) / len(recent), **adapter_diagnostics(model, magnitudes0)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if len(losses) == total_steps:
                 break
         epoch += 1
     bar.close()
-    return losses, step_times
+    return losses, step_times, diagnostics
 
 
 def save_trained(model: nn.Module, cfg: TrainConfig, metrics: dict) -> None:

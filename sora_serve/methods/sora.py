@@ -28,7 +28,9 @@ from .prediag import PreDiag
 
 
 def rotation_scale(c: torch.Tensor, d: torch.Tensor, s0: float) -> torch.Tensor:
-    """s_p = min(1, s0 / (|C|_F + |D|_F + 1e-6)), which keeps |K| bounded."""
+    """s_p = min(1, s0 / (|C|_F + |D|_F + 1e-6)). It does not bound |K|: |D C^T - C D^T|_2 can reach
+    (|C|_F + |D|_F)^2 / 2, so |K|_2 <= s0 (|C|_F + |D|_F) / 2 still grows with C and D. Cayley's R is
+    orthogonal for any K; the first-order I + K amplifies by sqrt(1 + |K|_2^2) (training/diagnostics.py)."""
     return torch.clamp(s0 / (c.norm() + d.norm() + 1e-6), max=1.0)
 
 
