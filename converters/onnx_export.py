@@ -189,7 +189,8 @@ def export_dims(num_past: int, num_factors: int) -> tuple:
 
 def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None:
     """Give each adapter input an initializer of the same name: optional inputs, identity when not fed."""
-    graph = onnx.load(str(path))
+    # the weights stay in their external files: loaded inline, a model over 2 GB cannot be re-serialised (protobuf limit)
+    graph = onnx.load(str(path), load_external_data=False)
     missing = sorted(set(defaults) - {i.name for i in graph.graph.input})
     if missing:  # an adapter tensor the traced graph never reads would be silently ignored: fail instead
         raise RuntimeError(f"adapter tensors are not inputs of the traced graph: {missing[:3]}")
