@@ -89,10 +89,11 @@ class Settings:
 
 QUICK = Settings(seeds=(0, 1), sweep_lrs=(5e-3,), sweep_seed=100, sweep_held_out=48, sst2_steps=4, sst2_eval=48,
                  amazon_steps=3, amazon_eval=32, domains=("books", "airline"), max_length=48)
-# Sized for about an hour on 2 CPU cores shared with other work: 165 runs, ~6,200 steps of batch 16
-# (a step takes ~0.2 s on 2 idle cores, SST-2 sentences; ~0.35 s for 64-token reviews), plus evaluation.
-FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(1e-3, 3e-3, 1e-2), sweep_seed=100, sweep_held_out=500, sst2_steps=80,
-                sst2_eval=None, amazon_steps=24, amazon_eval=250)
+# Sized for about an hour on 2 CPU cores shared with other work (run it with OMP_NUM_THREADS=1 there:
+# two threads on oversubscribed cores were 4x slower per step than one): 165 runs, 4,900 steps of
+# batch 16 (~0.3-0.5 s each for one thread), plus a model load and an evaluation per run.
+FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(2e-3, 5e-3, 1e-2), sweep_seed=100, sweep_held_out=500, sst2_steps=60,
+                sst2_eval=None, amazon_steps=20, amazon_eval=200)
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
@@ -274,7 +275,10 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
     started = time.perf_counter()
     sst2_train = read_tsv(SST2 / "train_full.tsv")
     n_runs = len(METHODS) * (len(settings.sweep_lrs) + len(settings.seeds) * (1 + len(settings.domains)))
-    payload = {"quick": quick, "settings": {**asdict(settings), "scale": SCALE, "methods": {k: asdict(v) for k, v in METHODS.items()}}}
+    import torch
+
+    payload = {"quick": quick, "settings": {**asdict(settings), "scale": SCALE, "methods": {k: asdict(v) for k, v in METHODS.items()},
+                                            "torch_threads": torch.get_num_threads()}}
     data = {"sst2": (sst2_train, sample(read_tsv(SST2 / "dev.tsv"), settings.sst2_eval, 0), settings.sst2_steps)}
     for domain in settings.domains:
         data[domain] = (read_tsv(AMAZON / domain / "train.tsv"), sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
@@ -306,7 +310,7 @@ def markdown(payload: dict, settings: Settings) -> str:
     first = tasks["sst2"]["runs"]
     lines = [f"all-MiniLM-L6-v2, adapters on query/value in all 6 layers, s = alpha/r = {SCALE:g} for every method, "
              f"{'quick (smoke) mode' if payload['quick'] else 'full mode'}, {len(settings.seeds)} seeds, total runtime "
-             f"{payload['runtime_s'] / 60:.1f} min.", "",
+             f"{payload['runtime_s'] / 60:.1f} min ({payload['settings']['torch_threads']} torch thread(s)).", "",
              "| method | trainable params (incl. head) | lr (sweep) | " + " | ".join(tasks) + " | Amazon mean | train time / run (s) | collapsed runs |",
              "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
     for m in names:
