@@ -74,6 +74,10 @@ def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
     checkpoint = _base_checkpoint(model_dir)
     layers = checkpoint_layers(checkpoint, adapter.tensors, norms=False)
     check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"))
+    head = checkpoint.meta_model.get_output_embeddings()
+    head_path = next((name for name, module in checkpoint.meta_model.named_modules() if module is head), None)
+    if head_path in adapter.tensors:  # refused in the worker too; here it never reaches the engine
+        raise AdapterError(f"module '{head_path}': vLLM does not apply LoRA to the output head", file=adapter.weights_file, field=f"{PEFT_PREFIX}{head_path}")
 
 
 def validate_request_adapter(lora_request, model_dir: str | None = None) -> None:
@@ -134,6 +138,7 @@ def patch_worker_loading() -> None:
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs):
         try:
             adapter = read_adapter(lora_dir)
+            check_targets(adapter, expected_lora_modules)
         except AdapterError as exc:
             raise adapter_error(Path(lora_dir).name, lora_dir, exc) from exc
         mapper = kwargs.get("weights_mapper")
@@ -144,8 +149,6 @@ def patch_worker_loading() -> None:
             return model
         tensors = {}
         for path, t in adapter.tensors.items():
-            if path.rsplit(".", 1)[-1] not in expected_lora_modules:
-                raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} but received {path}.")
             # Copies: vLLM scales lora_b in place (LoRALayerWeights.optimize); our factors need the originals.
             tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = t["lora_A"].clone()
             tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = t["lora_B"].clone()
@@ -180,6 +183,16 @@ def patch_worker_loading() -> None:
     PEFTHelper.validate_legal = validate_legal
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModelManager._validate_modules_to_save = validate_at_load
+
+
+def check_targets(adapter: AdapterFile, expected_lora_modules: set[str]) -> None:
+    """Every adapted module must be one vLLM can adapt in this model (lm_head and embeddings are not)."""
+    for path in adapter.tensors:
+        if path.rsplit(".", 1)[-1] not in expected_lora_modules:
+            raise AdapterError(
+                f"module '{path}': vLLM cannot adapt it in this model (adaptable: {', '.join(sorted(expected_lora_modules))})",
+                file=adapter.weights_file, field=f"{PEFT_PREFIX}{path}",
+            )
 
 
 def check_base_layers(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
