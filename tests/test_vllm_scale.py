@@ -4,6 +4,8 @@ them; every answer equals its adapter alone, base requests stay base, and memory
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
 
@@ -12,7 +14,10 @@ from sora_serve.tiny import make_tiny_checkpoint
 
 from .helpers import eager_model, off_greedy, set_first_value, write_random_adapter
 
-N_ADAPTERS, PER_ROUND, FIRST = 40, 4, 16  # 10 rounds of 4 new adapters; memory compared after 16 and after 40
+# 10 rounds of 4 new adapters; memory compared after 16 and after all. SORA_SERVE_SCALE_ADAPTERS=256
+# runs the issue's full size (about 10 minutes here) with the same checks.
+N_ADAPTERS = int(os.environ.get("SORA_SERVE_SCALE_ADAPTERS", "40"))
+PER_ROUND, FIRST = 4, 16
 KINDS = (
     dict(method="lora"),
     dict(method="dora"),
@@ -65,8 +70,8 @@ def engine_rss() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(ENGINE_START_S + 240)
-def test_forty_adapters_cycled_through_two_slots(engine):
+@pytest.mark.timeout(ENGINE_START_S + 6 * N_ADAPTERS)
+def test_many_adapters_cycled_through_two_slots(engine):
     """Each round brings 4 new adapters, one evicted earlier adapter (read back from disk) and two
     base requests into one batch; every answer is checked against the float64 eager runtime."""
     root, llm = engine
