@@ -170,7 +170,10 @@ def patch_worker_loading() -> None:
     def validate_at_load(self, lora_model) -> None:
         """Runs inside vLLM's adapter loading, before any slot is touched: errors are load errors."""
         stock_validate(self, lora_model)
-        adapter, paths = lora_model.__dict__.pop("sora_checks")
+        checks = lora_model.__dict__.pop("sora_checks", None)
+        if checks is None:  # not read from a directory by us (vLLM's own dummy adapters)
+            return
+        adapter, paths = checks
         try:
             check_base_layers(adapter, paths, self.modules, self.packed_modules_mapping)
             if hasattr(lora_model, "sora_adapter"):
