@@ -24,11 +24,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import statistics
 import tempfile
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 from scipy import stats as scipy_stats
@@ -43,6 +46,9 @@ DOMAINS = ("books", "dvd", "electronics", "kitchen", "airline")
 SCALE = 2.0  # s = alpha / r for every method
 HELD_OUT_SEED = 12345  # which SST-2 training sentences the lr sweep holds out
 SERVED = "sora_cayley"  # the method whose Amazon adapters are served together
+# Training runs in parallel processes. On 2 shared cores, 2 workers with OMP_NUM_THREADS=1 each beat one
+# 2-thread process by far: small GEMMs gain little from a second thread and lose a lot when it is descheduled.
+WORKERS_ENV = "SORA_QUALITY_WORKERS"
 
 
 @dataclass
@@ -128,17 +134,28 @@ def held_out_split(examples: list, n: int) -> tuple[list, list]:
     return shuffled[:n], shuffled[n:]
 
 
-def sweep_lr(settings: Settings, sst2_train: list, bar) -> dict:
+def train_all(jobs: dict[str, dict], settings: Settings, pool: Executor, bar) -> dict[str, dict]:
+    """train_one for every job (label -> keyword arguments), `workers` at a time; one line per finished run."""
+    futures = {pool.submit(train_one, settings=settings, **job): label for label, job in jobs.items()}
+    results = {}
+    for future in as_completed(futures):
+        label, run = futures[future], future.result()
+        results[label] = run
+        bar.update(1)
+        bar.write(f"{label}: accuracy {100 * run['accuracy']:.2f} ({run['train_time_s']:.0f} s training)")
+    return results
+
+
+def sweep_lr(settings: Settings, sst2_train: list, pool: Executor, bar) -> dict:
     """Each method's lr: the best held-out accuracy after training on the rest of SST-2's training set."""
     held_out, rest = held_out_split(sst2_train, settings.sweep_held_out)
+    jobs = {f"sweep {name} lr {lr:g}": dict(name=name, train=rest, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=settings.sweep_seed)
+            for name in METHODS for lr in settings.sweep_lrs}
+    runs = train_all(jobs, settings, pool, bar)
     sweep = {}
     for name in METHODS:
-        scores = {}
-        for lr in settings.sweep_lrs:
-            run = train_one(name, rest, held_out, settings.sst2_steps, lr, settings.sweep_seed, settings)
-            scores[lr] = {k: run[k] for k in ("accuracy", "eval_loss", "majority_share", "final_train_loss")}
-            bar.update(1)
-            bar.write(f"sweep {name} lr {lr:g}: held-out accuracy {100 * run['accuracy']:.2f}")
+        scores = {lr: {k: runs[f"sweep {name} lr {lr:g}"][k] for k in ("accuracy", "eval_loss", "majority_share", "final_train_loss")}
+                  for lr in settings.sweep_lrs}
         best = max(settings.sweep_lrs, key=lambda lr: (scores[lr]["accuracy"], -scores[lr]["eval_loss"]))
         sweep[name] = {"lr": best, "scores": {f"{lr:g}": s for lr, s in scores.items()}}
     return sweep
@@ -178,17 +195,18 @@ def pooled_comparisons(tasks: dict) -> dict:
     return out
 
 
-def run_round(seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings, bar, keep_root: Path) -> None:
+def run_round(seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings, pool: Executor, bar, keep_root: Path) -> None:
     """Every task and method for one seed; seed 0 of SERVED on Amazon is saved for the serving check."""
-    for task, (train, eval_, steps) in data.items():
-        for name in METHODS:
-            keep = task in settings.domains and name == SERVED and seed == settings.seeds[0]
-            run = train_one(name, train, eval_, steps, lrs[name], seed, settings, out=keep_root / task if keep else None)
-            if not keep:
-                run.pop("predictions")
-            tasks[task]["runs"][name].append(run)
-            bar.update(1)
-            bar.write(f"seed {seed} {task} {name}: accuracy {100 * run['accuracy']:.2f} ({run['train_time_s']:.0f} s training)")
+    kept = {task for task in data if task in settings.domains and seed == settings.seeds[0]}
+    jobs = {(task, name): dict(name=name, train=train, eval_=eval_, steps=steps, lr=lrs[name], seed=seed,
+                               out=keep_root / task if task in kept and name == SERVED else None)
+            for task, (train, eval_, steps) in data.items() for name in METHODS}
+    runs = train_all({f"seed {seed} {task} {name}": job for (task, name), job in jobs.items()}, settings, pool, bar)
+    for task, name in jobs:  # in a fixed order, whatever order the workers finished in
+        run = runs[f"seed {seed} {task} {name}"]
+        if not (task in kept and name == SERVED):
+            run.pop("predictions")
+        tasks[task]["runs"][name].append(run)
     for task in tasks.values():
         task["summary"] = {m: summarize(r) for m, r in task["runs"].items()}
         task["paired"] = task_comparisons(task)
@@ -285,11 +303,13 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
                         settings.amazon_steps)
     tasks = payload["tasks"] = {t: {"steps": steps, "n_eval": len(ev), "runs": {m: [] for m in METHODS}} for t, (_, ev, steps) in data.items()}
     keep_root = Path(tempfile.mkdtemp(prefix="quality-adapters-"))
-    with tqdm(total=n_runs, desc="quality runs") as bar:
-        payload["lr_sweep"] = sweep_lr(settings, sst2_train, bar)
+    workers = int(os.environ.get(WORKERS_ENV, "1"))
+    payload["settings"]["workers"] = workers
+    with tqdm(total=n_runs, desc="quality runs") as bar, ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
+        payload["lr_sweep"] = sweep_lr(settings, sst2_train, pool, bar)
         lrs = {m: s["lr"] for m, s in payload["lr_sweep"].items()}
         for seed in settings.seeds:  # seed-major: a run stopped late keeps whole rounds of every task
-            run_round(seed, tasks, data, lrs, settings, bar, keep_root)
+            run_round(seed, tasks, data, lrs, settings, pool, bar, keep_root)
             write_partial(payload, out_dir)
     evals = {d: data[d][1] for d in settings.domains}
     train_predictions = {d: tasks[d]["runs"][SERVED][0].pop("predictions") for d in settings.domains}
