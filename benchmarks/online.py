@@ -69,14 +69,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str, log_path: Path, timeout: float = 600) -> Iterator[tuple[str, float]]:
-    """`sora-serve serve` in its own process group; yields (url, seconds until /health answered).
+    """`sora-serve serve` in its own process group, its CPU cache holding every adapter; yields
+    (url, seconds until /health answered).
     Stopping sends SIGTERM to the group (vLLM shuts down cleanly), then SIGKILL to what is left."""
     import urllib.error
     import urllib.request
 
     port = free_port()
     command = [
-        sys.executable, "-m", "sora_serve.cli", "serve", "--model", str(model), "--port", str(port), "--max-loras", str(max_loras), "--dtype", dtype,
+        sys.executable, "-m", "sora_serve.cli", "serve", "--model", str(model), "--port", str(port), "--max-loras", str(max_loras), "--max-cpu-loras", str(len(adapters) + max_loras), "--dtype", dtype,
         "--max-model-len", "512", *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")],
         "--", "--served-model-name", BASE_NAME, "--max-num-seqs", "64",
     ]

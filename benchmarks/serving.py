@@ -67,13 +67,13 @@ def make_plan(shape: str | None, quick: bool) -> Plan:
         )
     full = Plan(
         shape, False, 16, (4, 256), (1, 8, 32), 3,
-        scale.ScalePlan(distinct=(1, 2, 4, 8, 16, 32), distinct_batch=32, sora_distinct=(1, 4, 16, 32), slots=4, rotation=(4, 8, 32, 128), small_cache=8, waves=8, wave_batch=8, wave_tokens=8, first_copies=3, hidden_shapes=("hidden1024",)),
-        online_load.LoadPlan(rates=(0.5, 1.0, 2.0, 4.0), requests_per_rate=20, prompt_len=(16, 128), output_len=(16, 64), ttft_slo_s=2.0),
+        scale.ScalePlan(distinct=(1, 2, 4, 8, 16, 32), distinct_batch=32, sora_distinct=(1, 16, 32), slots=4, rotation=(4, 8, 32, 128), small_cache=8, waves=8, wave_batch=8, wave_tokens=8, first_copies=3, hidden_shapes=("hidden1024",)),
+        online_load.LoadPlan(rates=(1.0, 2.0, 4.0, 8.0), requests_per_rate=24, prompt_len=(16, 128), output_len=(16, 64), ttft_slo_s=1.0),
         True, (8,), 16, 3, (1, 16),
     )
     if shape == "small":  # the toy model is cheap: more repeats and tokens, no second hidden size
         full = replace(full, decode_tokens=64, prefill=(8, 256), repeats=5, eager_batches=(1, 8, 32), eager_tokens=32, eager_repeats=5, scale=replace(full.scale, hidden_shapes=()),
-                       online=replace(full.online, rates=(2.0, 4.0, 8.0, 16.0), ttft_slo_s=0.5))
+                       online=replace(full.online, rates=(2.0, 4.0, 8.0, 16.0), ttft_slo_s=0.25))
     return full
 
 
@@ -235,7 +235,9 @@ def eager_deployments(shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict:
     load = lambda path=base: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()  # noqa: E731
     runtime = load()
     distinct = [f"sora{i}" for i in range(max(plan.eager_distinct))]
-    for name in ("prediag", "sora", "sora_cayley", *distinct):
+    # the eager Cayley rotation solves a linear system: torch has no bf16 CPU kernel for it
+    cayley = ["sora_cayley"] if dtype != torch.bfloat16 else []
+    for name in ("prediag", "sora", *cayley, *distinct):
         ss.load_adapter(runtime, dirs[name], name=name)
     deployments = {
         "base": hf_generate(load()),
@@ -244,7 +246,7 @@ def eager_deployments(shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict:
         "PEFT DoRA (unmerged)": hf_generate(PeftModel.from_pretrained(load(), dirs["dora"]).eval()),
         "ours Pre-Diag": hf_generate(runtime, ["prediag"]),
         "ours SORA": hf_generate(runtime, ["sora"]),
-        "ours SORA cayley": hf_generate(runtime, ["sora_cayley"]),
+        **{"ours SORA cayley": hf_generate(runtime, cayley) for _ in cayley},
     }
     cases = {f"{name} @ batch {batch}": (generate, batch) for name, generate in deployments.items() for batch in plan.eager_batches}
     cases |= {f"ours SORA, {k} distinct adapters @ batch 16": (hf_generate(runtime, distinct[:k]), 16) for k in plan.eager_distinct}
@@ -264,7 +266,8 @@ def onnx_exports(base: Path, dirs: dict) -> tuple[Path, Path]:
     """The merged-SORA graph and the switchable graph with every kind (cached beside the base)."""
     from sora_serve.converters.onnx_export import export_onnx
 
-    merged, switchable = cache_dir() / f"onnx-merged-{base.name}", cache_dir() / f"onnx-switchable-{base.name}"
+    key = "-".join(Path(dirs[n]).name.rsplit("-", 1)[1] for n in KINDS)  # the adapters' cache keys
+    merged, switchable = cache_dir() / f"onnx-merged-{base.name}-{key}", cache_dir() / f"onnx-switchable-{base.name}-{key}"
     if not (merged / "model.onnx").is_file():
         export_onnx(merged_sora(base, dirs), merged, verify=False)
     if not (switchable / "model.onnx").is_file():
@@ -420,7 +423,7 @@ def ratio_rows(plan: Plan, shape: Shape, v: dict, e: dict, o: dict, onnx_shape: 
     ]
 
 
-def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, dict], first_shapes: dict[str, Shape]) -> tuple[dict, dict, dict, dict, dict]:
+def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, dict]) -> tuple[dict, dict, dict, dict, dict]:
     """The three scale curves as {label: {x: median}} (plus raw rotation rows and first-request tables)."""
     distinct, limits = {}, {}
     for label, kind in (("plugin LoRA", "lora"), ("stock LoRA", "lora"), ("plugin SORA", "sora")):
@@ -436,14 +439,12 @@ def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, 
                 r["stats"], r["limit"] = r["tok_per_s"], scale.rotation_limit(shape, r)  # tok_per_s: stats over the waves (vllm_engine)
             rotation[label] = {r["adapters"]: r["stats"]["median"] for r in rows}
             rotation_raw[label] = rows
-    kinds = {}
     first = {}
     for label, engine in scale_results.items():
         for r in engine["results"]:
-            if r["kind"] == "first_request":
+            if r["kind"] == "first_request":  # adapters are named first-<kind>-<i> (first_request_copies)
                 name = label.removeprefix("first request, ") if label.startswith("first request, ") else plan.shape
-                kinds = {n: n.split("-")[1] for n in r["adapters"]}
-                first[name] = scale.first_request_table(r, kinds)
+                first[name] = scale.first_request_table(r, {n: n.split("-")[1] for n in r["adapters"]})
     return distinct, limits, rotation, rotation_raw, first
 
 
@@ -457,7 +458,7 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
     rows = ratio_rows(plan, shape, v, e, o, onnx_shape)
     ratios = {name: value for name, value, _ in rows}
     first_shapes = {plan.shape: shape, **{n: resolve_dtype(SHAPES[n]) for n in plan.scale.hidden_shapes}}
-    distinct, distinct_limits, rotation, rotation_raw, first = curves(plan, shape, vllm, scale_results, first_shapes)
+    distinct, distinct_limits, rotation, rotation_raw, first = curves(plan, shape, vllm, scale_results)
     most_sora = middle_sora(plan)
     targets = [
         Target("eager merged / base decode", ratios["eager merged SORA / base decode (batch 8)"], 0.98),
@@ -470,7 +471,6 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
                note="issue 5's 16-adapter target, read from the distinct-adapter curve"),
         *scale.targets(distinct, rotation, first, first_shapes, plan.scale.slots),
     ]
-    slo = online["plan"]["ttft_slo_s"]
     online_errors = sum(r["errors"] for s in online["results"].values() for r in s["rates"])
     targets.append(Target("online load: failed requests (all sets, all rates)", online_errors, 0, higher_is_better=False))
     m = resolve_dtype(shape)
@@ -493,7 +493,7 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
     md += [f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row.get('ttft_s'))} | {_ms(row.get('tpot_s'), 2)} |" for row in vllm]
     fit = onnx["fit"]
     md += ["", "## Eager Hugging Face and ONNX Runtime", "",
-           f"Eager runs in {m.dtype}; ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
+           f"Eager runs in {m.dtype}{' (SORA cayley left out: its eager forward calls torch.linalg.solve, which has no bf16 CPU kernel)' if m.dtype == 'bfloat16' else ''}; ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
            f"(export + two sessions need ~{fit['need_gib']:.1f} GiB, {fit['available_gib']:.1f} GiB available at the start of the section).", "",
            "| deployment | tok/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |", "| --- | --- | --- | --- |"]
     for name, r in {**eager, **onnx["results"]}.items():

@@ -26,7 +26,7 @@ KINDS = {
     "lora": dict(method="lora"),
     "dora": dict(method="dora"),
     "prediag": dict(method="prediag"),
-    "sora": dict(method="sora", r_p=R_P),
+    "sora": dict(method="sora", r_p=R_P, rotation="first_order"),  # explicit: the library's default rotation is Cayley
     "sora_cayley": dict(method="sora", r_p=R_P, rotation="cayley"),
 }
 
