@@ -48,6 +48,10 @@ def served(tmp_path_factory):
     write_random_adapter(root / STATIC, ss.AdapterConfig(method="sora", rotation="cayley", r=4, r_p=2, target_modules="all-linear"), seed=10, scale=0.05)
     write_random_adapter(root / "nan_lora", VERSIONS["lora_a"], seed=11, scale=0.05)
     set_first_value(root / "nan_lora", "lora_B.weight", float("nan"))
+    for name, field, value in (("text_rank", "r", "16"), ("foo_type", "peft_type", "FOO")):
+        write_random_adapter(root / name, VERSIONS["lora_a"], seed=13, scale=0.05)
+        config = json.loads((root / name / "adapter_config.json").read_text())
+        (root / name / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SORA_SERVE_ALLOW_LARGE_UPDATES", "1")  # finite, passes the validator only with the override
         write_random_adapter(root / "overflow", VERSIONS["sora_c"], seed=12, scale=0.05, factor_scale=1e30)
@@ -223,14 +227,18 @@ def test_load_unload_races_under_traffic(served):
 
 @pytest.mark.slow
 @pytest.mark.timeout(SERVER_START_S + 60)
-def test_a_nan_lora_is_refused_at_load_with_400_naming_the_file(served):
-    """Issue 9 item 2: a plain PEFT LoRA with one NaN in lora_B (accepted by stock vLLM)."""
+def test_bad_adapters_are_refused_at_load_with_400_naming_the_file(served):
+    """Issue 9 items 2-5: a plain PEFT LoRA with one NaN in lora_B (accepted by stock vLLM), `r: "16"`
+    (a TypeError inside vLLM) and `peft_type: "FOO"` (served by stock vLLM): each a 400 naming file and field."""
     url, root, process = served
     status, body = load(url, "nan", root / "nan_lora")
     message = error_message(body)
     assert status == 400, body
     assert "adapter_model.safetensors" in message and "NaN" in message and "<path>" not in message, message
     assert complete(url, "nan", PROMPTS[0], 4)[0] == 404
+    for name, field in (("text_rank", "'r'"), ("foo_type", "'peft_type'")):  # vLLM's own config parsing never sees them
+        status, body = load(url, name, root / name)
+        assert status == 400 and "adapter_config.json" in error_message(body) and field in error_message(body), body
     status, body = complete(url, STATIC, PROMPTS[0], 4)
     assert status == 200 and off_greedy(reference(root, STATIC), PROMPTS[0], new_tokens(body)) == [], body
     assert_alive(url, process)

@@ -116,12 +116,17 @@ def patch_front_end() -> None:
 # ------------------------------------------------------------------ worker
 
 
+_validated: dict[str, AdapterFile] = {}  # lora_dir -> adapter read by `_load_adapter`, taken by the loader
+
+
 def patch_worker_loading() -> None:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.peft_helper import PEFTHelper
-    from vllm.lora.utils import get_lora_id, parse_fine_tuned_lora_name
+    from vllm.lora.utils import get_adapter_absolute_path, get_lora_id, parse_fine_tuned_lora_name
+    from vllm.lora.worker_manager import WorkerLoRAManager
 
+    stock_load_adapter = WorkerLoRAManager._load_adapter
     stock_load = LoRAModel.from_local_checkpoint.__func__
     stock_legal = PEFTHelper.validate_legal
     stock_validate = LoRAModelManager._validate_modules_to_save
@@ -134,10 +139,25 @@ def patch_worker_loading() -> None:
         finally:
             self.use_dora = use_dora
 
+    @functools.wraps(stock_load_adapter)
+    def _load_adapter(self, lora_request):
+        """Our validator first: vLLM's own config parsing (PEFTHelper) would otherwise meet a bad
+        file before it, with a Python error (e.g. TypeError for `r: "16"`) instead of ours."""
+        lora_dir = get_adapter_absolute_path(lora_request.lora_path)
+        if os.path.isdir(lora_dir):  # a missing dir stays vLLM's "not found" (HTTP 404)
+            try:
+                _validated[lora_dir] = read_adapter(lora_dir)
+            except AdapterError as exc:
+                raise adapter_error(lora_request.lora_name, lora_dir, exc) from exc
+        try:
+            return stock_load_adapter(self, lora_request)
+        finally:
+            _validated.pop(lora_dir, None)
+
     @functools.wraps(stock_load)
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs):
         try:
-            adapter = read_adapter(lora_dir)
+            adapter = _validated.pop(lora_dir, None) or read_adapter(lora_dir)
             check_targets(adapter, expected_lora_modules)
         except AdapterError as exc:
             raise adapter_error(Path(lora_dir).name, lora_dir, exc) from exc
@@ -183,6 +203,7 @@ def patch_worker_loading() -> None:
         except (AdapterError, ValueError) as exc:
             raise adapter_error(adapter.directory.name, adapter.directory, exc) from exc
 
+    WorkerLoRAManager._load_adapter = _load_adapter
     PEFTHelper.validate_legal = validate_legal
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModelManager._validate_modules_to_save = validate_at_load
