@@ -331,7 +331,7 @@ def markdown(payload: dict, settings: Settings) -> str:
     lines = [f"all-MiniLM-L6-v2, adapters on query/value in all 6 layers, s = alpha/r = {SCALE:g} for every method, "
              f"{'quick (smoke) mode' if payload['quick'] else 'full mode'}, {len(settings.seeds)} seeds, total runtime "
              f"{payload['runtime_s'] / 60:.1f} min ({payload['settings']['torch_threads']} torch thread(s)).", "",
-             "| method | trainable params (incl. head) | lr (sweep) | " + " | ".join(tasks) + " | Amazon mean | train time / run (s) | collapsed runs |",
+             "| method | trainable params (incl. head) | lr (sweep) | " + " | ".join(tasks) + " | Amazon mean | train time / run (s) | one-class runs |",
              "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
     for m in names:
         cells = [f"{pct(t['summary'][m]['mean'])} ± {pct(t['summary'][m]['std'])}" for t in tasks.values()]
@@ -342,6 +342,8 @@ def markdown(payload: dict, settings: Settings) -> str:
         lines.append(f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep'][m]['lr']:g} | " + " | ".join(cells)
                      + f" | {amazon_cell} | {time_per_run:.1f} | {collapsed} |")
     lines += ["", "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
+              "One-class runs: > 95% of the eval predictions in one class, either a collapse (train loss back at ln 2 after "
+              "having learned) or a run that has not left chance yet (its diagnostics in the JSON tell which).",
               f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch {settings.batch_size}, max "
               f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon {settings.amazon_eval} random test reviews per domain.",
               "", "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided sign test p, paired t-test p.", "",
