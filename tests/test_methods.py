@@ -149,3 +149,19 @@ def test_sora_forward_never_builds_an_out_by_out_tensor(rotation):
     assert recorder.shapes, "the recorder saw no ops"
     assert any(out_f in s for s in recorder.shapes)  # it did see the layer's outputs
     assert not [s for s in recorder.shapes if s.count(out_f) >= 2]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+def test_cayley_sora_runs_in_half_precision(dtype, tol):
+    """torch has no half/bfloat16 linear solve on CPU: the 2r_p x 2r_p Cayley system is solved in
+    float32, so a half-precision SORA layer trains and matches the float64 formula within the
+    dtype's rounding (tolerance relative to the output scale)."""
+    layer = make_layer("linear", True, "sora", "cayley")
+    w_ref, b_ref = reference_dense(layer, "sora", "cayley")
+    x = torch.randn(4, IN, dtype=torch.float64)
+    expected = x @ w_ref.T + b_ref
+    half = layer.to(dtype)
+    got = half(x.to(dtype))
+    got.float().square().sum().backward()
+    assert got.dtype == dtype and half.adapters["a"].sora_C.grad is not None
+    assert (got.double() - expected).abs().max() <= tol * expected.abs().max()

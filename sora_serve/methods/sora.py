@@ -44,9 +44,14 @@ def scaled_generator(c: torch.Tensor, d: torch.Tensor, s0: float) -> tuple[torch
 
 
 def cayley_core(u: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """H = M (I - U^T U M)^-1, so that (I - K)^-1 = I + U H U^T and the Cayley R = I + 2 U H U^T."""
-    system = torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - (u.T @ u) @ m
-    return torch.linalg.solve(system, m, left=False)
+    """H = M (I - U^T U M)^-1, so that (I - K)^-1 = I + U H U^T and the Cayley R = I + 2 U H U^T.
+
+    The 2r_p x 2r_p system is solved in float32 at least: torch has no half/bfloat16 solve on CPU,
+    and a bfloat16 model's rotation should not be rounded inside the inverse anyway."""
+    dtype = torch.promote_types(m.dtype, torch.float32)
+    u32, m32 = u.to(dtype), m.to(dtype)
+    system = torch.eye(m.shape[0], dtype=dtype, device=m.device) - (u32.T @ u32) @ m32
+    return torch.linalg.solve(system, m32, left=False).to(m.dtype)
 
 
 def rotation_factors(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str) -> tuple[torch.Tensor, torch.Tensor]:
