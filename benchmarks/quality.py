@@ -27,7 +27,6 @@ import math
 import os
 import random
 import statistics
-import tempfile
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ DOMAINS = ("books", "dvd", "electronics", "kitchen", "airline")
 SCALE = 2.0  # s = alpha / r for every method
 HELD_OUT_SEED = 12345  # which SST-2 training sentences the lr sweep holds out
 SERVED = "sora_cayley"  # the method whose Amazon adapters are served together
+PARTIAL = "quality-partial.json"
 # Training runs in parallel processes. On 2 shared cores, 2 workers with OMP_NUM_THREADS=1 each beat one
 # 2-thread process by far: small GEMMs gain little from a second thread and lose a lot when it is descheduled.
 WORKERS_ENV = "SORA_QUALITY_WORKERS"
@@ -276,11 +276,35 @@ def quiet_transformers() -> None:
 
 
 def write_partial(payload: dict, out_dir: Path) -> None:
-    """The results so far, so a run stopped late still leaves its finished tasks."""
+    """The results so far, so a run stopped late still leaves its finished rounds (and can resume)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "quality-partial.json.tmp"
+    tmp = out_dir / f"{PARTIAL}.tmp"
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(out_dir / "quality-partial.json")
+    tmp.replace(out_dir / PARTIAL)
+
+
+def resume_from_partial(payload: dict, out_dir: Path) -> int:
+    """Continue a stopped run with the same settings: take its lr sweep and its complete seed rounds
+    (and the saved serving adapters) into `payload`; returns how many rounds are done (0: start afresh)."""
+    from sora_serve.training.train import HEAD_FILE
+
+    path = out_dir / PARTIAL
+    if not path.is_file():
+        return 0
+    old = json.loads(path.read_text())
+    comparable = ("workers", "torch_threads")
+    same = json.loads(json.dumps({k: v for k, v in payload["settings"].items() if k not in comparable}))
+    if old.get("quick") != payload["quick"] or {k: v for k, v in old["settings"].items() if k not in comparable} != same:
+        return 0
+    done = min(len(runs) for task in old["tasks"].values() for runs in task["runs"].values())
+    if done == 0 or not all((out_dir / "quality-adapters" / d / HEAD_FILE).is_file() for d in payload["settings"]["domains"]):
+        return 0
+    payload["lr_sweep"] = old["lr_sweep"]
+    for name, task in old["tasks"].items():
+        payload["tasks"][name]["runs"] = {m: runs[:done] for m, runs in task["runs"].items()}
+    payload["runtime_before_resume_s"] = old.get("runtime_s", 0.0)
+    payload["resumed"] = {"from_rounds": done, "previous_runtime_s": old.get("runtime_s")}
+    return done
 
 
 def run(quick: bool, out_dir: Path | None = None) -> Path | None:
@@ -302,22 +326,29 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
         data[domain] = (read_tsv(AMAZON / domain / "train.tsv"), sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
                         settings.amazon_steps)
     tasks = payload["tasks"] = {t: {"steps": steps, "n_eval": len(ev), "runs": {m: [] for m in METHODS}} for t, (_, ev, steps) in data.items()}
-    keep_root = Path(tempfile.mkdtemp(prefix="quality-adapters-"))
-    workers = int(os.environ.get(WORKERS_ENV, "1"))
-    payload["settings"]["workers"] = workers
-    with tqdm(total=n_runs, desc="quality runs") as bar, ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
-        payload["lr_sweep"] = sweep_lr(settings, sst2_train, pool, bar)
+    keep_root = out_dir / "quality-adapters"  # seed 0 of SERVED per domain, for the serving check
+    payload["settings"]["workers"] = workers = int(os.environ.get(WORKERS_ENV, "1"))
+    done = resume_from_partial(payload, out_dir)
+    if done:
+        print(f"resuming {out_dir / PARTIAL}: lr sweep and {done} seed round(s) already done")
+    with tqdm(total=n_runs, initial=done and len(METHODS) * (len(settings.sweep_lrs) + done * len(data)), desc="quality runs") as bar, \
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
+        if not done:
+            payload["lr_sweep"] = sweep_lr(settings, sst2_train, pool, bar)
         lrs = {m: s["lr"] for m, s in payload["lr_sweep"].items()}
-        for seed in settings.seeds:  # seed-major: a run stopped late keeps whole rounds of every task
+        for seed in settings.seeds[done:]:  # seed-major: a run stopped late keeps whole rounds of every task
             run_round(seed, tasks, data, lrs, settings, pool, bar, keep_root)
+            payload["runtime_s"] = payload.get("runtime_before_resume_s", 0.0) + time.perf_counter() - started
             write_partial(payload, out_dir)
     evals = {d: data[d][1] for d in settings.domains}
     train_predictions = {d: tasks[d]["runs"][SERVED][0].pop("predictions") for d in settings.domains}
     payload["serving"] = serve_domains_together({d: keep_root / d for d in settings.domains}, evals, settings, train_predictions)
     payload["pooled_paired"] = pooled_comparisons(tasks)
     payload["amazon_paired"] = pooled_comparisons({d: tasks[d] for d in settings.domains})
-    payload["runtime_s"] = time.perf_counter() - started
-    return save_suite("quality", payload, markdown(payload, settings), {"accuracy": accuracy_figure(payload)}, out_dir)
+    payload["runtime_s"] = payload.get("runtime_before_resume_s", 0.0) + time.perf_counter() - started
+    result = save_suite("quality", payload, markdown(payload, settings), {"accuracy": accuracy_figure(payload)}, out_dir)
+    (out_dir / PARTIAL).unlink()  # finished: a later run starts afresh
+    return result
 
 
 def pct(x: float) -> str:

@@ -1,0 +1,46 @@
+"""The quality suite's bookkeeping: paired statistics and resuming a stopped run (no training here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from benchmarks.quality import METHODS, PARTIAL, QUICK, paired, resume_from_partial
+
+
+def test_paired_comparison_counts_signs_and_tests():
+    p = paired([0.80, 0.82, 0.79, 0.81, 0.80], [0.79, 0.80, 0.80, 0.80, 0.78])
+    assert (p["wins"], p["losses"], p["ties"]) == (4, 1, 0)
+    assert p["mean"] == pytest.approx(0.01) and p["sign_p"] == pytest.approx(0.375)  # 2 * P(X >= 4), X ~ Bin(5, 1/2)
+    assert 0 < p["t_p"] < 1
+    same = paired([0.5, 0.6], [0.5, 0.6])
+    assert same["ties"] == 2 and same["sign_p"] == 1.0 and same["t_p"] is None
+
+
+def partial_payload(settings: dict, rounds: dict[str, int]) -> dict:
+    runs = {m: [{"seed": s, "accuracy": 0.5} for s in range(rounds.get(m, 2))] for m in METHODS}
+    return {"quick": True, "settings": settings, "lr_sweep": {m: {"lr": 1e-3} for m in METHODS}, "runtime_s": 100.0,
+            "tasks": {t: {"runs": runs} for t in ("sst2", *QUICK.domains)}}
+
+
+def fresh_payload(settings: dict) -> dict:
+    return {"quick": True, "settings": settings, "tasks": {t: {"runs": {m: [] for m in METHODS}} for t in ("sst2", *QUICK.domains)}}
+
+
+def test_resume_takes_complete_rounds_only_with_the_same_settings(tmp_path):
+    settings = {**json.loads(json.dumps(asdict(QUICK))), "workers": 1}
+    for domain in QUICK.domains:
+        (tmp_path / "quality-adapters" / domain).mkdir(parents=True)
+        (tmp_path / "quality-adapters" / domain / "head.safetensors").write_bytes(b"")
+    (tmp_path / PARTIAL).write_text(json.dumps(partial_payload({**settings, "workers": 4}, {"lora": 1})))  # lora: one round only
+    payload = fresh_payload(settings)
+    assert resume_from_partial(payload, tmp_path) == 1
+    assert all(len(runs) == 1 for task in payload["tasks"].values() for runs in task["runs"].values())
+    assert payload["runtime_before_resume_s"] == 100.0 and payload["lr_sweep"]["dora"]["lr"] == 1e-3
+
+    other = fresh_payload({**settings, "amazon_steps": 99})  # different settings: start afresh
+    assert resume_from_partial(other, tmp_path) == 0 and "lr_sweep" not in other
+    (tmp_path / "quality-adapters" / "books" / "head.safetensors").unlink()  # the serving check's adapters are gone
+    assert resume_from_partial(fresh_payload(settings), tmp_path) == 0
