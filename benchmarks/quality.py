@@ -16,7 +16,11 @@ Protocol, identical for every method:
 
 Then one SORA adapter per Amazon domain is loaded into one model and all domains run in one mixed
 batch through the eager runtime (`use_adapters`, one adapter per row); each row's predictions must
-equal those of its adapter alone. Partial results are written after every task.
+equal those of its adapter alone.
+
+Runs go seed round by seed round (every task and method for one seed), in SORA_QUALITY_WORKERS
+processes. After each round `quality-partial.json` holds the results so far; running the same
+command again with the same settings resumes from it (lr sweep and complete rounds kept).
 """
 
 from __future__ import annotations
