@@ -66,7 +66,7 @@ def make_plan(shape: str | None, quick: bool) -> Plan:
             False, (8,), 8, 1, (1, 4),
         )
     full = Plan(
-        shape, False, 16, (4, 256), (1, 8, 32), 3,
+        shape, False, 16, (4, 256), (1, 8, 32), 2,
         scale.ScalePlan(distinct=(1, 2, 4, 8, 16, 32), distinct_batch=32, sora_distinct=(1, 16, 32), slots=4, rotation=(4, 8, 32, 128), small_cache=8, waves=6, wave_batch=8, wave_tokens=8, first_copies=3, hidden_shapes=("hidden1024",)),
         online_load.LoadPlan(rates=(1.0, 2.0, 4.0, 8.0), requests_per_rate=24, prompt_len=(16, 128), output_len=(16, 64), ttft_slo_s=1.0),
         True, (8,), 8, 2, (1, 4),
