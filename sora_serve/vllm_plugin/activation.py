@@ -1,10 +1,10 @@
-"""Slot activation is a copy: every adapter's slot contents are computed once, when vLLM loads it.
+"""Slot contents are computed once, when vLLM loads an adapter; entering a slot is a copy.
 
-At load (`precompute_factors`, called from `loading.py`), each linear LoRA layer the adapter
-touches gets its `ServingFactors` per output slice, already cut to this tensor-parallel rank's
-shard and cast to the slot dtype, stored on vLLM's `LoRAModel` (its CPU cache entry). When the
-adapter later enters slot i (`LoRAModelManager.activate_adapter`), they are copied into slot i:
-the cost of bringing an adapter in is the size of its factors, whatever the base model's size.
+At load (`slot_weights`, called by the worker's loader in `loading.py`), each linear LoRA layer
+the adapter touches gets its `ServingFactors` per output slice, already cut to this
+tensor-parallel rank's shard and cast to the slot dtype, stored in vLLM's own `LoRAModel` (its
+CPU cache entry) as a `SlotFactors` per layer. When the adapter later enters slot i, vLLM calls
+the layer's `set_lora(i, ...)` with them (`layers.py`), a copy whatever the base model's size.
 
 DoRA's g = m / ||W0 + sBA||_row is the only factor that reads the base. It never needs W0 as a
 dense matrix: ||W0||^2 per row is recorded once per layer when vLLM processes the loaded weights
@@ -23,8 +23,7 @@ from sora_serve.io import AdapterFile
 from sora_serve.methods import Adapter, ServingFactors, build_adapter
 from sora_serve.methods.dora import DoRA
 
-from .isolation import slot_lora_ids
-from .slots import fill_plain_lora_slot, fill_slot, parallel_kind, slot_state
+from .layers import SlotFactors, is_plugin_layer, parallel_kind
 
 
 def slice_paths(module_name: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
@@ -108,20 +107,44 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ once per adapter: factors at load
 
 
-def precompute_factors(lora_model, modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
-    """Every adapted layer's per-slice slot contents, stored on the LoRAModel as `sora_factors`."""
+def slot_weights(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> dict:
+    """vLLM `LoRAModel.loras` for `adapter`: per adapted layer, its per-slice factors for this rank.
+
+    `paths` maps vLLM module names to the file's module paths. Plugin layers get a `SlotFactors`
+    (set_lora copies it); a layer vLLM wrapped with its own class can take a plain LoRA only."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    adapter: AdapterFile = lora_model.sora_adapter
-    by_vllm_name = {v: k for k, v in lora_model.sora_paths.items()}
-    factors: dict[str, list[ServingFactors | None]] = {}
+    loras = {}
     for module_name, layer in modules.items():
         if not isinstance(layer, BaseLinearLayerWithLoRA):
             continue
-        paths = [lora_model.sora_paths.get(n, by_vllm_name.get(n, n)) for n in slice_paths(module_name, packed_modules_mapping)]
-        if any(p in adapter.tensors for p in paths):
-            factors[module_name] = [None if p not in adapter.tensors else slice_factors(layer, i, adapter, p) for i, p in enumerate(paths)]
-    lora_model.sora_factors = factors
+        slice_names = [paths.get(n) for n in slice_paths(module_name, packed_modules_mapping)]
+        if any(name in adapter.tensors for name in slice_names):
+            factors = [slice_factors(layer, i, adapter, name) if name in adapter.tensors else None for i, name in enumerate(slice_names)]
+            loras[module_name] = _layer_weights(module_name, layer, factors)
+    return loras
+
+
+def _layer_weights(module_name: str, layer, factors: list[ServingFactors | None]):
+    """vLLM's weights object for one layer; B carries s already (scaling 1: vLLM leaves it)."""
+    from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
+
+    rank = max(f.lora_A.shape[0] for f in factors if f is not None)
+    lora_b = [None if f is None else f.lora_B for f in factors]
+    if is_plugin_layer(layer):
+        return PackedLoRALayerWeights(module_name, rank, [rank] * len(factors), SlotFactors(factors), lora_b, scaling=[1] * len(factors))
+    lora_a = _plain_lora(module_name, factors)
+    if len(factors) == 1:  # vLLM's single-slice layers take tensors, packed ones lists
+        return LoRALayerWeights(module_name, rank, rank, lora_a[0], lora_b[0], scaling=1)
+    return PackedLoRALayerWeights(module_name, rank, [rank] * len(factors), lora_a, lora_b, scaling=[1] * len(factors))
+
+
+def _plain_lora(module_name: str, factors: list[ServingFactors | None]) -> list:
+    """A's per slice for a layer that is not ours (vLLM kept its own class): plain LoRA only."""
+    for f in factors:
+        if f is not None and (f.scale is not None or f.bias_shift is not None or f.rot_U is not None):
+            raise ValueError(f"sora-serve cannot serve this adapter on '{module_name}': vLLM wraps it with its own LoRA class, which takes plain LoRA only")
+    return [None if f is None else f.lora_A for f in factors]
 
 
 def slice_factors(layer, i: int, adapter: AdapterFile, path: str) -> ServingFactors:
@@ -215,67 +238,25 @@ def shard_factors(layer, i: int, f: ServingFactors) -> ServingFactors:
 # ------------------------------------------------------------------ servability, checked at load
 
 
-def require_plain_weights(layer, module_name: str) -> None:
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    if not isinstance(layer.base_layer.quant_method, UnquantizedLinearMethod):
-        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer is quantized; Pre-Diag/SORA/DoRA need its plain weight")
-    if layer.base_layer.bias is not None and layer.base_layer.skip_bias_add:
-        raise ValueError(f"sora-serve cannot serve adapter module '{module_name}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)")
-
-
-def check_servable(lora_model, modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
-    """Every adapted module must be a plain (unquantized) linear LoRA layer of this vLLM model.
+def check_servable(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+    """Every adapted module must be a linear LoRA layer of this vLLM model; DoRA needs its plain
+    (unquantized) weight, and a scale needs the bias inside the layer's output.
 
     Fails closed, naming the module: an embedding, MoE expert or quantized layer would otherwise
     be served partially or with the wrong W0."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     packed_parent = {part: packed for packed, parts in packed_modules_mapping.items() for part in parts}
-    for vllm_name, path in lora_model.sora_paths.items():
+    for vllm_name, path in paths.items():
         prefix, _, last = vllm_name.rpartition(".")
         layer_name = f"{prefix}.{packed_parent.get(last, last)}" if prefix else packed_parent.get(last, last)
         layer = modules.get(layer_name)
         if not isinstance(layer, BaseLinearLayerWithLoRA):
             kind = "not found" if layer is None else f"a {type(layer).__name__}, not a plain linear layer"
             raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: '{layer_name}' is {kind}")
-        require_plain_weights(layer, path)
-
-
-# ------------------------------------------------------------------ the patches
-
-
-def patch_activation() -> None:
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-    from vllm.lora.model_manager import LoRAModelManager
-
-    stock_activate = LoRAModelManager.activate_adapter
-
-    @functools.wraps(stock_activate)
-    def activate_adapter(self, lora_id: int) -> bool:
-        activated = stock_activate(self, lora_id)
-        if not activated:
-            return activated
-        index = self.lora_index_to_id.index(lora_id)
-        slot_lora_ids[index] = lora_id  # so a request that goes non-finite can be traced to its adapter
-        lora_model = self._registered_adapters[lora_id]
-        factors = getattr(lora_model, "sora_factors", None)
-        for module_name, module in self.modules.items():
-            if not isinstance(module, BaseLinearLayerWithLoRA):
-                continue
-            if factors is None:
-                fill_plain_lora_slot(module, index, self._get_lora_layer_weights(lora_model, module_name))
-            else:
-                fill_slot(module, index, factors.get(module_name, [None] * len(module.output_slices)))
-        return activated
-
-    stock_register = LoRAModelManager.register_module
-
-    @functools.wraps(stock_register)
-    def register_module(self, module_name: str, module) -> None:
-        stock_register(self, module_name, module)
-        if isinstance(module, BaseLinearLayerWithLoRA):
-            slot_state(module)  # allocate the extras at engine start; refuses unsupported layer kinds there
-
-    LoRAModelManager.activate_adapter = activate_adapter
-    LoRAModelManager.register_module = register_module
+        base = layer.base_layer
+        if adapter.method == "dora" and not isinstance(base.quant_method, UnquantizedLinearMethod):
+            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA needs its plain weight")
+        if adapter.method != "lora" and base.bias is not None and base.skip_bias_add:
+            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)")

@@ -1,12 +1,17 @@
 """A bad adapter fails its own requests, never anyone else's.
 
-The op zeroes any adapter-token row that is not finite after a LoRA layer (`quarantine_rows`)
-and records its slot: k/v come out of an adapted `qkv_proj`, so nothing non-finite from an
+After every plugin layer, rows of adapter tokens that are not finite are zeroed with masked ops and
+their slots flagged in a small device tensor (`quarantine_rows`): no host read per layer, nothing
+a CUDA graph cannot capture. k/v come out of an adapted `qkv_proj`, so nothing non-finite from an
 adapter is written to the KV cache, whose blocks other requests reuse (stale NaN/inf there turned
-later, unrelated requests into `[0, 0, ...]`). The worker then flags that adapter's requests in
-the step's output (`num_nans_in_logits`, value QUARANTINED: real NaN counts are >= 0), and the
-scheduler, in the engine-core process, finishes them with vLLM's own error status
-(`FINISHED_ERROR`: finish_reason "error", HTTP 500 on the API server) and logs which adapter did it.
+later, unrelated requests into `[0, 0, ...]`).
+
+Once per step, when the worker returns the step's output (`Worker.sample_tokens` /
+`execute_model`, after vLLM has synchronized to read the sampled tokens), the flags are read once
+and cleared; the flagged adapters' requests are marked in the output's `num_nans_in_logits`
+(value QUARANTINED: real NaN counts are >= 0), and the scheduler, in the engine-core process,
+finishes them with vLLM's own error status (`FINISHED_ERROR`: finish_reason "error", HTTP 500 on
+the API server) and logs which adapter did it.
 """
 
 from __future__ import annotations
@@ -19,42 +24,81 @@ import torch
 logger = logging.getLogger("sora_serve.vllm_plugin")
 
 QUARANTINED = -1
-_poisoned_slots: set[int] = set()
-slot_lora_ids: dict[int, int] = {}  # slot index -> lora_int_id, kept by the activation patch
+_flags: dict[torch.device, torch.Tensor] = {}  # per device: (max_loras + 1,) counts, the last entry for slot -1
 
 
-def quarantine_rows(output: torch.Tensor, token_slots: torch.Tensor) -> None:
-    """Zero the rows of adapter tokens that hold NaN/inf (or overflow the dtype) and record their slots.
+def failure_flags(max_loras: int, device: torch.device | str) -> torch.Tensor:
+    """The process's flag tensor for `device`, shared by every layer; allocated at engine start."""
+    device = torch.device(device)
+    flags = _flags.get(device)
+    if flags is None or flags.shape[0] != max_loras + 1:
+        flags = _flags[device] = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)
+    return flags
+
+
+def quarantine_rows(output: torch.Tensor, token_slots: torch.Tensor, flags: torch.Tensor) -> None:
+    """Zero the rows of adapter tokens that hold NaN/inf (or overflow the dtype); count their slots.
 
     One reduction per layer: a row's sum is non-finite iff the row holds NaN/inf or sums past the
     dtype's range, which no sane activation does."""
     bad = ~torch.isfinite(output.sum(dim=1)) & (token_slots >= 0)
-    if bool(bad.any()):  # a host sync per layer: free on CPU; on GPU this would be deferred to the step
-        output[bad] = 0
-        _poisoned_slots.update(token_slots[bad].unique().tolist())
+    output.masked_fill_(bad[:, None], 0)
+    flags.scatter_add_(0, torch.where(token_slots >= 0, token_slots, flags.shape[0] - 1).long(), bad.to(flags.dtype))
 
 
-def take_poisoned_lora_ids() -> set[int]:
-    ids = {slot_lora_ids[s] for s in _poisoned_slots if s in slot_lora_ids}
-    _poisoned_slots.clear()
-    return ids
+def take_failed_slots() -> set[int]:
+    """Slots flagged since the last call (one host read per device), flags cleared."""
+    failed: set[int] = set()
+    for flags in _flags.values():
+        hits = flags[:-1].nonzero().flatten().tolist()
+        if hits:
+            failed.update(hits)
+            flags.zero_()
+    return failed
 
 
-def patch_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # vLLM CPU's runner inherits it
+def mark_failed_requests(output, model_runner) -> None:
+    """Mark the requests of adapters that went non-finite this step in the step's output."""
+    failed = take_failed_slots()
+    if not failed:
+        return
+    slot_ids = model_runner.lora_manager._adapter_manager.lora_index_to_id
+    bad_ids = {slot_ids[s] for s in failed if s < len(slot_ids) and slot_ids[s] is not None}
+    batch = model_runner.input_batch
+    marked = {req_id: QUARANTINED for i, req_id in enumerate(batch.req_ids) if int(batch.request_lora_mapping[i]) in bad_ids}
+    if marked:
+        output.num_nans_in_logits = {**(output.num_nans_in_logits or {}), **marked}
 
-    stock = GPUModelRunner._bookkeeping_sync
 
-    @functools.wraps(stock)
-    def _bookkeeping_sync(self, *args, **kwargs):
-        result = stock(self, *args, **kwargs)
-        bad_ids = take_poisoned_lora_ids()
-        if bad_ids and isinstance(result[0], dict):  # result[0]: the step's num_nans_in_logits
-            batch = self.input_batch
-            result[0].update({req_id: QUARANTINED for i, req_id in enumerate(batch.req_ids) if int(batch.request_lora_mapping[i]) in bad_ids})
-        return result
+def patch_worker() -> None:
+    """Read the flags where the worker hands vLLM the step's output."""
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.worker.gpu_worker import Worker  # vLLM CPU's worker inherits it
 
-    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+    def reporting(stock):
+        @functools.wraps(stock)
+        def wrapper(self, *args, **kwargs):
+            output = stock(self, *args, **kwargs)
+            if isinstance(output, ModelRunnerOutput):
+                mark_failed_requests(output, self.model_runner)
+            elif output is not None and hasattr(output, "get_output"):  # async scheduling (GPU)
+                output.get_output = _marking(output.get_output, self.model_runner)
+            return output
+
+        return wrapper
+
+    Worker.sample_tokens = reporting(Worker.sample_tokens)
+    Worker.execute_model = reporting(Worker.execute_model)
+
+
+def _marking(get_output, model_runner):
+    @functools.wraps(get_output)
+    def wrapper():
+        output = get_output()
+        mark_failed_requests(output, model_runner)
+        return output
+
+    return wrapper
 
 
 def patch_scheduler() -> None:

@@ -1,17 +1,17 @@
-"""Every adapter vLLM loads goes through sora-serve's one validator, ours and PEFT's alike.
+"""Every adapter vLLM loads goes through sora-serve's one validator, read once per process.
 
 - Front end (`InputProcessor._validate_lora`, in the API server or the `vllm.LLM` process):
   before a request is admitted, its adapter dir is checked by `sora_serve.read_adapter` (finite
   tensors, config rank = tensor rank, known peft_type, typed config fields, bounded update) and
   against the base checkpoint's safetensors headers (modules, shapes, fingerprint); the verdict
-  is cached by the files' size and mtime, so a dir is read once, not per request.
+  is cached per version of the dir (`registry.version_key`), so a dir is read once, not per request.
   A bad adapter is a ValueError there: HTTP 400, or an exception from `LLM.generate`, and the
   engine never sees it.
-- Worker (`LoRAModel.from_local_checkpoint`, `_validate_modules_to_save`): the same validator,
-  then the adapter against this engine's base layers (`check_against_base`: modules, shapes,
-  `base_fingerprint`, update size relative to ||W0||), then the servability of every module and,
-  for our kinds and DoRA, the slot factors (`activation.precompute_factors`). Plain LoRA dirs then
-  take vLLM's own loader.
+- Worker (`SoraWorkerLoRAManager`, vLLM's worker-side LoRA manager subclassed): the adapter from
+  the registry, then against this engine's base layers (`check_against_base`: modules, shapes,
+  `base_fingerprint`, update size relative to ||W0||), the servability of every module, and the
+  slot factors per layer (`activation.slot_weights`), which become vLLM's `LoRAModel`. Every kind,
+  plain LoRA included, takes this path: vLLM's own loader never re-reads the files.
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ import os
 from pathlib import Path
 
 from sora_serve.errors import AdapterError
-from sora_serve.io import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, read_adapter
+from sora_serve.io import PEFT_PREFIX, AdapterFile
 
-from .activation import check_servable, precompute_factors, row_sq_norms, slice_offsets, slice_paths
-from .slots import parallel_kind
+from . import registry
+from .activation import check_servable, row_sq_norms, slice_offsets, slice_paths, slot_weights
+from .backends import grouped
+from .layers import parallel_kind
 
 ERROR_MARK = "sora-serve:"  # lets the API server tell an adapter's fault (HTTP 400) from an engine fault
-
-
-def needs_plugin(adapter: AdapterFile) -> bool:
-    """Adapters stock vLLM cannot serve but we can: ours (PREDIAG/SORA) and PEFT DoRA."""
-    return adapter.method != "lora"
 
 
 def adapter_error(lora_name: str, lora_dir: str | Path, exc: Exception) -> AdapterError:
@@ -44,18 +41,7 @@ def adapter_error(lora_name: str, lora_dir: str | Path, exc: Exception) -> Adapt
 # ------------------------------------------------------------------ front end
 
 
-_verdicts: dict[tuple, str | None] = {}  # (dir, sizes, mtimes) -> None (valid) or the error message
-
-
-def _files_key(lora_dir: str) -> tuple:
-    stats = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        try:
-            st = os.stat(os.path.join(lora_dir, name))
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append(None)
-    return (os.path.abspath(lora_dir), *stats)
+_verdicts: dict[tuple, str | None] = {}  # (dir version, base dir) -> None (valid) or the error message
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,10 +70,10 @@ def validate_request_adapter(lora_request, model_dir: str | None = None) -> None
     """Raise AdapterError (a ValueError) for a request whose adapter dir is invalid, or does not
     fit the base checkpoint in `model_dir` (a local dir; hub names are checked in the worker)."""
     model_dir = model_dir if model_dir and os.path.isdir(model_dir) else None
-    key = (*_files_key(lora_request.lora_path), model_dir)
+    key = (registry.version_key(lora_request.lora_path), model_dir)
     if key not in _verdicts:
         try:
-            adapter = read_adapter(lora_request.lora_path)
+            adapter = registry.adapter(lora_request.lora_path)
             if model_dir is not None:
                 check_against_checkpoint(adapter, model_dir)
             _verdicts[key] = None
@@ -116,97 +102,71 @@ def patch_front_end() -> None:
 # ------------------------------------------------------------------ worker
 
 
-_validated: dict[str, AdapterFile] = {}  # lora_dir -> adapter read by `_load_adapter`, taken by the loader
-
-
-def patch_worker_loading() -> None:
+def worker_manager_class() -> type:
+    """`SoraWorkerLoRAManager`: vLLM's LRU worker LoRA manager with our loader."""
+    from vllm.exceptions import LoRAAdapterNotFoundError
     from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.model_manager import LoRAModelManager
-    from vllm.lora.peft_helper import PEFTHelper
-    from vllm.lora.utils import get_adapter_absolute_path, get_lora_id, parse_fine_tuned_lora_name
-    from vllm.lora.worker_manager import WorkerLoRAManager
+    from vllm.lora.utils import get_adapter_absolute_path
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-    stock_load_adapter = WorkerLoRAManager._load_adapter
-    stock_load = LoRAModel.from_local_checkpoint.__func__
-    stock_legal = PEFTHelper.validate_legal
-    stock_validate = LoRAModelManager._validate_modules_to_save
+    class SoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+        """Loads every adapter kind from sora-serve's registry into vLLM's `LoRAModel`."""
 
-    @functools.wraps(stock_legal)
-    def validate_legal(self, lora_config):
-        use_dora, self.use_dora = self.use_dora, False  # DoRA is served by this plugin
-        try:
-            stock_legal(self, lora_config)
-        finally:
-            self.use_dora = use_dora
+        def create_lora_manager(self, model, vllm_config):
+            if self.lora_config.fully_sharded_loras:
+                raise NotImplementedError(
+                    "sora-serve's vLLM plugin does not cover fully_sharded_loras=True (S-LoRA's sharded layers); "
+                    "start the engine without --fully-sharded-loras"
+                )
+            return super().create_lora_manager(model, vllm_config)
 
-    @functools.wraps(stock_load_adapter)
-    def _load_adapter(self, lora_request):
-        """Our validator first: vLLM's own config parsing (PEFTHelper) would otherwise meet a bad
-        file before it, with a Python error (e.g. TypeError for `r: "16"`) instead of ours."""
-        lora_dir = get_adapter_absolute_path(lora_request.lora_path)
-        if os.path.isdir(lora_dir):  # a missing dir stays vLLM's "not found" (HTTP 404)
+        def set_active_adapters(self, requests, mapping) -> None:
+            super().set_active_adapters(requests, mapping)
+            grouped.new_step()  # vLLM has just rewritten the token -> slot indices
+
+        def _load_adapter(self, lora_request) -> LoRAModel:
+            lora_dir = get_adapter_absolute_path(lora_request.lora_path)
+            if not os.path.isdir(lora_dir):
+                raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
+            manager = self._adapter_manager
             try:
-                _validated[lora_dir] = read_adapter(lora_dir)
-            except AdapterError as exc:
+                adapter = registry.adapter(lora_dir)
+                paths = vllm_module_paths(adapter, getattr(manager.model, "hf_to_vllm_mapper", None))
+                check_targets(adapter, expected_modules(manager))
+                check_base_layers(adapter, paths, manager.modules, manager.packed_modules_mapping)
+                check_servable(adapter, paths, manager.modules, manager.packed_modules_mapping)
+                loras = slot_weights(adapter, paths, manager.modules, manager.packed_modules_mapping)
+            except (AdapterError, ValueError) as exc:
                 raise adapter_error(lora_request.lora_name, lora_dir, exc) from exc
-        try:
-            return stock_load_adapter(self, lora_request)
-        finally:
-            _validated.pop(lora_dir, None)
+            finally:
+                registry.forget(lora_dir)  # the LoRAModel holds the factors; vLLM caches it
+            rank = max(lora.rank for lora in loras.values())
+            return LoRAModel(lora_request.lora_int_id, rank, loras)
 
-    @functools.wraps(stock_load)
-    def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs):
-        try:
-            adapter = _validated.pop(lora_dir, None) or read_adapter(lora_dir)
-            check_targets(adapter, expected_lora_modules)
-        except AdapterError as exc:
-            raise adapter_error(Path(lora_dir).name, lora_dir, exc) from exc
-        mapper = kwargs.get("weights_mapper")
-        paths = {parse_fine_tuned_lora_name(f"{PEFT_PREFIX}{p}.lora_A.weight", mapper)[0]: p for p in adapter.tensors}
-        if not needs_plugin(adapter):
-            model = stock_load(cls, lora_dir, expected_lora_modules, peft_helper, **kwargs)
-            model.sora_checks = (adapter, paths)  # for the base check; dropped right after it
-            return model
-        tensors = {}
-        for path, t in adapter.tensors.items():
-            # Copies: vLLM scales lora_b in place (LoRALayerWeights.optimize); our factors need the originals.
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = t["lora_A"].clone()
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = t["lora_B"].clone()
-        model = cls.from_lora_tensors(
-            lora_model_id=kwargs.get("lora_model_id") or get_lora_id(),
-            tensors=tensors,
-            peft_helper=peft_helper,
-            device=kwargs.get("device", "cpu"),
-            dtype=kwargs.get("dtype"),
-            model_vocab_size=kwargs.get("model_vocab_size"),
-            weights_mapper=mapper,
-            skip_prefixes=kwargs.get("skip_prefixes"),
-        )
-        model.sora_adapter, model.sora_paths = adapter, paths
-        model.sora_checks = (adapter, paths)
-        return model
+    return SoraWorkerLoRAManager
 
-    @functools.wraps(stock_validate)
-    def validate_at_load(self, lora_model) -> None:
-        """Runs inside vLLM's adapter loading, before any slot is touched: errors are load errors."""
-        stock_validate(self, lora_model)
-        checks = lora_model.__dict__.pop("sora_checks", None)
-        if checks is None:  # not read from a directory by us (vLLM's own dummy adapters)
-            return
-        adapter, paths = checks
-        try:
-            check_base_layers(adapter, paths, self.modules, self.packed_modules_mapping)
-            if hasattr(lora_model, "sora_adapter"):
-                check_servable(lora_model, self.modules, self.packed_modules_mapping)
-                precompute_factors(lora_model, self.modules, self.packed_modules_mapping)
-                adapter.tensors.clear()  # the factors are what slots need; keep one copy per adapter
-        except (AdapterError, ValueError) as exc:
-            raise adapter_error(adapter.directory.name, adapter.directory, exc) from exc
 
-    WorkerLoRAManager._load_adapter = _load_adapter
-    PEFTHelper.validate_legal = validate_legal
-    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
-    LoRAModelManager._validate_modules_to_save = validate_at_load
+def install_worker_manager() -> None:
+    """vLLM's model runner builds its worker LoRA manager from this module-level name."""
+    from vllm.v1.worker import lora_model_runner_mixin
+
+    lora_model_runner_mixin.LRUCacheWorkerLoRAManager = worker_manager_class()
+
+
+def expected_modules(manager) -> set[str]:
+    """The HF module names vLLM can adapt in this model (packed layers by their parts), as vLLM's loader computes them."""
+    names: set[str] = set()
+    for module in manager.supported_lora_modules:
+        names.update(manager.packed_modules_mapping.get(module, [module]))
+    return names
+
+
+def vllm_module_paths(adapter: AdapterFile, hf_to_vllm_mapper) -> dict[str, str]:
+    """vLLM module name -> the file's module path, through the model's rename mapper (Qwen2-VL...)."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    mapper = None if hf_to_vllm_mapper is None else hf_to_vllm_mapper.get_rename_mapper()
+    return {parse_fine_tuned_lora_name(f"{PEFT_PREFIX}{p}.lora_A.weight", mapper)[0]: p for p in adapter.tensors}
 
 
 def check_targets(adapter: AdapterFile, expected_lora_modules: set[str]) -> None:

@@ -1,31 +1,40 @@
-"""The op: every token with its slot's `ServingFactors`, all slots of a step in batched GEMMs.
+"""The CPU backend: every token with its slot's `ServingFactors`, all slots of a step in batched GEMMs.
 
-Replaces `BaseLinearLayerWithLoRA._apply_lora_to_output`. Tokens are grouped by slot once per
-step (the plan, shared by every layer); every slot present runs `ServingFactors.apply` over a
-padded (slots, tokens per slot) layout that reads each slot's factors once (one GEMM per slot
-when padding would more than double the work). Slot -1 (no adapter) is left at the base output;
-vLLM CPU's stock ops index weights[-1], the last slot, instead. Rows of adapter tokens that are not
-finite after the op are zeroed and their slot reported (`isolation.py`), so nothing non-finite
-from an adapter reaches the KV cache or the next layer.
+Tokens are grouped by slot once per step (the plan, shared by every layer and rebuilt when vLLM
+sets the step's adapters, see `new_step`); every slot present runs `ServingFactors.apply` over a
+padded (slots, tokens per slot) layout that reads each slot's factors once, as views of the
+layer's slot buffers (one GEMM per slot when padding would more than double the work). Slot -1
+(no adapter) is left at the base output. The plan's shapes depend on the tokens' slots and are
+read on the host once per step: fine on CPU, where vLLM runs LoRA engines eagerly.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
 
 from sora_serve.methods import ServingFactors
 
-from .isolation import quarantine_rows
-from .slots import SlotState, parallel_kind, slot_state
+from .. import isolation
+from ..layers import parallel_kind
+
+_step = itertools.count()
+_current_step = next(_step)
+
+
+def new_step() -> None:
+    """vLLM has (re)written the token -> slot indices: plans of earlier steps are stale."""
+    global _current_step
+    _current_step = next(_step)
 
 
 class BatchPlan(NamedTuple):
     """Where this step's adapter tokens go, computed once per step and shared by every layer.
 
     The padded layout has one row of `width` positions per slot of the range lo..hi of slots
-    present, so each slot's factors are a view of vLLM's stacked buffers, never copied. `gather`
+    present, so each slot's factors are a view of the stacked buffers, never copied. `gather`
     is the token row of each position (padding repeats a real row; its results are dropped),
     `keep` the positions of real tokens in `rows` order (None when nothing is padded)."""
 
@@ -46,14 +55,11 @@ class BatchPlan(NamedTuple):
         return (self.slots[-1] - self.slots[0] + 1) * self.width <= 2 * sum(self.counts)
 
 
-def batch_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
-    """The step's plan, cached on the wrapper while the token indices stay the same. Compared by
-    value: vLLM rewrites them in place in a persistent buffer, and not every path bumps the
-    tensor's version counter (tensor-parallel workers gave stale plans when keyed on it)."""
-    indices = punica_wrapper.token_lora_indices[:n_tokens]
+def step_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
+    """This step's plan, built by the first layer that asks and cached on the wrapper."""
     cached = getattr(punica_wrapper, "sora_plan", None)
-    if cached is None or cached[0].shape != indices.shape or not torch.equal(cached[0], indices):
-        cached = punica_wrapper.sora_plan = (indices.clone(), make_plan(indices))
+    if cached is None or cached[0] != (_current_step, n_tokens):
+        cached = punica_wrapper.sora_plan = ((_current_step, n_tokens), make_plan(punica_wrapper.token_lora_indices[:n_tokens]))
     return cached[1]
 
 
@@ -93,30 +99,23 @@ class TokenGroup(NamedTuple):
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens
 
 
-def grouped_adapter_op(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """ServingFactors.apply for every token with its slot's factors; slot -1 (no adapter) stays base.
-
-    All slots present run at once, as batched GEMMs over a padded (slots, tokens per slot) layout
-    that reads each slot's factors once; when padding would more than double the work (uneven
-    prefill), each slot runs on its own tokens instead."""
-    original_shape = output.shape if output.ndim == 3 else None
-    if x.ndim == 3 and output.ndim == 3:
-        output, x = output.flatten(0, 1), x.flatten(0, 1)
-    state = slot_state(layer)
-    plan = batch_plan(layer.punica_wrapper, x.shape[0])
-    if any(state.rank[s] or state.has_scale[s] or state.rot_rank[s] for s in plan.slots):  # else: all base
-        if plan.rows is None:
-            groups = [_slot_group(layer, state, plan.slots[0], None, x, output)]
-        elif plan.balanced and layer.tp_size == 1:  # TP > 1 mismatched eager with it: per slot there
-            groups = [_padded_group(layer, state, plan, x, output)]
-        else:
-            groups = [_slot_group(layer, state, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
-        _rotate(layer, groups)
-        for group in groups:
-            output = _write_group(output, group)
-    if plan.slots:
-        quarantine_rows(output, layer.punica_wrapper.token_lora_indices[: output.shape[0]])
-    return output if original_shape is None else output.reshape(original_shape)
+def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """All slots present at once, as batched GEMMs over a padded (slots, tokens per slot) layout;
+    when padding would more than double the work (uneven prefill), each slot on its own tokens."""
+    plan = step_plan(layer.punica_wrapper, x.shape[0])
+    if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
+        return output
+    if plan.rows is None:
+        groups = [_slot_group(layer, plan.slots[0], None, x, output)]
+    elif plan.balanced:
+        groups = [_padded_group(layer, plan, x, output)]
+    else:
+        groups = [_slot_group(layer, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
+    _rotate(layer, groups)
+    for group in groups:
+        output = _write_group(output, group)
+    isolation.quarantine_rows(output, layer.punica_wrapper.token_lora_indices[: output.shape[0]], layer.sora_failed)
+    return output
 
 
 def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
@@ -127,26 +126,26 @@ def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
     return z if group.rows is None else output.index_copy_(0, group.rows, z)
 
 
-def _slot_group(layer, state: SlotState, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
+def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
     """One slot on its tokens (`rows`; None: the whole batch), one GEMM per factor at its own rank."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
-    r, k = state.rank[slot], state.rot_rank[slot]
-    z, offset = [], 0
-    for i, size in enumerate(layer.output_slices):
+    info = layer.sora_slots[slot]
+    r, k = info.rank, info.rot_rank
+    z = []
+    for i, part in enumerate(y.split(layer.output_slices, dim=1)):
         factors = ServingFactors(
             lora_A=layer.lora_a_stacked[i][slot, 0, :r],
             lora_B=layer.lora_b_stacked[i][slot, 0, :, :r],
-            scale=state.scale[i][slot] if state.has_scale[slot] else None,
-            bias_shift=state.shift[i][slot] if state.has_shift[slot] else None,
+            scale=layer.sora_scale[i][slot] if info.scaled else None,
+            bias_shift=layer.sora_shift[i][slot] if info.shifted else None,
         )  # the rotation is applied by _rotate, across ranks
-        z.append(factors.apply(x, y[:, offset : offset + size]))
-        offset += size
-    rotation = [(state.rot_ut[i][slot, :k].T, state.rot_vt[i][slot, :k].T) for i in range(len(z))] if k else None
+        z.append(factors.apply(x, part))
+    rotation = [(layer.sora_rot_u[i][slot, 0, :k].T, layer.sora_rot_v[i][slot, 0, :, :k]) for i in range(len(z))] if k else None
     return TokenGroup(rows, z, rotation)
 
 
-def _padded_group(layer, state: SlotState, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
+def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
     """Every slot at once: (slots, width, in) tokens against each slot's factors (views of the
     stacked buffers), padded to the largest rank present. Padding holds zeros (A, B, U, V) and
     the identity (scale 1, shift 0), so it adds exact zeros; absent slots' rows are dropped."""
@@ -154,24 +153,21 @@ def _padded_group(layer, state: SlotState, plan: BatchPlan, x: torch.Tensor, y: 
     n_slots, width = span.stop - span.start, plan.width
     x = x.index_select(0, plan.gather).view(n_slots, width, -1)
     y = y.index_select(0, plan.gather).view(n_slots, width, -1)
-    r = max(state.rank[s] for s in plan.slots)
-    k = max(state.rot_rank[s] for s in plan.slots)
-    scaled = any(state.has_scale[s] for s in plan.slots)
-    shifted = any(state.has_shift[s] for s in plan.slots)
-    z, offset = [], 0
-    for i, size in enumerate(layer.output_slices):
-        zi = y[:, :, offset : offset + size]
-        offset += size
+    present = [layer.sora_slots[s] for s in plan.slots]
+    r, k = max(s.rank for s in present), max(s.rot_rank for s in present)
+    scaled, shifted = any(s.scaled for s in present), any(s.shifted for s in present)
+    z = []
+    for i, zi in enumerate(y.split(layer.output_slices, dim=2)):
         if scaled:
-            zi = zi * state.scale[i][span, None, :]
+            zi = zi * layer.sora_scale[i][span, None, :]
         if shifted:
-            zi = zi + state.shift[i][span, None, :]
+            zi = zi + layer.sora_shift[i][span, None, :]
         if r:
             a = layer.lora_a_stacked[i][span, 0, :r]  # (slots, r, in)
             b = layer.lora_b_stacked[i][span, 0, :, :r]  # (slots, out, r)
             zi = torch.baddbmm(zi, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         z.append(zi)
-    rotation = [(state.rot_ut[i][span, :k].transpose(1, 2), state.rot_vt[i][span, :k].transpose(1, 2)) for i in range(len(z))] if k else None
+    rotation = [(layer.sora_rot_u[i][span, 0, :k].transpose(1, 2), layer.sora_rot_v[i][span, 0, :, :k]) for i in range(len(z))] if k else None
     return TokenGroup(plan.rows, z, rotation, plan.keep)
 
 
@@ -195,9 +191,3 @@ def _sum_over_ranks(layer, parts: list[torch.Tensor]) -> list[torch.Tensor]:
 
     total = tensor_model_parallel_all_reduce(torch.cat([p.reshape(-1) for p in parts]))
     return [t.view_as(p) for t, p in zip(total.split([p.numel() for p in parts]), parts)]
-
-
-def patch_op() -> None:
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
-    BaseLinearLayerWithLoRA._apply_lora_to_output = grouped_adapter_op
