@@ -185,3 +185,22 @@ def set_first_value(adapter_dir: Path, key_suffix: str, value: float) -> str:
     tensors[key][0, 0] = value
     save_file(tensors, path, metadata={"format": "pt"})
     return key
+
+
+# ---------------------------------------------------------------- the plugin's two backends
+
+VLLM_BACKENDS = ("grouped", "punica")  # sora_serve.vllm_plugin.backends; the engine tests run on both
+
+
+@contextmanager
+def vllm_backend(name: str) -> Iterator[str]:
+    """SORA_SERVE_VLLM_BACKEND=name for the vLLM processes started inside (they inherit the environment)."""
+    previous = os.environ.get("SORA_SERVE_VLLM_BACKEND")
+    os.environ["SORA_SERVE_VLLM_BACKEND"] = name
+    try:
+        yield name
+    finally:
+        if previous is None:
+            del os.environ["SORA_SERVE_VLLM_BACKEND"]
+        else:
+            os.environ["SORA_SERVE_VLLM_BACKEND"] = previous

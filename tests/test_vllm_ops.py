@@ -1,6 +1,7 @@
-"""The plugin's ops without an engine: the grouped linear op, its per-step plan, slot filling, and
-vLLM CPU's torch LoRA ops (stock, they gather `weights[indices]` per token and -1 wraps to the last
-slot; the embedding and logits LoRA layers still call them)."""
+"""The plugin's layers and backends without an engine: slot writes, both backends against a float64
+per-slot reference (through vLLM's real `PunicaWrapperCPU`), the grouped backend's per-step plan,
+graph safety of the punica backend, the isolation flags, and vLLM CPU's mended torch LoRA ops
+(stock, they gather `weights[indices]` per token and -1 wraps to the last slot)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 import torch
 
 from sora_serve.methods import ServingFactors
-from sora_serve.vllm_plugin import apply, cpu_ops, op, slots
+from sora_serve.vllm_plugin import apply, cpu_ops, isolation
+from sora_serve.vllm_plugin.backends import grouped, punica
+from sora_serve.vllm_plugin.layers import SlotFactors, SoraLinearMixin
 
 SLOTS, RANK, IN, OUT = 3, 4, 16, 24
 INDICES = torch.tensor([0, -1, 2, 1, -1, 2, 2])
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)  # float32 GEMMs against float64
 
 
 def reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -22,130 +26,48 @@ def reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> 
     return torch.stack(rows)
 
 
-def test_cpu_lora_ops_leave_base_rows_alone():
-    apply()
-    from vllm.lora.punica_wrapper import punica_cpu
-
+@pytest.mark.parametrize("matmul", [cpu_ops.masked_matmul, cpu_ops.slot_matmul], ids=["graph_safe", "per_slot"])
+def test_mended_cpu_lora_ops_leave_base_rows_alone(matmul):
+    bgmv_shrink, bgmv_expand, bgmv_expand_slice = cpu_ops.ops_with(matmul)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(SLOTS, 1, RANK, IN, generator=gen)
     b = torch.randn(SLOTS, 1, OUT, RANK, generator=gen)
     x = torch.randn(len(INDICES), IN, generator=gen)
     base = torch.randn(len(INDICES), 2 * OUT, generator=gen)
-    tol = dict(atol=1e-5, rtol=1e-5)  # float32 GEMMs against float64
+    tol = dict(atol=1e-5, rtol=1e-5)
 
     shrunk = torch.empty(len(INDICES), RANK)
-    punica_cpu.bgmv_shrink(x, a, shrunk, INDICES, 0.5)
+    bgmv_shrink(x, a, shrunk, INDICES, 0.5)
     assert torch.allclose(shrunk.double(), 0.5 * reference(x, a, INDICES), **tol)
 
     expanded = base[:, :OUT].clone()
-    punica_cpu.bgmv_expand(shrunk, b, expanded, INDICES, add_inputs=True)
+    bgmv_expand(shrunk, b, expanded, INDICES, add_inputs=True)
     assert torch.allclose(expanded.double(), base[:, :OUT].double() + reference(shrunk, b, INDICES), **tol)
 
     sliced = base.clone()
-    punica_cpu.bgmv_expand_slice(shrunk, b, sliced, INDICES, OUT, OUT, add_inputs=True)
+    bgmv_expand_slice(shrunk, b, sliced, INDICES, OUT, OUT, add_inputs=True)
     assert torch.equal(sliced[:, :OUT], base[:, :OUT])
     assert torch.allclose(sliced[:, OUT:].double(), base[:, OUT:].double() + reference(shrunk, b, INDICES), **tol)
     base_rows = INDICES == -1
     assert torch.equal(expanded[base_rows], base[base_rows, :OUT]) and torch.equal(sliced[base_rows], base[base_rows])
 
-    # Prefill form: one slot index per sequence, expanded to tokens through the patched bgmv ops.
+
+@pytest.mark.parametrize("backend", ["punica", "grouped"])
+def test_installed_cpu_ops_serve_the_prefill_form(backend):
+    """vLLM's sgmv_* (one slot index per sequence) reach the mended bgmv ops where vLLM looks them up."""
+    apply()
+    cpu_ops.patch_cpu_ops(backend)
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    gen = torch.Generator().manual_seed(1)
+    a, x = torch.randn(SLOTS, 1, RANK, IN, generator=gen), torch.randn(len(INDICES), IN, generator=gen)
     per_sequence, lengths = torch.tensor([2, -1, 0]), torch.tensor([3, 2, 2])
     prefill = torch.empty(len(INDICES), RANK)
     punica_cpu.sgmv_shrink(x, a, prefill, None, lengths, per_sequence, 3, 3, len(INDICES), 1.0)
-    assert torch.allclose(prefill.double(), reference(x, a, per_sequence.repeat_interleave(lengths)), **tol)
+    assert torch.allclose(prefill.double(), reference(x, a, per_sequence.repeat_interleave(lengths)), atol=1e-5)
 
 
-def random_slot_layer(slot_specs, sizes=(24, 8, 8), in_f=32, max_rank=16):
-    """A stand-in for a vLLM linear LoRA layer (qkv-like, three slices) with random slot contents.
-
-    slot_specs: (rank, rotation rank, has scale/shift) per slot."""
-    layer = SimpleNamespace(
-        tp_size=1, output_slices=sizes,
-        lora_a_stacked=tuple(torch.zeros(len(slot_specs), 1, max_rank, in_f) for _ in sizes),
-        lora_b_stacked=tuple(torch.zeros(len(slot_specs), 1, n, max_rank) for n in sizes),
-    )
-    state = slots.slot_state(layer)
-    for slot, (r, k, scale) in enumerate(slot_specs):
-        state.rank[slot], state.rot_rank[slot], state.has_scale[slot], state.has_shift[slot] = r, k, scale, scale
-        for i, n in enumerate(sizes):
-            layer.lora_a_stacked[i][slot, 0, :r] = torch.randn(r, in_f)
-            layer.lora_b_stacked[i][slot, 0, :, :r] = torch.randn(n, r)
-            if scale:
-                state.scale[i][slot] = 1 + 0.1 * torch.randn(n)
-                state.shift[i][slot] = 0.1 * torch.randn(n)
-            state.rot_ut[i][slot, :k] = 0.1 * torch.randn(k, n)
-            state.rot_vt[i][slot, :k] = 0.1 * torch.randn(k, n)
-    return layer, state
-
-
-def per_slot_reference(layer, state, indices, x, base):
-    """float64 ServingFactors.apply, slot by slot and slice by slice; -1 rows stay base."""
-    expected = base.double()
-    for slot in sorted(s for s in set(indices.tolist()) if s >= 0):
-        rows = (indices == slot).nonzero().squeeze(1)
-        r, k = state.rank[slot], state.rot_rank[slot]
-        expected[rows] = torch.cat([
-            ServingFactors(
-                layer.lora_a_stacked[i][slot, 0, :r], layer.lora_b_stacked[i][slot, 0, :, :r], state.scale[i][slot], state.shift[i][slot],
-                state.rot_ut[i][slot, :k].T, state.rot_vt[i][slot, :k].T,
-            ).to(torch.float64).apply(x[rows].double(), part)
-            for i, part in enumerate(base[rows].double().split(layer.output_slices, dim=1))
-        ], dim=1)
-    return expected
-
-
-# Token -> slot layouts, and the strategy of the op each one takes.
-LAYOUTS = {
-    "one slot, whole batch": ([1] * 6, "one slot"),
-    "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
-    "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
-    "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
-    "base rows only": ([-1, -1, -1], "none"),
-    "very uneven (prefill)": ([2] * 12 + [0, -1, 1], "per slot"),
-}
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_grouped_op_equals_each_slot_alone(layout):
-    """Every strategy of the plugin's op (one slot; padded batched GEMMs; one group per slot) gives
-    each row its own slot's ServingFactors.apply, slot -1 rows untouched. Slots mix ranks 0-16,
-    rotation ranks 0-4 and scale/shift on or off, so padding to the largest rank is exercised."""
-    torch.manual_seed(0)
-    layer, state = random_slot_layer([(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (0, 3, False)])
-    indices, strategy = torch.tensor(LAYOUTS[layout][0]), LAYOUTS[layout][1]
-    plan = op.make_plan(indices)
-    assert ("none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot") == strategy
-    x, base = torch.randn(len(indices), 32), torch.randn(len(indices), sum(layer.output_slices))
-    layer.punica_wrapper = SimpleNamespace(token_lora_indices=indices)
-    result = op.grouped_adapter_op(layer, x, base.clone())
-    assert torch.allclose(result.double(), per_slot_reference(layer, state, indices, x, base), atol=1e-4)  # fp32 GEMMs vs float64
-    assert torch.equal(result[indices == -1], base[indices == -1])
-
-
-def test_batch_plan_is_recomputed_when_vllm_rewrites_the_indices():
-    """The per-step plan is cached across layers, and refreshed when the persistent index
-    buffer is overwritten in place (as vLLM does every step), version counter bumped or not."""
-    buffer = torch.tensor([0, 0, 1, -1])
-    wrapper = SimpleNamespace(token_lora_indices=buffer)
-    first = op.batch_plan(wrapper, 4)
-    assert op.batch_plan(wrapper, 4) is first and first.slots == [0, 1] and first.counts == [2, 1]
-    buffer.copy_(torch.tensor([2, 2, 2, 2]))
-    second = op.batch_plan(wrapper, 4)
-    assert second.slots == [2] and second.rows is None
-    buffer.data.copy_(torch.tensor([1, -1, 1, 0]))  # .data: no version bump (as in vLLM's TP workers)
-    third = op.batch_plan(wrapper, 4)
-    assert third.slots == [0, 1] and third.counts == [1, 2]
-
-
-def test_a_slot_refilled_by_plain_lora_has_identity_extras():
-    """The padded path reads every present slot's extras: a slot reused by a plain LoRA must
-    return to scale 1, shift 0, no rotation."""
-    layer, state = random_slot_layer([(4, 0, False), (8, 4, True)])
-    slots.fill_plain_lora_slot(layer, 1, None)
-    assert state.rot_rank[1] == 0 and not state.has_scale[1]
-    for i, n in enumerate(layer.output_slices):
-        assert not state.rot_ut[i][1].any() and not state.rot_vt[i][1].any() and not state.shift[i][1].any()
-        assert torch.equal(state.scale[i][1], torch.ones(n))
+# ------------------------------------------------------------------ a layer with the plugin's mixin
 
 
 class LayerGemm:
@@ -158,22 +80,190 @@ class LayerGemm:
         return x @ self.weight.T if bias is None else x @ self.weight.T + bias
 
 
-def packed_float64_layer(sizes=(24, 8, 8), in_f=32, max_rank=16, max_loras=2):
-    """A qkv-like float64 linear LoRA layer (three slices, random non-zero bias), tensor parallel 1,
-    with ||W0||^2 per row recorded as the plugin does when vLLM processes the loaded weights."""
+class PlainLinearWithLoRA:
+    """What the mixin takes from vLLM's linear LoRA classes (tensor parallel 1): A/B slot buffers
+    per output slice, their set/reset, the base GEMM. The engine tests run the real classes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: tuple[int, ...]):
+        self.tp_size, self.output_slices, self.n_slices = 1, sizes, len(sizes)
+        self.base_layer = SimpleNamespace(bias=bias)
+        self._gemm = LayerGemm(weight)
+
+    def _get_quant_method(self) -> LayerGemm:
+        return self._gemm
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        in_f, dtype = self._gemm.weight.shape[1], self._gemm.weight.dtype
+        self.lora_a_stacked = tuple(torch.zeros(max_loras, 1, lora_config.max_lora_rank, in_f, dtype=dtype) for _ in self.output_slices)
+        self.lora_b_stacked = tuple(torch.zeros(max_loras, 1, n, lora_config.max_lora_rank, dtype=dtype) for n in self.output_slices)
+
+    def reset_lora(self, index: int) -> None:
+        for a, b in zip(self.lora_a_stacked, self.lora_b_stacked):
+            a[index], b[index] = 0, 0
+
+    def set_lora(self, index: int, lora_a, lora_b) -> None:
+        self.reset_lora(index)
+        for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+            self.lora_a_stacked[i][index, 0, : a.shape[0]] = a
+            self.lora_b_stacked[i][index, 0, :, : b.shape[1]] = b
+
+
+class PluginLayer(SoraLinearMixin, PlainLinearWithLoRA):
+    pass
+
+
+def plugin_layer(sizes=(24, 8, 8), in_f=32, max_rank=16, max_loras=5, dtype=torch.float32, backend="grouped", monkeypatch=None) -> PluginLayer:
+    """A qkv-like plugin layer (three slices, random non-zero bias) with empty slots."""
+    if monkeypatch is not None:
+        monkeypatch.setenv("SORA_SERVE_VLLM_BACKEND", backend)
+    weight = torch.randn(sum(sizes), in_f, dtype=dtype) / in_f**0.5
+    layer = PluginLayer(weight, 0.1 * torch.randn(sum(sizes), dtype=dtype), sizes)
+    layer.create_lora_weights(max_loras, SimpleNamespace(max_lora_rank=max_rank, fully_sharded_loras=False))
+    return layer
+
+
+def random_factors(layer, r: int, k: int, scaled: bool) -> list[ServingFactors]:
+    """Per-slice factors of rank r, rotation rank k (0: none), with or without scale and shift."""
+    in_f = layer.lora_a_stacked[0].shape[3]
+    return [
+        ServingFactors(
+            torch.randn(r, in_f), torch.randn(n, r),
+            1 + 0.1 * torch.randn(n) if scaled else None, 0.1 * torch.randn(n) if scaled else None,
+            0.1 * torch.randn(n, k) if k else None, 0.1 * torch.randn(n, k) if k else None,
+        )
+        for n in layer.output_slices
+    ]
+
+
+def punica_wrapper(indices: list[int], max_loras: int, prefill: bool):
+    """vLLM's CPU punica wrapper with its metadata set for a step whose tokens have these slots."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(64, 16, "cpu")
+    lora_ids = [100 + slot for slot in range(max_loras)]
+    ids = [0 if slot < 0 else lora_ids[slot] for slot in indices]
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=prefill), lora_ids, max_loras + 1, 32000)
+    assert wrapper.token_lora_indices.tolist() == indices
+    return wrapper
+
+
+def per_slot_reference(slot_factors: dict[int, list[ServingFactors]], indices: torch.Tensor, x, base, sizes):
+    """float64 ServingFactors.apply, slot by slot and slice by slice; -1 rows stay base."""
+    expected = base.double()
+    for slot, factors in slot_factors.items():
+        rows = (indices == slot).nonzero().squeeze(1)
+        if len(rows):
+            expected[rows] = torch.cat([f.to(torch.float64).apply(x[rows].double(), part) for f, part in zip(factors, base[rows].double().split(sizes, dim=1))], dim=1)
+    return expected
+
+
+# Token -> slot layouts, and the strategy of the grouped backend each one takes.
+LAYOUTS = {
+    "one slot, whole batch": ([1] * 6, "one slot"),
+    "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
+    "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
+    "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
+    "base rows only": ([-1, -1, -1], "none"),
+    "very uneven (prefill)": ([2] * 12 + [0, -1, 1], "per slot"),
+}
+# Slots mix ranks 0-16, rotation ranks 0-4 and scale/shift on or off, so padding to the largest rank is exercised.
+SLOT_SPECS = [(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (1, 3, False)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend,prefill", [("grouped", True), ("punica", False), ("punica", True)], ids=["grouped", "punica-decode", "punica-prefill"])
+def test_backend_gives_every_token_its_slot(layout, backend, prefill, monkeypatch):
+    """Both backends give each row its own slot's ServingFactors.apply (the base output includes the
+    bias), slot -1 rows untouched; the punica backend through vLLM's decode (bgmv) and prefill
+    (sgmv) kernels' CPU forms, the grouped one through every strategy of its plan."""
+    apply()
+    cpu_ops.patch_cpu_ops(backend)
+    torch.manual_seed(0)
+    layer = plugin_layer(backend=backend, monkeypatch=monkeypatch)
+    slots = {slot: random_factors(layer, *spec) for slot, spec in enumerate(SLOT_SPECS)}
+    for slot, factors in slots.items():
+        layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+    indices, strategy = LAYOUTS[layout]
+    layer.punica_wrapper = punica_wrapper(indices, len(SLOT_SPECS), prefill)
+    grouped.new_step()
+    if backend == "grouped":
+        plan = grouped.step_plan(layer.punica_wrapper, len(indices))
+        assert ("none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot") == strategy
+    x = torch.randn(len(indices), 32)
+    base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+    result = layer.apply(x, layer.base_layer.bias)
+    index_tensor = torch.tensor(indices)
+    assert torch.allclose(result.double(), per_slot_reference(slots, index_tensor, x, base, layer.output_slices), **FP32_TOL)
+    assert torch.equal(result[index_tensor == -1], base[index_tensor == -1])
+
+
+def test_grouped_plan_is_built_once_per_step():
+    """Every layer of a step shares the plan; a new step (vLLM rewrote the indices in place, as it
+    does every step, version counter bumped or not) rebuilds it."""
+    buffer = torch.tensor([0, 0, 1, -1])
+    wrapper = SimpleNamespace(token_lora_indices=buffer)
+    grouped.new_step()
+    first = grouped.step_plan(wrapper, 4)
+    assert grouped.step_plan(wrapper, 4) is first and first.slots == [0, 1] and first.counts == [2, 1]
+    buffer.data.copy_(torch.tensor([2, 2, 2, 2]))  # .data: no version bump
+    grouped.new_step()
+    second = grouped.step_plan(wrapper, 4)
+    assert second.slots == [2] and second.rows is None
+
+
+def test_slot_reused_by_a_plain_lora_or_reset_has_identity_extras(monkeypatch):
+    """A slot that held a SORA adapter and then vLLM's own plain A/B (its dummy LoRAs), or is reset,
+    returns to scale 1, shift 0, no rotation: the padded path and the punica gathers read them."""
+    layer = plugin_layer(monkeypatch=monkeypatch)
+    factors = random_factors(layer, 8, 4, True)
+    for refill in ("plain", "reset"):
+        layer.set_lora(1, SlotFactors(factors), [f.lora_B for f in factors])
+        assert layer.sora_slots[1].rot_rank == 4 and layer.sora_slots[1].scaled
+        if refill == "plain":
+            layer.set_lora(1, [f.lora_A for f in factors], [f.lora_B for f in factors])
+            assert torch.equal(layer.lora_a_stacked[0][1, 0, :8], factors[0].lora_A)
+        else:
+            layer.reset_lora(1)
+            assert not layer.lora_a_stacked[0][1].any()
+        assert layer.sora_slots[1].rot_rank == 0 and not layer.sora_slots[1].scaled
+        for i, n in enumerate(layer.output_slices):
+            assert not layer.sora_rot_u[i][1].any() and not layer.sora_rot_v[i][1].any() and not layer.sora_shift[i][1].any()
+            assert torch.equal(layer.sora_scale[i][1], torch.ones(n))
+            assert torch.equal(layer.sora_scale[i][-1], torch.ones(n)) and not layer.sora_shift[i][-1].any()  # slot -1's row
+
+
+def test_punica_backend_compiles_as_one_graph(monkeypatch):
+    """A decode step (what CUDA graphs capture) through the punica backend, base GEMM, slot
+    gathers, both shrink/expand pairs and the isolation mask, traces into one graph: no
+    `.item()`, `.tolist()` or data-dependent branch in our code (vLLM CPU's ops: the graph-safe mend)."""
+    apply()
+    cpu_ops.patch_cpu_ops("punica")
+    torch.manual_seed(4)
+    layer = plugin_layer(backend="punica", monkeypatch=monkeypatch)
+    for slot, spec in enumerate(SLOT_SPECS[:3]):
+        factors = random_factors(layer, *spec)
+        layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+    layer.punica_wrapper = punica_wrapper([0, -1, 2, 1, 2], len(SLOT_SPECS), prefill=False)
+    x = torch.randn(5, 32)
+    compiled = torch.compile(lambda inputs: layer.apply(inputs, layer.base_layer.bias), fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), layer.apply(x, layer.base_layer.bias), atol=1e-6)
+
+
+# ------------------------------------------------------------------ factors at load
+
+
+def packed_float64_layer(monkeypatch, sizes=(24, 8, 8), in_f=32):
+    """A qkv-like float64 plugin layer, with ||W0||^2 per row recorded as the plugin does when vLLM
+    processes the loaded weights; W0 is then gone from the layer (vLLM CPU drops it after repacking)."""
     from sora_serve.vllm_plugin.activation import record_row_norms
 
-    weight = torch.randn(sum(sizes), in_f, dtype=torch.float64) / in_f**0.5
-    base = SimpleNamespace(weight=weight, bias=0.1 * torch.randn(sum(sizes), dtype=torch.float64))
+    layer = plugin_layer(sizes, in_f, max_loras=2, dtype=torch.float64, monkeypatch=monkeypatch)
+    base = SimpleNamespace(weight=layer._gemm.weight, bias=layer.base_layer.bias)
     record_row_norms(base)
-    del base.weight  # vLLM CPU drops it after repacking: the activation path must not need it
-    gemm = LayerGemm(weight)
-    layer = SimpleNamespace(
-        tp_size=1, output_slices=sizes, base_layer=base, _get_quant_method=lambda: gemm,
-        lora_a_stacked=tuple(torch.zeros(max_loras, 1, max_rank, in_f, dtype=torch.float64) for _ in sizes),
-        lora_b_stacked=tuple(torch.zeros(max_loras, 1, n, max_rank, dtype=torch.float64) for n in sizes),
-    )
-    return layer, weight
+    del base.weight
+    layer.base_layer = base
+    return layer, layer._gemm.weight
 
 
 METHODS = {
@@ -186,17 +276,17 @@ METHODS = {
 
 
 @pytest.mark.parametrize("kind", METHODS)
-def test_activation_factors_equal_the_dense_formula(kind, tmp_path):
+def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch):
     """Factors computed once at load, per slice of a packed layer with a bias, equal each method's
     dense float64 `serving_factors(W0, b)` to 1e-10; DoRA's come from ||W0||^2 per row and the
-    layer's GEMM on A, never from W0. Filling a slot copies exactly those factors."""
+    layer's GEMM on A, never from W0. Entering a slot copies exactly those factors."""
     import sora_serve as ss
     from sora_serve.vllm_plugin.activation import adapter_module, slice_factors
 
     from .helpers import perturb_adapter
 
     torch.manual_seed(3)
-    layer, weight = packed_float64_layer()
+    layer, weight = packed_float64_layer(monkeypatch)
     names = ["q_proj", "k_proj", "v_proj"]
     model = torch.nn.ModuleDict({n: torch.nn.Linear(32, size, dtype=torch.float64) for n, size in zip(names, layer.output_slices)})
     config = ss.AdapterConfig(r=6, r_p=3, target_modules=names, **METHODS[kind])
@@ -212,24 +302,25 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path):
             assert (actual is None) == (expected is None), field
             if expected is not None:
                 assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12), (name, field, (actual - expected).abs().max())
-        slots.fill_slot(layer, 1, [got if j == i else None for j in range(3)])
-        state = slots.slot_state(layer)
+        factors = [got if j == i else None for j in range(3)]
+        layer.set_lora(1, SlotFactors(factors), [None if f is None else f.lora_B for f in factors])
         assert torch.equal(layer.lora_b_stacked[i][1, 0, :, : got.lora_B.shape[1]], got.lora_B)
-        assert state.has_scale[1] == (got.scale is not None) and state.rot_rank[1] == (0 if got.rot_U is None else got.rot_U.shape[1])
+        assert layer.sora_slots[1].scaled == (got.scale is not None) and layer.sora_slots[1].rot_rank == (0 if got.rot_U is None else got.rot_U.shape[1])
 
 
-def test_non_finite_adapter_rows_are_zeroed_and_traced_to_their_adapter():
-    """Rows of adapter tokens holding NaN/inf are zeroed (nothing non-finite reaches the KV cache)
-    and their adapter's id is reported once; finite rows and base rows (-1) are left as they are."""
-    from sora_serve.vllm_plugin import isolation
-
+def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():
+    """Rows of adapter tokens holding NaN/inf are zeroed with masked ops (nothing non-finite reaches
+    the KV cache) and counted per slot in a device tensor, read once per step; finite rows and base
+    rows (-1) are left as they are."""
+    flags = isolation.failure_flags(4, "cpu")
+    isolation.take_failed_slots()
     output = torch.randn(5, 6)
     output[1, 2], output[3, 0], output[4, 5] = float("nan"), float("inf"), float("nan")
     token_slots = torch.tensor([0, 1, 0, 1, -1])  # row 4 is a base row: not ours to touch
     before = output.clone()
-    isolation.slot_lora_ids.update({0: 11, 1: 12})
-    isolation.quarantine_rows(output, token_slots)
+    isolation.quarantine_rows(output, token_slots, flags)
     assert not output[1].any() and not output[3].any()
     assert torch.equal(output[[0, 2]], before[[0, 2]]) and torch.isnan(output[4, 5])
-    assert isolation.take_poisoned_lora_ids() == {12}
-    assert isolation.take_poisoned_lora_ids() == set()
+    assert flags.tolist() == [0, 2, 0, 0, 0]
+    assert isolation.take_failed_slots() == {1}
+    assert isolation.take_failed_slots() == set() and not flags.any()

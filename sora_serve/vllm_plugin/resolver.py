@@ -34,8 +34,9 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from sora_serve.errors import AdapterError
-from sora_serve.io import CONFIG_FILE, read_adapter
+from sora_serve.io import CONFIG_FILE
 
+from . import registry
 from .loading import ERROR_MARK
 
 ADAPTER_DIR_ENV = "SORA_SERVE_ADAPTER_DIR"
@@ -62,7 +63,7 @@ def store_relative(message: str, store: Path) -> str:
 
 
 class AdapterStoreResolver(LoRAResolver):
-    """Maps a request's model name to `store/name`, validated by `sora_serve.read_adapter`."""
+    """Maps a request's model name to `store/name`, read and validated once through the plugin's registry."""
 
     def __init__(self, store: str | Path):
         self.store = Path(store).resolve()
@@ -77,9 +78,10 @@ class AdapterStoreResolver(LoRAResolver):
         return directory if (directory / CONFIG_FILE).is_file() else None
 
     def validate(self, lora_name: str, directory: Path) -> None:
-        """`read_adapter` on the directory; its error (or an unreadable file) as a 400 naming the file."""
+        """The registry's read of the directory (the front end's check then reuses it); its error
+        (or an unreadable file) as a 400 naming the file."""
         try:
-            read_adapter(directory)
+            registry.adapter(directory)
         except PermissionError as exc:
             message = f"{exc.filename}: permission denied (the server cannot read this file)"
         except (AdapterError, OSError) as exc:
