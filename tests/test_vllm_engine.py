@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import perturb_adapter
+from .helpers import VLLM_BACKENDS, perturb_adapter, vllm_backend
 
 LOGPROB_TOL = 1e-4  # fp32, per generated token
 KINDS = {
@@ -27,9 +27,10 @@ KINDS = {
 PROMPTS = [[5, 17, 99, 23, 4], [7, 7, 300, 12], [101, 44, 9, 250, 3, 88]]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vllm")
+@pytest.fixture(scope="module", params=VLLM_BACKENDS)
+def served(tmp_path_factory, request):
+    """One engine per backend: the batch tests run on both, the others once (they do not reach the op)."""
+    root = tmp_path_factory.mktemp(f"vllm-{request.param}")
     base = make_tiny_checkpoint("qwen2", root / "base")  # q/k/v biases: the bias path is exercised
     for i, (name, kwargs) in enumerate(KINDS.items()):
         model = make_tiny_model("qwen2")
@@ -38,9 +39,16 @@ def served(tmp_path_factory):
         ss.save_adapter(model, root / name, "a")
     from sora_serve.vllm_plugin.engine import make_llm
 
-    llm = make_llm(base, max_loras=4, max_lora_rank=16)  # 4 slots < 5 adapters: slots are evicted and reused
-    yield root, llm
+    with vllm_backend(request.param):
+        llm = make_llm(base, max_loras=4, max_lora_rank=16)  # 4 slots < 5 adapters: slots are evicted and reused
+    yield root, llm, request.param
     del llm
+
+
+def once(served) -> None:
+    """Tests of loading and refusal do not reach the op: they run on the first backend's engine only."""
+    if served[2] != VLLM_BACKENDS[0]:
+        pytest.skip(f"backend-independent: runs on the {VLLM_BACKENDS[0]} engine")
 
 
 def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], max_tokens: int = 8):
@@ -70,7 +78,7 @@ def eager_reference(root, name: str | None, prompt: list[int], max_tokens: int =
 
 @pytest.mark.slow
 def test_mixed_batch_of_every_kind_equals_eager(served):
-    root, llm = served
+    root, llm, _ = served
     names = [None, *KINDS, "sora_cay", None, "lora"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     results = vllm_generate(llm, root, names, prompts)
@@ -86,7 +94,7 @@ def test_mixed_batch_of_every_kind_equals_eager(served):
 @pytest.mark.slow
 def test_base_requests_stay_base_with_all_slots_full(served):
     """vLLM CPU's stock ops give base rows the last slot's adapter here (index -1 wraps)."""
-    root, llm = served
+    root, llm, _ = served
     names = ["sora_cay", "dora", None, "prediag", "lora", "sora_cay"]  # 4 adapters in 4 slots: decode runs them padded in one batch
     results = vllm_generate(llm, root, names, [PROMPTS[0]] * len(names))
     assert results[2][0] == eager_reference(root, None, PROMPTS[0])[0]
@@ -118,7 +126,8 @@ except ValueError as exc:
 def test_stock_vllm_refuses_what_the_plugin_loads(served, kind, stock_error):
     """Without the plugin, vLLM's own loader refuses our files (it never serves them wrong); with
     it, the model runner builds the plugin's loader, which the mixed-batch test shows serving them."""
-    root, _ = served
+    once(served)
+    root, _, _ = served
     # VLLM_PLUGINS names the plugins allowed to load: a non-matching name disables ours (stock vLLM).
     for plugins, manager in (("no-such-plugin", "LRUCacheWorkerLoRAManager"), ("sora_serve", "SoraWorkerLoRAManager")):
         env = {**os.environ, "VLLM_PLUGINS": plugins}
@@ -143,7 +152,8 @@ if __name__ == "__main__":
 def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
     from sora_serve.converters.fold import fold_adapter
 
-    root, _ = served
+    once(served)
+    root, _, _ = served
     fold_adapter(root / "base", root / "sora_cay", tmp_path / "merged", verify=False, progress=False)
     script = tmp_path / "merged.py"
     script.write_text(MERGED_SCRIPT)
@@ -196,7 +206,8 @@ def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, mes
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    root, llm = served
+    once(served)
+    root, llm, _ = served
     path = broken_copy(root, defect, tmp_path)
     with pytest.raises(ValueError, match=message) as refused:
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), lora_request=LoRARequest(defect, 900, str(path)), use_tqdm=False)
@@ -205,3 +216,60 @@ def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, mes
         with pytest.raises(ss.AdapterError, match=message):  # eager agrees on the same file
             ss.load_adapter(make_tiny_model("qwen2"), path)
     assert vllm_generate(llm, root, ["lora"], [PROMPTS[1]])[0][0] == eager_reference(root, "lora", PROMPTS[1])[0]
+
+
+READ_COUNT = """
+import json, sys
+from collections import Counter
+
+opened = Counter()  # (adapter file, opened by vLLM rather than sora_serve): every Python-level open
+
+
+def count_opens(event, args):
+    if event == "open" and isinstance(args[0], str) and "/adapter_" in args[0]:
+        frame, by_us = sys._getframe(1), False
+        while frame is not None and not by_us:
+            by_us, frame = "/sora_serve/" in frame.f_code.co_filename, frame.f_back
+        opened[f"{args[0]} {'sora_serve' if by_us else 'other'}"] += 1
+
+
+sys.addaudithook(count_opens)
+from vllm import SamplingParams
+from vllm.lora.request import LoRARequest
+from sora_serve.io import read_adapter
+from sora_serve.vllm_plugin import registry
+from sora_serve.vllm_plugin.engine import make_llm
+
+base, adapters = sys.argv[1], sys.argv[2:]
+llm = make_llm(base, max_loras=2)
+params = SamplingParams(max_tokens=2, temperature=0)
+for _ in range(2):  # the second round must read nothing
+    for i, path in enumerate(adapters):
+        llm.generate([{"prompt_token_ids": [5, 17, 99]}], params, lora_request=LoRARequest(f"a{i}", i + 1, path), use_tqdm=False)
+serving = dict(opened)
+opened.clear()
+for path in adapters:  # what one read opens, for comparison
+    read_adapter(path)
+print("COUNTS", json.dumps({"reads": dict(registry.reads), "serving": serving, "one_read": dict(opened)}))
+"""
+
+
+@pytest.mark.slow
+def test_each_adapter_is_read_once(served, tmp_path):
+    """Front end and worker in one process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): two rounds of
+    requests for a SORA and a plain LoRA read each adapter's files once in all, through the
+    registry; vLLM's own loader (PEFTHelper, LoRAModel.from_local_checkpoint) never opens them."""
+    once(served)
+    root, _, _ = served
+    script = tmp_path / "count.py"
+    script.write_text(READ_COUNT)
+    adapters = [str(root / "sora_cay"), str(root / "lora")]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = subprocess.run([sys.executable, str(script), str(root / "base"), *adapters], capture_output=True, text=True, timeout=600, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("COUNTS")), None)
+    assert line is not None, out.stderr[-3000:]
+    counts = json.loads(line.split(" ", 1)[1])
+    assert counts["reads"] == {path: 1 for path in adapters}
+    assert counts["serving"] == counts["one_read"]  # the files were opened as by one read each, all by sora_serve
+    assert all(key.endswith(" sora_serve") for key in counts["serving"])
+    assert {key.split(" ")[0] for key in counts["serving"]} >= {f"{path}/adapter_config.json" for path in adapters}
