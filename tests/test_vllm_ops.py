@@ -324,3 +324,22 @@ def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():
     assert flags.tolist() == [0, 2, 0, 0, 0]
     assert isolation.take_failed_slots() == {1}
     assert isolation.take_failed_slots() == set() and not flags.any()
+
+
+def test_failed_requests_are_found_in_either_runner_layout():
+    """The step's requests of a flagged slot are marked QUARANTINED in the output, reading the
+    request -> adapter map from vLLM 0.32/0.33's persistent input batch or 0.34's LoraState."""
+    from types import SimpleNamespace
+
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    manager = SimpleNamespace(_adapter_manager=SimpleNamespace(lora_index_to_id=[7, 9]))  # slot 1 holds adapter 9
+    old_batch = SimpleNamespace(req_ids=["a", "b", "c"], request_lora_mapping=torch.tensor([9, 0, 7]))
+    new_state = SimpleNamespace(lora_requests={"a": LoRARequest("x", 9, "/x"), "c": LoRARequest("y", 7, "/y")})
+    for runner in (SimpleNamespace(lora_manager=manager, input_batch=old_batch), SimpleNamespace(lora_manager=manager, lora_state=new_state)):
+        flags = isolation.failure_flags(2, "cpu")
+        flags[1] = 3
+        output = ModelRunnerOutput(req_ids=["a", "b", "c"], req_id_to_index={"a": 0, "b": 1, "c": 2})
+        isolation.mark_failed_requests(output, runner)
+        assert output.num_nans_in_logits == {"a": isolation.QUARANTINED}

@@ -31,6 +31,7 @@ class Symbol:
     why: str
     params: tuple[str, ...] | None = None  # leading parameter names of a callable, in order
     mentions: tuple[str, ...] = ()  # names the module's source must still mention (attributes read at run time)
+    alternatives: tuple[str, ...] = ()  # targets that serve the same purpose in other vLLMs (the plugin handles each)
 
     @property
     def module(self) -> str:
@@ -103,7 +104,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.worker.gpu_worker:Worker.sample_tokens", "wrapped", "reads the step's non-finite flags once, where vLLM has synchronized", ("self", "grammar_output")),
     Symbol("vllm.v1.worker.gpu_worker:Worker.execute_model", "wrapped", "same, for steps whose output it returns", ("self", "scheduler_output")),
     Symbol("vllm.v1.outputs:ModelRunnerOutput", "called", "num_nans_in_logits carries failed requests to the scheduler", mentions=("num_nans_in_logits",)),
-    Symbol("vllm.v1.worker.gpu_input_batch:InputBatch", "called", "request -> adapter id of the step's batch", mentions=("req_ids", "request_lora_mapping")),
+    Symbol("vllm.v1.outputs:ModelRunnerOutput.req_ids", "called", "the step's requests, to mark a failed adapter's"),
+    Symbol("vllm.v1.worker.gpu_input_batch:InputBatch", "called", "request -> adapter id (vLLM <= 0.33's runner)", mentions=("req_ids", "request_lora_mapping"),
+           alternatives=("vllm.v1.worker.gpu.lora_utils:LoraState",)),
     Symbol("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "wrapped", "finishes a failed adapter's requests with FINISHED_ERROR",
            ("self", "scheduler_output", "model_runner_output"), mentions=("encoder_cache_mismatch_reqs",)),
     # versions.py
@@ -265,7 +268,17 @@ def _params(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[tuple[str, bo
 
 def report(location: str | Path) -> list[tuple[Symbol, list[str]]]:
     tree = SourceTree(location)
-    return [(symbol, problems(symbol, tree.find(symbol.module, symbol.qualname))) for symbol in SYMBOLS]
+    return [(symbol, _problems_of_any(tree, symbol)) for symbol in SYMBOLS]
+
+
+def _problems_of_any(tree: SourceTree, symbol: Symbol) -> list[str]:
+    """The symbol's problems, or none when one of its alternatives is there."""
+    issues = problems(symbol, tree.find(symbol.module, symbol.qualname))
+    for target in symbol.alternatives if issues else ():
+        module, qualname = target.split(":")
+        if tree.find(module, qualname) is not None:
+            return []
+    return issues
 
 
 def main(argv: list[str] | None = None) -> int:

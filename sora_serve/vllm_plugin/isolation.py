@@ -64,10 +64,19 @@ def mark_failed_requests(output, model_runner) -> None:
         return
     slot_ids = model_runner.lora_manager._adapter_manager.lora_index_to_id
     bad_ids = {slot_ids[s] for s in failed if s < len(slot_ids) and slot_ids[s] is not None}
-    batch = model_runner.input_batch
-    marked = {req_id: QUARANTINED for i, req_id in enumerate(batch.req_ids) if int(batch.request_lora_mapping[i]) in bad_ids}
+    adapter_of = request_adapter_ids(model_runner)
+    marked = {req_id: QUARANTINED for req_id in output.req_ids if adapter_of.get(req_id) in bad_ids}
     if marked:
         output.num_nans_in_logits = {**(output.num_nans_in_logits or {}), **marked}
+
+
+def request_adapter_ids(model_runner) -> dict[str, int]:
+    """Request id -> adapter id (lora_int_id) of the requests the runner holds."""
+    lora_state = getattr(model_runner, "lora_state", None)
+    if lora_state is not None:  # vLLM 0.34's model runner: a LoraState per runner
+        return {req_id: request.lora_int_id for req_id, request in lora_state.lora_requests.items()}
+    batch = model_runner.input_batch  # vLLM 0.32/0.33: the persistent InputBatch
+    return {req_id: int(batch.request_lora_mapping[i]) for i, req_id in enumerate(batch.req_ids)}
 
 
 def patch_worker() -> None:
