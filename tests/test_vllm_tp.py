@@ -14,7 +14,7 @@ import pytest
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import perturb_adapter
+from .helpers import VLLM_BACKENDS, perturb_adapter, vllm_backend
 from .test_vllm_engine import LOGPROB_TOL, PROMPTS, eager_reference
 
 KINDS = {
@@ -26,7 +26,8 @@ KINDS = {
 
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two TP workers need two CPUs")
-def test_tensor_parallel_mixed_batch_equals_eager(tmp_path):
+@pytest.mark.parametrize("backend", VLLM_BACKENDS)
+def test_tensor_parallel_mixed_batch_equals_eager(tmp_path, backend):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -38,7 +39,8 @@ def test_tensor_parallel_mixed_batch_equals_eager(tmp_path):
         ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
         perturb_adapter(model, "a", scale=0.1, seed=10 + i)
         ss.save_adapter(model, tmp_path / name, "a")
-    llm = make_llm(base, max_loras=2, tensor_parallel_size=2)  # 2 slots < 3 adapters, all full: base rows must stay base
+    with vllm_backend(backend):
+        llm = make_llm(base, max_loras=2, tensor_parallel_size=2)  # 2 slots < 3 adapters, all full: base rows must stay base
     names = [None, "sora_cay", "dora", "prediag", "sora_cay", None]
     ids = {name: i + 1 for i, name in enumerate(KINDS)}
     requests = [None if n is None else LoRARequest(n, ids[n], str(tmp_path / n)) for n in names]

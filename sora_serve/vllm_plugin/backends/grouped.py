@@ -107,7 +107,7 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return output
     if plan.rows is None:
         groups = [_slot_group(layer, plan.slots[0], None, x, output)]
-    elif plan.balanced:
+    elif plan.balanced and layer.tp_size == 1:  # under TP the padded path disagrees with eager (docs/VLLM.md)
         groups = [_padded_group(layer, plan, x, output)]
     else:
         groups = [_slot_group(layer, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
