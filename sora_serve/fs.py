@@ -44,6 +44,29 @@ def _probe(path: Path, probe: Callable[[Path], None], missing: str, wrong_kind: 
     return path
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask sets as it reads)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give `directory` and everything in it the modes the umask allows: mkdtemp makes 0700 and
+    safetensors writes 0600, so a server running as another user could not read an adapter."""
+    mask = current_umask()
+    directory.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to fill; rename it to `path` only on success.
@@ -61,6 +84,7 @@ def atomic_output_dir(path: str | Path, *, force: bool = False) -> Iterator[Path
         raise AdapterError(f"cannot write output: {exc.strerror or exc}", file=path) from exc
     try:
         yield tmp
+        follow_umask(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{tmp.name[-8:]}")
             path.rename(old)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -175,3 +177,22 @@ def test_stock_peft_lora_options_we_cannot_serve_are_refused(tmp_path):
     peft_model.save_pretrained(tmp_path / "p")
     with pytest.raises(ss.AdapterError, match="field 'lora_bias'"):
         ss.read_adapter(tmp_path / "p")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_adapter_dirs_follow_the_umask(tmp_path, umask):
+    """A server running as another user (group) can read what an operator wrote under umask 022
+    (027): the dir gets the mode PEFT's `save_pretrained` gives its dir, and every file 0666 & ~umask
+    (safetensors alone writes 0600, PEFT's weights file included)."""
+    model = make_tiny_model("llama")
+    ss.attach(model, ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules=["q_proj"]), "a", verbose=False)
+    peft_model = get_peft_model(make_tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    previous = os.umask(umask)
+    try:
+        ours = ss.save_adapter(model, tmp_path / "ours", "a")
+        peft_model.save_pretrained(tmp_path / "peft")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(ours.stat().st_mode) == stat.S_IMODE((tmp_path / "peft").stat().st_mode) == 0o777 & ~umask
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((ours / name).stat().st_mode) == 0o666 & ~umask, name
