@@ -388,6 +388,8 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_unt
                   r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': .*adapter is 96x96 but the base layer is 128x128"),
         "adapter dir": (["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")], r"none: adapter directory \(--adapter-dir\) not found"),
         "untied head": (["--model", str(gemma2_untied[0])], r"merged/config.json: field 'tie_word_embeddings': .*Gemma2ForCausalLM always computes logits"),
+        "head size": (["--model", str(make_tiny_checkpoint("llama", tmp_path / "head24", hidden_size=96, num_attention_heads=4, num_key_value_heads=2))],
+                      r"head24/config.json: field 'head_dim': attention head size 24 is not one vLLM CPU's attention runs"),
     }
     results = run_cli_cases({name: ["serve", *args] for name, (args, _) in cases.items()}, timeout=120)
     for name, (_, match) in cases.items():

@@ -117,6 +117,8 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.load_lora_adapter", "wrapped", "a refused load is HTTP 400 naming file and field", ("self", "request", "base_model_name")),
     Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.unload_lora_adapter", "wrapped", "unload also frees the engine's copy", ("self", "request")),
     Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.resolve_lora", "replaced", "the engine's refusal reaches the client (stock: a bare 'could not be loaded')", ("self", "lora_name")),
+    Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_supported_head_sizes", "called",
+           "serve: a head size vLLM CPU cannot run is refused before the engine starts", ("cls",)),
     Symbol("vllm.lora.resolver:LoRAResolverRegistry", "called", "the adapter store is a registered resolver"),
     Symbol("vllm.lora.resolver:LoRAResolver.resolve_lora", "overridden", "the adapter store", ("self", "base_model_name", "lora_name")),
 )

@@ -136,6 +136,29 @@ def check_architecture(checkpoint: Checkpoint) -> None:
         )
 
 
+def check_head_size(checkpoint: Checkpoint) -> None:
+    """vLLM CPU's attention runs only some head sizes; another starts the engine and kills it on the
+    first request ("Unsupported CPU attention configuration"), so refuse it here."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config, config_file = checkpoint.config_dict, checkpoint.directory / "config.json"
+    text = config.get("text_config") or config  # multimodal configs nest the language model's
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    head_dim = text.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if isinstance(head_dim, int) and head_dim not in supported:
+        field = "head_dim" if text.get("head_dim") else "hidden_size / num_attention_heads"
+        raise AdapterError(
+            f"attention head size {head_dim} is not one vLLM CPU's attention runs ({', '.join(map(str, supported))}); "
+            "serve this model with eager sora-serve (load_adapter) or on a GPU build of vLLM",
+            file=config_file, field=field,
+        )
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     names = [name for name, _ in args.adapter]
     if len(set(names)) != len(names):
@@ -156,7 +179,8 @@ def run(args: argparse.Namespace) -> None:
     model_type = checkpoint.config_dict.get("model_type")
     for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
         check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
-    check_architecture(checkpoint)  # last: it imports vLLM (~10 s)
+    check_architecture(checkpoint)  # last: they import vLLM (~10 s)
+    check_head_size(checkpoint)
     command = server_command(args)
     # exec, not a child process: signals (Ctrl-C, terminate()) reach the server itself, so
     # stopping `sora-serve serve` never leaves an orphaned vLLM engine behind.
