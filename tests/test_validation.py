@@ -376,6 +376,20 @@ def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
     assert ADAPTER_DIR_ENV not in server_env(args) and ALLOW_LARGE_UPDATES_ENV not in server_env(args)
 
 
+def test_serve_warns_when_exposed_without_a_key_and_stays_eager_on_cpu(capsys):
+    from sora_serve.cli import build_parser
+    from sora_serve.vllm_plugin.server import server_command, warn_if_exposed
+
+    parse = build_parser("serve").parse_args
+    warn_if_exposed(parse(["serve", "--model", "m"]))  # loopback: no warning
+    assert capsys.readouterr().err == ""
+    warn_if_exposed(parse(["serve", "--model", "m", "--host", "0.0.0.0"]))
+    assert "listening on 0.0.0.0 without an API key" in capsys.readouterr().err
+    warn_if_exposed(parse(["serve", "--model", "m", "--host", "0.0.0.0", "--", "--api-key", "k"]))
+    assert capsys.readouterr().err == ""
+    assert "--enforce-eager" in server_command(parse(["serve", "--model", "m"]))  # vLLM CPU runs LoRA eagerly
+
+
 def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_untied):
     """Each case exits 1 with one line naming the file and field, before any engine start."""
     missing = run_cli(["serve", "--model", str(tmp_path / "nope")], timeout=60)  # the real command, end to end

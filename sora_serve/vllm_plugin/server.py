@@ -59,14 +59,36 @@ def max_cpu_loras(args: argparse.Namespace) -> int:
 def server_command(args: argparse.Namespace) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
-        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enforce-eager", "--enable-lora", "--max-loras", str(args.max_loras),
+        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enable-lora", "--max-loras", str(args.max_loras),
         "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max_cpu_loras(args)),
     ]
+    if needs_eager_mode():
+        command.append("--enforce-eager")
     if args.max_model_len:
         command += ["--max-model-len", str(args.max_model_len)]
     if args.adapter:
         command += ["--lora-modules", *(f"{name}={path}" for name, path in args.adapter)]
     return command + [a for a in args.extra if a != "--"]
+
+
+def needs_eager_mode() -> bool:
+    """vLLM CPU serves LoRA eagerly; the grouped backend's per-step plan cannot be captured by CUDA
+    graphs. The punica backend off CPU can: vLLM's default (graphs) is kept there."""
+    from vllm.platforms import current_platform
+
+    from .backends import selected_name
+
+    return current_platform.is_cpu() or selected_name() == "grouped"
+
+
+def warn_if_exposed(args: argparse.Namespace) -> None:
+    """Anyone who reaches a non-loopback address may complete and load adapters without a key."""
+    if args.host not in ("127.0.0.1", "localhost", "::1") and "--api-key" not in args.extra:
+        print(
+            f"sora-serve serve: warning: listening on {args.host} without an API key; anyone who reaches it can send "
+            "requests and load or unload adapters. Pass `-- --api-key KEY` (vLLM then requires it on every endpoint).",
+            file=sys.stderr,
+        )
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
@@ -182,6 +204,7 @@ def run(args: argparse.Namespace) -> None:
     check_architecture(checkpoint)  # last: they import vLLM (~10 s)
     check_head_size(checkpoint)
     command = server_command(args)
+    warn_if_exposed(args)
     # exec, not a child process: signals (Ctrl-C, terminate()) reach the server itself, so
     # stopping `sora-serve serve` never leaves an orphaned vLLM engine behind.
     sys.stdout.flush()
