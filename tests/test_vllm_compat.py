@@ -86,3 +86,14 @@ def test_not_a_vllm_is_a_usage_error(tmp_path, capsys):
         compat.main([str(tmp_path)])
     assert exited.value.code == 2
     assert "neither a wheel nor a directory containing vllm/" in capsys.readouterr().err
+
+
+def test_a_symbol_moved_to_a_known_alternative_is_compatible(source_copy):
+    """vLLM's newer model runner (the only one in 0.34) keeps a request's adapter in `LoraState`,
+    not the old InputBatch: the plugin reads either, so either one present is compatible; neither is reported."""
+    (source_copy / "vllm/v1/worker/gpu_input_batch.py").unlink()
+    (source_copy / "vllm/v1/worker/gpu/lora_utils.py").unlink()
+    target = "vllm.v1.worker.gpu_input_batch:InputBatch"
+    assert dict((s.target, found) for s, found in compat.report(source_copy))[target] == [f"{target} is missing"]
+    (source_copy / "vllm/v1/worker/gpu/lora_utils.py").write_text("class LoraState:\n    lora_requests: dict\n")
+    assert dict((s.target, found) for s, found in compat.report(source_copy))[target] == []
