@@ -175,8 +175,9 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     growth, model_bytes = int(out.stdout.split()[-1]), sum(shard_bytes)
     assert len(shard_bytes) >= 5 and model_bytes > 200e6
     # RSS sampled every 2 ms: the shard being read (mapped) plus a few layer-sized temporaries
-    # (measured ~85 MB for 38 MB shards of a 260 MB model); the whole model never.
-    assert growth < min(3 * max(shard_bytes), 0.5 * model_bytes), f"RSS grew {growth / 1e6:.0f} MB folding a {model_bytes / 1e6:.0f} MB model"
+    # (measured 85-118 MB for 38 MB shards of a 260 MB model, the high end inside the full suite
+    # on 2 cores); the whole model never.
+    assert growth < min(4 * max(shard_bytes), 0.5 * model_bytes), f"RSS grew {growth / 1e6:.0f} MB folding a {model_bytes / 1e6:.0f} MB model"
 
 
 def test_bad_input_is_refused_without_leftovers(sharded_bases, tmp_path):
