@@ -5,6 +5,8 @@ graph safety of the punica backend, the isolation flags, and vLLM CPU's mended t
 
 from __future__ import annotations
 
+import threading
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -248,6 +250,78 @@ def test_punica_backend_compiles_as_one_graph(monkeypatch):
     x = torch.randn(5, 32)
     compiled = torch.compile(lambda inputs: layer.apply(inputs, layer.base_layer.bias), fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), layer.apply(x, layer.base_layer.bias), atol=1e-6)
+
+
+class TwoRankAllReduce:
+    """vLLM's `tensor_model_parallel_all_reduce` for two ranks running as two threads: each call
+    returns the sum of both ranks' tensors of the same call, as the collective does."""
+
+    def __init__(self):
+        self.barrier, self.inputs = threading.Barrier(2, timeout=30), {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.inputs[threading.current_thread().name] = t
+        self.barrier.wait()
+        total = sum(self.inputs.values())
+        self.barrier.wait()  # both have read before the next call overwrites
+        return total
+
+
+def column_shard(f: ServingFactors, rank: int) -> ServingFactors:
+    """Rank `rank` of 2 of a column-parallel slice: output rows split, A whole (what vLLM's slice_lora_b does)."""
+    rows = lambda t: None if t is None else t.chunk(2, dim=0)[rank]
+    return ServingFactors(f.lora_A, rows(f.lora_B), rows(f.scale), rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V))
+
+
+# Token -> adapter layouts; each rank maps adapters to its own slots.
+TP_LAYOUTS = {"decode": [0, 1, 2, -1], "uneven": [0, 1, -1, 2, 1, 0, 2, 2], "one adapter": [2] * 5, "prefill": [1] * 12 + [0, -1, 2]}
+
+
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+@pytest.mark.parametrize("backend", ["grouped", "punica"])
+def test_column_parallel_ranks_agree_whatever_slots_hold_the_adapters(layout, backend, monkeypatch):
+    """Each TP worker's LoRA manager fills slots in the order of a set hashed by adapter name, so
+    rank 0 and rank 1 can hold the same adapters in different slots. The rotation's all-reduced
+    (z U) must pair each token with itself, not each slot: summed in slot order, the grouped backend
+    mixed two adapters' projections (its padded path failed the TP=2 engine test 3 runs in 4; its
+    per-slot path fails here whenever two rotations sit in opposite slot order on the two ranks)."""
+    apply()
+    cpu_ops.patch_cpu_ops(backend)
+    monkeypatch.setenv("SORA_SERVE_VLLM_BACKEND", backend)
+    monkeypatch.setattr("vllm.distributed.tensor_model_parallel_all_reduce", TwoRankAllReduce())
+    monkeypatch.setattr(grouped, "parallel_kind", lambda layer: "column")
+    monkeypatch.setattr(punica, "parallel_kind", lambda layer: "column")
+    torch.manual_seed(5)
+    sizes, in_f = (24, 8, 8), 32
+    weight, bias = torch.randn(sum(sizes), in_f) / in_f**0.5, 0.1 * torch.randn(sum(sizes))
+    specs = [(8, 0, True), (4, 3, True), (6, 2, False)]  # two rotations of different ranks, one scale-only
+    full = [random_factors(SimpleNamespace(lora_a_stacked=[torch.zeros(1, 1, 1, in_f)], output_slices=sizes), *spec) for spec in specs]
+    slot_of = [{0: 0, 1: 1, 2: 2}, {0: 1, 1: 2, 2: 0}]  # adapter -> slot, per rank: the two rotations in opposite order
+    adapters = TP_LAYOUTS[layout]
+    x = torch.randn(len(adapters), in_f)
+    results = [None, None]
+
+    def serve_rank(rank: int) -> None:
+        shard = lambda t: torch.cat([part.chunk(2, dim=0)[rank] for part in t.split(sizes)])
+        layer = PluginLayer(shard(weight), shard(bias), tuple(n // 2 for n in sizes))
+        layer.tp_size = 2
+        layer.create_lora_weights(3, SimpleNamespace(max_lora_rank=16, fully_sharded_loras=False))
+        for adapter, slot in slot_of[rank].items():
+            factors = [column_shard(f, rank) for f in full[adapter]]
+            layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+        layer.punica_wrapper = punica_wrapper([-1 if a < 0 else slot_of[rank][a] for a in adapters], 3, prefill=layout == "prefill")
+        results[rank] = layer.apply(x, layer.base_layer.bias)
+
+    grouped.new_step()
+    threads = [threading.Thread(target=serve_rank, args=(rank,), name=f"rank{rank}") for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = per_slot_reference(dict(enumerate(full)), torch.tensor(adapters), x, x @ weight.T + bias, sizes)
+    for rank, result in enumerate(results):
+        halves = torch.cat([part.chunk(2, dim=1)[rank] for part in expected.split(sizes, dim=1)], dim=1)
+        assert torch.allclose(result.double(), halves, **FP32_TOL), f"rank {rank}"
 
 
 # ------------------------------------------------------------------ factors at load

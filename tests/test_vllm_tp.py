@@ -1,7 +1,7 @@
 """vLLM with the plugin at tensor_parallel_size=2 (two CPU workers): exact against the eager runtime.
 
 Column-parallel layers (qkv_proj with biases, gate_up_proj) hold output-row shards: SORA's rotation
-all-reduces (z U), DoRA's g comes from the rank's own rows of ||W0||^2 and W0 A^T. Row-parallel
+all-reduces (z U) in token order (each rank may hold an adapter in another slot), DoRA's g comes from the rank's own rows of ||W0||^2 and W0 A^T. Row-parallel
 layers (o_proj, down_proj) hold input-column shards: DoRA sums the ranks' partial ||W0||^2 and
 W0 A^T in float64, the bias shift is added on rank 0 only."""
 
@@ -19,6 +19,7 @@ from .test_vllm_engine import LOGPROB_TOL, PROMPTS, eager_reference
 
 KINDS = {
     "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
+    "sora_fo": dict(method="sora", rotation="first_order", r=4, r_p=2),
     "dora": dict(method="dora"),
     "prediag": dict(method="prediag", r=4),
 }
@@ -40,8 +41,9 @@ def test_tensor_parallel_mixed_batch_equals_eager(tmp_path, backend):
         perturb_adapter(model, "a", scale=0.1, seed=10 + i)
         ss.save_adapter(model, tmp_path / name, "a")
     with vllm_backend(backend):
-        llm = make_llm(base, max_loras=2, tensor_parallel_size=2)  # 2 slots < 3 adapters, all full: base rows must stay base
-    names = [None, "sora_cay", "dora", "prediag", "sora_cay", None]
+        llm = make_llm(base, max_loras=3, tensor_parallel_size=2)  # 3 slots < 4 adapters, all full: base rows must stay base
+    # Two rotations in one step: the ranks' slot numbers for them may differ (set order by name hash).
+    names = [None, "sora_cay", "sora_fo", "dora", "prediag", "sora_cay", "sora_fo", None]
     ids = {name: i + 1 for i, name in enumerate(KINDS)}
     requests = [None if n is None else LoRARequest(n, ids[n], str(tmp_path / n)) for n in names]
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)

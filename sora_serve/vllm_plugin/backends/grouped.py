@@ -96,7 +96,25 @@ class TokenGroup(NamedTuple):
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
     z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T; (tokens, out), or (slots, width, out) padded
     rotation: list[tuple[torch.Tensor, torch.Tensor]] | None  # per slice (U, V): 2-D for one slot, 3-D per slot when padded
-    keep: torch.Tensor | None = None  # padded: the positions that are real tokens
+    keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
+    gather: torch.Tensor | None = None  # padded: the token row of each position
+
+    @property
+    def padded(self) -> bool:
+        return self.gather is not None
+
+    def real_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-position tensor of this group as (tokens, ...) in `rows` order."""
+        if not self.padded:
+            return t
+        t = t.reshape(-1, *t.shape[2:])
+        return t if self.keep is None else t.index_select(0, self.keep)
+
+    def from_token_order(self, t: torch.Tensor) -> torch.Tensor:
+        """This group's positions read from a (batch tokens, ...) tensor."""
+        if self.padded:
+            return t.index_select(0, self.gather).view(*self.z[0].shape[:2], *t.shape[1:])
+        return t if self.rows is None else t.index_select(0, self.rows)
 
 
 def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -107,11 +125,11 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return output
     if plan.rows is None:
         groups = [_slot_group(layer, plan.slots[0], None, x, output)]
-    elif plan.balanced and layer.tp_size == 1:  # under TP the padded path disagrees with eager (docs/VLLM.md)
+    elif plan.balanced:
         groups = [_padded_group(layer, plan, x, output)]
     else:
         groups = [_slot_group(layer, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
-    _rotate(layer, groups)
+    _rotate(layer, groups, x.shape[0])
     for group in groups:
         output = _write_group(output, group)
     isolation.quarantine_rows(output, layer.punica_wrapper.token_lora_indices[: output.shape[0]], layer.sora_failed)
@@ -168,26 +186,36 @@ def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> T
             zi = torch.baddbmm(zi, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         z.append(zi)
     rotation = [(layer.sora_rot_u[i][span, 0, :k].transpose(1, 2), layer.sora_rot_v[i][span, 0, :, :k]) for i in range(len(z))] if k else None
-    return TokenGroup(plan.rows, z, rotation, plan.keep)
+    return TokenGroup(plan.rows, z, rotation, plan.keep, plan.gather)
 
 
-def _rotate(layer, groups: list[TokenGroup]) -> None:
+def _rotate(layer, groups: list[TokenGroup], n_tokens: int) -> None:
     """z += (z U) V^T in place of each group's z, with one all-reduce of (z U) under column parallelism."""
-    todo = [(group, i) for group in groups if group.rotation for i in range(len(group.z))]
-    projections = [group.z[i] @ group.rotation[i][0] for group, i in todo]
-    for (group, i), zu in zip(todo, _sum_over_ranks(layer, projections)):
-        v = group.rotation[i][1]
-        group.z[i] = torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
+    rotated = [group for group in groups if group.rotation]
+    projections = [[z @ u for z, (u, _) in zip(group.z, group.rotation)] for group in rotated]
+    if rotated and parallel_kind(layer) == "column":
+        projections = _sum_over_ranks(rotated, projections, n_tokens)
+    for group, parts in zip(rotated, projections):
+        for i, (zu, (_, v)) in enumerate(zip(parts, group.rotation)):
+            group.z[i] = torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
 
 
-def _sum_over_ranks(layer, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+def _sum_over_ranks(groups: list[TokenGroup], projections: list[list[torch.Tensor]], n_tokens: int) -> list[list[torch.Tensor]]:
     """(z U) sums over the full output dim. A column-parallel rank holds some output rows of z and
-    U, so the ranks add their partial products: one all-reduce of tokens x 2r_p values per slice.
+    U, so the ranks add their partial products: one all-reduce of (slices, tokens, rank) values.
     Row-parallel ranks hold partial sums of z that vLLM reduces after the op; R is linear, so
-    rotating each partial is exact."""
-    if not parts or parallel_kind(layer) != "column":
-        return parts
+    rotating each partial is exact.
+
+    The sum is laid out by token, never by slot: each TP worker's LoRA manager fills its slots in
+    the iteration order of a set of requests hashed by adapter name (string hashes differ per
+    process), so the same adapter can sit in different slots on different ranks."""
     from vllm.distributed import tensor_model_parallel_all_reduce
 
-    total = tensor_model_parallel_all_reduce(torch.cat([p.reshape(-1) for p in parts]))
-    return [t.view_as(p) for t, p in zip(total.split([p.numel() for p in parts]), parts)]
+    n_slices, width = len(projections[0]), max(p.shape[-1] for parts in projections for p in parts)
+    by_token = projections[0][0].new_zeros(n_slices, n_tokens, width)
+    for group, parts in zip(groups, projections):
+        rows = slice(None) if group.rows is None else group.rows
+        for i, part in enumerate(parts):
+            by_token[i, rows, : part.shape[-1]] = group.real_rows(part)
+    total = tensor_model_parallel_all_reduce(by_token)
+    return [[group.from_token_order(total[i, :, : part.shape[-1]]) for i, part in enumerate(parts)] for group, parts in zip(groups, projections)]
