@@ -57,7 +57,7 @@ def served(tmp_path_factory, request):
         env.setenv("SORA_SERVE_ALLOW_LARGE_UPDATES", "1")  # finite, passes the validator only with the override
         write_random_adapter(root / "overflow", VERSIONS["sora_c"], seed=12, scale=0.05, factor_scale=1e30)
     arguments = [
-        "--model", str(root / "base"), "--max-loras", "2", "--adapter", f"{STATIC}={root / STATIC}", "--allow-large-updates",
+        "--model", str(root / "base"), "--max-loras", "2", "--adapter", f"{STATIC}={root / STATIC}", "--allow-large-updates", "--allow-load-from", str(root),
         "--", "--served-model-name", "base",
     ]
     with vllm_backend(request.param), running_server(arguments, root / "server.log") as (url, process):

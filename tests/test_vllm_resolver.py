@@ -13,7 +13,7 @@ import sora_serve as ss
 from sora_serve.errors import AdapterError
 from sora_serve.tiny import make_tiny_checkpoint
 
-from .helpers import complete, eager_greedy, eager_model, error_message, new_tokens, off_greedy, running_server, set_first_value, write_random_adapter
+from .helpers import complete, eager_greedy, eager_model, error_message, new_tokens, off_greedy, post, running_server, set_first_value, write_random_adapter
 
 KINDS = {
     "lora": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -42,14 +42,22 @@ def store(tmp_path_factory):
     write_random_adapter(root / "store" / "llama_sora", KINDS["sora"], seed=8, scale=0.05, arch="llama")
     (root / "store" / "notes").mkdir()  # a directory without adapter_config.json is no adapter
     write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.05)
+    (root / "store" / "escape").symlink_to(root / "outside")  # a store entry linking out of the store
+    write_random_adapter(root / "extra" / "lora", KINDS["lora"], seed=10, scale=0.05)  # under --allow-load-from
+    (root / "extra" / "link").symlink_to(root / "outside")
     return root
 
 
 @pytest.fixture(scope="module")
 def server(store):
-    arguments = ["--model", str(store / "base"), "--max-loras", "2", "--adapter-dir", str(store / "store"), "--", "--served-model-name", "base"]
+    arguments = ["--model", str(store / "base"), "--max-loras", "2", "--adapter-dir", str(store / "store"), "--allow-load-from", str(store / "extra"),
+                 "--", "--served-model-name", "base"]
     with running_server(arguments, store / "server.log") as (url, _):
         yield url
+
+
+def load(url: str, name: str, path) -> tuple[int, dict | str]:
+    return post(f"{url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
 
 
 @pytest.mark.slow
@@ -96,6 +104,74 @@ def test_names_outside_the_store_are_refused(server):
     for name in ("../outside", "lora/../../outside"):
         status, body = complete(server, name, PROMPT, MAX_TOKENS)
         assert status == 400 and "path separator" in error_message(body), (name, body)
+
+
+@pytest.mark.slow
+def test_runtime_loads_read_only_under_the_allowed_roots(store, server):
+    """403 before anything is read, whether the path exists or not (no file-existence oracle):
+    a valid adapter beside the store, the same through `..`, a link out of an allowed root, /etc,
+    a path that does not exist. Under --allow-load-from the load works and serves exactly."""
+    outside = [store / "outside", store / "store" / ".." / "outside", store / "extra" / "link", "/etc", "/nonexistent/adapter"]
+    for path in outside:
+        status, body = load(server, "x", path)
+        assert status == 403 and "--allow-load-from DIR" in error_message(body), (path, body)
+    assert complete(server, "x", PROMPT, MAX_TOKENS)[0] == 404  # nothing was loaded
+    status, body = load(server, "extra_lora", store / "extra" / "lora")
+    assert status == 200, body
+    status, body = complete(server, "extra_lora", PROMPT, MAX_TOKENS)
+    assert status == 200 and off_greedy(eager_model(store / "base", store / "extra" / "lora"), PROMPT, new_tokens(body)) == [], body
+
+
+@pytest.mark.slow
+def test_a_store_entry_linking_out_of_the_store_is_403(server):
+    status, body = complete(server, "escape", PROMPT, MAX_TOKENS)
+    assert status == 403 and "outside the directories this server loads adapters from" in error_message(body), body
+
+
+@pytest.fixture(scope="module")
+def static_server(store):
+    arguments = ["--model", str(store / "base"), "--max-loras", "1", "--adapter", f"lora={store / 'store' / 'lora'}", "--no-runtime-loads",
+                 "--", "--served-model-name", "base"]
+    with running_server(arguments, store / "static-server.log") as (url, _):
+        yield url
+
+
+@pytest.mark.slow
+def test_no_runtime_loads_has_no_load_endpoints_and_serves_its_adapters(store, static_server):
+    assert load(static_server, "x", store / "store" / "lora")[0] == 404
+    assert post(f"{static_server}/v1/unload_lora_adapter", {"lora_name": "lora"})[0] == 404
+    status, body = complete(static_server, "lora", PROMPT, MAX_TOKENS)
+    assert status == 200 and off_greedy(eager_model(store / "base", store / "store" / "lora"), PROMPT, new_tokens(body)) == [], body
+    assert complete(static_server, "sora", PROMPT, MAX_TOKENS)[0] == 404  # the store is not consulted
+
+
+def test_load_confinement_resolves_links_and_dots(tmp_path):
+    from sora_serve.vllm_plugin.access import LoadForbidden, check_load_dir
+
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "a").mkdir(parents=True)
+    (other / "b").mkdir(parents=True)
+    (other / "b" / "adapter_model.safetensors").write_bytes(b"")
+    (root / "out").symlink_to(other / "b")
+    (root / "a" / "adapter_model.safetensors").symlink_to(other / "b" / "adapter_model.safetensors")  # a file linking out
+    roots = [root.resolve()]
+    for path in (root / "out", root / ".." / "other" / "b", other / "b", root / "a", tmp_path / "missing"):
+        with pytest.raises(LoadForbidden, match="--allow-load-from"):
+            check_load_dir(path, "lora_path", roots)
+    (root / "a" / "adapter_model.safetensors").unlink()
+    check_load_dir(root / "a", "lora_path", roots)
+    check_load_dir(root / "a" / ".." / "a", "lora_path", roots)
+    check_load_dir(root / "missing", "lora_path", roots)  # inside: the load itself says it does not exist (404)
+
+
+def test_serve_refuses_runtime_roots_with_no_runtime_loads(tmp_path, capsys):
+    from sora_serve.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), "--no-runtime-loads", "--adapter-dir", str(tmp_path)]) == 1
+    assert "--adapter-dir" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--allow-load-from", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert "--allow-load-from" in err and "not found" in err
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "/etc", "..", ".", "", "a\\b", "a\0b"])

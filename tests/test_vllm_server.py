@@ -37,7 +37,7 @@ def server(tmp_path_factory):
     (root / "chat.jinja").write_text(CHAT_TEMPLATE)
     arguments = [
         "--model", str(base), "--max-loras", "2", "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
-        "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
+        "--allow-load-from", str(root), "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
     ]
     with running_server(arguments, root / "server.log") as (url, _):
         yield url, root

@@ -15,6 +15,8 @@ vLLM through its seams, one module per concern (design and limits: docs/VLLM.md)
   cpu_ops.py     vLLM CPU's torch LoRA ops without the slot -1 bug
   api_server.py  /v1/load_lora_adapter errors as 4xx; unload frees the engine's copy
   resolver.py    `--adapter-dir`: requests name adapters from a directory, every kind
+  access.py      runtime loads confined to the directories `serve` allows (HTTP 403 elsewhere)
+  launch.py      `serve`'s server process: exits non-zero when the engine core died
   compat.py      the vLLM symbols above, checked at start and against other vLLMs' sources
 """
 

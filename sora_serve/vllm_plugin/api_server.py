@@ -4,6 +4,7 @@
   the client's fault: errors from sora-serve's validator (marked `sora-serve:`) become 400 with
   the validator's message (file, field and module, paths relative to the adapter dir); a dir that
   does not exist stays vLLM's 404.
+- Both answer 403 for a `lora_path` outside the directories `sora-serve serve` allows (`access.py`).
 - `/v1/unload_lora_adapter`: stock only drops the name from the server's table; here the engine's
   `remove_lora` also frees the slot and the CPU copy. Requests still running on the unloaded
   version finish with it (each version has its own id, see `versions.py`).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 from http import HTTPStatus
 
+from . import access
 from .loading import ERROR_MARK
 
 
@@ -38,6 +40,10 @@ def patch_api_server() -> None:
 
     @functools.wraps(stock_load)
     async def load_lora_adapter(self, request, base_model_name=None):
+        try:
+            access.check_load_dir(request.lora_path, "lora_path")
+        except access.LoadForbidden as exc:
+            return access.forbidden_response(exc, "lora_path")
         return as_client_error(await stock_load(self, request, base_model_name))
 
     @functools.wraps(stock_unload)

@@ -120,6 +120,12 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_supported_head_sizes", "called",
            "serve: a head size vLLM CPU cannot run is refused before the engine starts", ("cls",)),
     Symbol("vllm.lora.resolver:LoRAResolverRegistry", "called", "the adapter store is a registered resolver"),
+    # launch.py: `sora-serve serve`'s server process
+    Symbol("vllm.entrypoints.launchers.api_server.entry:main", "called", "vLLM's OpenAI server, run by `sora-serve serve`", ()),
+    Symbol("vllm.entrypoints.launchers.launcher:terminate_if_errored", "wrapped", "remembers that the engine died: the server then exits non-zero",
+           ("server", "engine")),
+    Symbol("vllm.entrypoints.serve.exception_handling.handlers.vllm_error:terminate_if_errored", "replaced",
+           "the engine-error handler binds terminate_if_errored by name (rebound there too)", ("server", "engine")),
     Symbol("vllm.lora.resolver:LoRAResolver.resolve_lora", "overridden", "the adapter store", ("self", "base_model_name", "lora_name")),
 )
 

@@ -36,7 +36,7 @@ from vllm.lora.resolver import LoRAResolver
 from sora_serve.errors import AdapterError
 from sora_serve.io import CONFIG_FILE
 
-from . import registry
+from . import access, registry
 from .loading import ERROR_MARK
 
 ADAPTER_DIR_ENV = "SORA_SERVE_ADAPTER_DIR"
@@ -75,6 +75,9 @@ class AdapterStoreResolver(LoRAResolver):
         if reason is not None:
             raise VLLMValidationError(f"adapter name {lora_name!r} {reason}", parameter="model")
         directory = self.store / lora_name
+        # Confined before anything is read: an entry linking out of the store (or of the roots
+        # `serve` allows) is refused (403) whether or not its target exists.
+        access.check_load_dir(directory, f"adapter {lora_name!r} (in the store)", access.allowed_roots() or [self.store])
         return directory if (directory / CONFIG_FILE).is_file() else None
 
     def validate(self, lora_name: str, directory: Path) -> None:
@@ -130,7 +133,10 @@ async def resolve_or_error(self, lora_name: str):
             return self.lora_requests[lora_name]
         refusal = None
         for resolver in self.lora_resolvers:
-            lora_request = await resolver.resolve_lora(self.model_config.model, lora_name)
+            try:
+                lora_request = await resolver.resolve_lora(self.model_config.model, lora_name)
+            except access.LoadForbidden as exc:
+                raise access.forbidden_http_error(exc) from None
             if lora_request is None:
                 continue
             lora_request.lora_int_id = self.lora_id_counter.inc(1)

