@@ -102,8 +102,10 @@ def first_request_copies(dirs: dict[str, str], plan: scale.ScalePlan, links: Pat
 # ---------------------------------------------------------------- vLLM
 
 
-def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios: list[dict], repeats: int, *, plugin: bool = True, max_loras: int = 0, max_cpu_loras: int | None = None) -> dict:
-    """One engine (`max_loras` 0: LoRA disabled) in a subprocess; returns its start time and results."""
+def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios: list[dict], repeats: int, *, plugin: bool = True, max_loras: int = 0,
+                max_cpu_loras: int | None = None, backend: str | None = None) -> dict:
+    """One engine (`max_loras` 0: LoRA disabled) in a subprocess; returns its start time and results.
+    `backend`: the plugin's backend (`SORA_SERVE_VLLM_BACKEND`), default the platform's."""
     config = {"model": str(base), "dtype": shape.dtype, "adapters": adapters, "scenarios": scenarios, "repeats": repeats, "enable_lora": max_loras > 0,
               "max_loras": max(1, max_loras), "max_lora_rank": RANK}
     if max_loras:
@@ -113,6 +115,8 @@ def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     if not plugin:
         env["VLLM_PLUGINS"] = "none"  # stock vLLM: our entry point is not loaded
+    if backend:
+        env["SORA_SERVE_VLLM_BACKEND"] = backend
     out = subprocess.run([sys.executable, "-m", "benchmarks.vllm_worker", str(path)], capture_output=True, text=True, env=env, timeout=1800)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -144,12 +148,16 @@ def offline_engines(root: Path, shape: Shape, base: Path, dirs: dict, plan: Plan
               decode("plugin: DoRA", ["dora"], 8, t), decode("plugin: Pre-Diag", ["prediag"], 8, t), decode("plugin: SORA cayley", ["sora_cayley"], 8, t)]
     plugin += [decode(f"plugin: {label} @ batch {b}", [name], b, t) for label, name in (("LoRA", "lora"), ("SORA", "sora")) for b in sweep]
     plugin += scale.distinct_scenarios(sp, "plugin LoRA", loras, t, sp.distinct) + scale.distinct_scenarios(sp, "plugin SORA", soras, t, sp.sora_distinct)
+    punica = [prefill("punica: LoRA prefill", ["lora"], plan), prefill("punica: SORA prefill", ["sora"], plan), decode("punica: SORA cayley", ["sora_cayley"], 8, t)]
+    punica += [decode(f"punica: {label} @ batch 8", [name], 8, t) for label, name in (("LoRA", "lora"), ("SORA", "sora"))]
+    punica += scale.distinct_scenarios(sp, "punica LoRA", loras, t, (1, max(sp.distinct))) + scale.distinct_scenarios(sp, "punica SORA", soras, t, (1, middle_sora(plan)))
     stock = [prefill("stock: LoRA prefill", ["lora"], plan)] + [decode(f"stock: LoRA @ batch {b}", ["lora"], b, t) for b in sweep]
     stock += scale.distinct_scenarios(sp, "stock LoRA", loras, t, sp.distinct)
     kinds = {n: dirs[n] for n in (*KINDS, *loras, *soras)}
     slots = max(max(sp.distinct), len(KINDS))
     engines = {"no-lora": vllm_engine(root, shape, base, {}, disabled, plan.repeats)}
     engines["plugin"] = vllm_engine(root, shape, base, kinds, plugin, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4)
+    engines["plugin, punica backend"] = vllm_engine(root, shape, base, kinds, punica, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4, backend="punica")
     engines["stock"] = vllm_engine(root, shape, base, {n: dirs[n] for n in ("lora", *loras)}, stock, plan.repeats, plugin=False, max_loras=slots, max_cpu_loras=len(loras) + 4)
     return engines
 
@@ -414,12 +422,31 @@ def ratio_rows(plan: Plan, shape: Shape, v: dict, e: dict, o: dict, onnx_shape: 
         (f"vLLM {most_lora} distinct LoRA / 1 LoRA (plugin, batch {b})", ratio(v.get(f"plugin LoRA: {most_lora} distinct"), lora1), dl(["lora"] * most_lora, ["lora"])),
         (f"vLLM {most_lora} distinct LoRA / 1 LoRA (stock, batch {b})", ratio(v.get(f"stock LoRA: {most_lora} distinct"), v.get("stock LoRA: 1 distinct")), dl(["lora"] * most_lora, ["lora"])),
         (f"vLLM {mid_sora} distinct SORA / 1 SORA (plugin, batch {b})", ratio(v.get(f"plugin SORA: {mid_sora} distinct"), sora1), dl(["sora"] * mid_sora, ["sora"])),
+        *punica_rows(plan, shape, v),
         ("eager ours SORA / PEFT LoRA (batch 8)", ratio(e["ours SORA @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]), dl(["sora"], ["lora"])),
         ("eager ours Pre-Diag / PEFT LoRA (batch 8)", ratio(e["ours Pre-Diag @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]), dl(["prediag"], ["lora"])),
         (f"eager {max(plan.eager_distinct)} adapters / 1 adapter (batch 16)", ratio(e[f"ours SORA, {max(plan.eager_distinct)} distinct adapters @ batch 16"], e["ours SORA, 1 distinct adapters @ batch 16"]), dl(["sora"] * max(plan.eager_distinct), ["sora"])),
         ("ONNX switchable / ONNX merged (batch 8)", ratio(o["ONNX switchable, SORA active @ batch 8"], o["ONNX merged SORA @ batch 8"]), decode_limit(replace(onnx_shape, dtype="float32"), ["sora"], [])),
         ("ONNX merged SORA / vLLM LoRA-disabled engine (batch 8)", ratio(o["ONNX merged SORA @ batch 8"], v["no-lora engine @ batch 8"]), None),
         ("ONNX switchable SORA / vLLM plugin SORA (batch 8)", ratio(o["ONNX switchable, SORA active @ batch 8"], v["plugin: SORA @ batch 8"]), None),
+    ]
+
+
+def punica_rows(plan: Plan, shape: Shape, v: dict) -> list[tuple[str, float | None, float]]:
+    """The portable (punica) backend beside the CPU default (grouped): same engine settings."""
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    b, most_lora, mid_sora = plan.scale.distinct_batch, max(plan.scale.distinct), middle_sora(plan)
+    dl = lambda num, den: decode_limit(shape, num, den)  # noqa: E731
+    return [
+        ("vLLM punica backend LoRA / grouped LoRA decode (batch 8)", ratio(v.get("punica: LoRA @ batch 8"), v["plugin: LoRA @ batch 8"]), 1.0),
+        ("vLLM punica backend SORA / grouped SORA decode (batch 8)", ratio(v.get("punica: SORA @ batch 8"), v["plugin: SORA @ batch 8"]), 1.0),
+        ("vLLM punica backend SORA / punica LoRA decode (batch 8)", ratio(v.get("punica: SORA @ batch 8"), v.get("punica: LoRA @ batch 8")), dl(["sora"], ["lora"])),
+        ("vLLM punica backend SORA cayley / punica LoRA decode", ratio(v.get("punica: SORA cayley"), v.get("punica: LoRA @ batch 8")), dl(["sora"], ["lora"])),
+        ("vLLM punica backend LoRA / stock LoRA decode (batch 8)", ratio(v.get("punica: LoRA @ batch 8"), v["stock: LoRA @ batch 8"]), 1.0),
+        ("vLLM punica backend LoRA prefill / LoRA-disabled engine prefill", ratio(v.get("punica: LoRA prefill"), v["no-lora engine prefill"]), prefill_limit(shape, "lora", None)),
+        ("vLLM punica backend SORA prefill / LoRA-disabled engine prefill", ratio(v.get("punica: SORA prefill"), v["no-lora engine prefill"]), prefill_limit(shape, "sora", None)),
+        (f"vLLM {most_lora} distinct LoRA / 1 LoRA (punica backend, batch {b})", ratio(v.get(f"punica LoRA: {most_lora} distinct"), v.get("punica LoRA: 1 distinct")), dl(["lora"] * most_lora, ["lora"])),
+        (f"vLLM {mid_sora} distinct SORA / 1 SORA (punica backend, batch {b})", ratio(v.get(f"punica SORA: {mid_sora} distinct"), v.get("punica SORA: 1 distinct")), dl(["sora"] * mid_sora, ["sora"])),
     ]
 
 
