@@ -103,9 +103,10 @@ def first_request_copies(dirs: dict[str, str], plan: scale.ScalePlan, links: Pat
 
 
 def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios: list[dict], repeats: int, *, plugin: bool = True, max_loras: int = 0,
-                max_cpu_loras: int | None = None, backend: str | None = None) -> dict:
+                max_cpu_loras: int | None = None, backend: str | None = None, checkout: Path | None = None) -> dict:
     """One engine (`max_loras` 0: LoRA disabled) in a subprocess; returns its start time and results.
-    `backend`: the plugin's backend (`SORA_SERVE_VLLM_BACKEND`), default the platform's."""
+    `backend`: the plugin's backend (`SORA_SERVE_VLLM_BACKEND`), default the platform's; `checkout`:
+    another checkout of this repository whose plugin (and worker) the engine runs."""
     config = {"model": str(base), "dtype": shape.dtype, "adapters": adapters, "scenarios": scenarios, "repeats": repeats, "enable_lora": max_loras > 0,
               "max_loras": max(1, max_loras), "max_lora_rank": RANK}
     if max_loras:
@@ -117,7 +118,9 @@ def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios:
         env["VLLM_PLUGINS"] = "none"  # stock vLLM: our entry point is not loaded
     if backend:
         env["SORA_SERVE_VLLM_BACKEND"] = backend
-    out = subprocess.run([sys.executable, "-m", "benchmarks.vllm_worker", str(path)], capture_output=True, text=True, env=env, timeout=1800)
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)  # vLLM's entry point then loads that checkout's plugin
+    out = subprocess.run([sys.executable, "-m", "benchmarks.vllm_worker", str(path)], capture_output=True, text=True, env=env, cwd=checkout, timeout=1800)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"vLLM worker failed:\n{out.stderr[-4000:]}")
