@@ -25,8 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from sora_serve.errors import AdapterError
+from sora_serve.fingerprint import BaseLayer
 from sora_serve.fs import readable_dir, readable_file
-from sora_serve.io import BaseLayer
+from sora_serve.layer import weight_out_in
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,6 +104,12 @@ class Checkpoint:
             if missing:
                 raise AdapterError(f"the index puts {missing[:3]} in this shard but it lacks them", file=self.directory / shard)
 
+    def read_entries(self, key: str, rows: list[int], cols: list[int]) -> torch.Tensor:
+        """tensor[rows[k], cols[k]] for every k, each read alone from the (memory-mapped) file."""
+        with self.open(self.weight_map[key]) as f:
+            stored = f.get_slice(key)
+            return torch.stack([stored[r : r + 1, c : c + 1].reshape(()) for r, c in zip(rows, cols)])
+
     def shape(self, key: str) -> tuple[int, ...]:
         with self.open(self.weight_map[key]) as f:
             return tuple(f.get_slice(key).get_shape())
@@ -157,7 +164,8 @@ def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bo
     """`BaseLayer`s for the linear layers among `paths`, shapes from the safetensors headers.
 
     Layers the model does not have (or that are not Linear / Conv1D) are left out, so
-    `check_against_base` names them. With `norms`, ||W0||_F is read too, one tensor at a time.
+    `check_against_base` names them. With `norms`, ||W0||_F is read too, one tensor at a time;
+    the fingerprint's sampled weights are read entry by entry when the check asks for them.
     """
     modules = dict(checkpoint.meta_model.named_modules())
     layers = {}
@@ -167,10 +175,17 @@ def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bo
             continue
         key = checkpoint.weight_key(path)
         check_stored_shape(checkpoint, key, tuple(module.weight.shape), path)
-        out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]  # Conv1D stores (in, out)
+        out_f, in_f = weight_out_in(module).shape
         norm = checkpoint.get_tensor(key).double().norm().item() if norms else None
-        layers[path] = BaseLayer(int(out_f), int(in_f), checkpoint.tensor_key(path, "bias") is not None, norm)
+        layers[path] = BaseLayer(int(out_f), int(in_f), checkpoint.tensor_key(path, "bias") is not None, norm, _entry_reader(checkpoint, key, module))
     return layers
+
+
+def _entry_reader(checkpoint: Checkpoint, key: str, module: nn.Module):
+    """W0[rows, cols] of a layer (out x in) from the file, which stores Conv1D weights (in, out)."""
+    if isinstance(module, Conv1D):
+        return lambda rows, cols: checkpoint.read_entries(key, cols, rows)
+    return lambda rows, cols: checkpoint.read_entries(key, rows, cols)
 
 
 def tensor_spec(shard, key: str) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
-from sora_serve.cli import add_allow_large_updates
+from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
 from sora_serve.io import AdapterFile, adapter_from_tensors, check_against_base
@@ -80,11 +80,13 @@ def fold_adapter(
     verify: bool = True,
     progress: bool = True,
     allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
 ) -> dict:
     """Write base + adapter as one plain checkpoint; return what was done and the measured error.
 
-    The adapter is validated against the base first (`check_against_base`, with ||W0||_F);
-    `allow_large_updates` as in `read_adapter`."""
+    The adapter is validated against the base first (`check_against_base`, with ||W0||_F and the
+    fingerprint's weights); `allow_large_updates` as in `read_adapter`, `allow_other_base` as in
+    `sora_serve.fingerprint.check_fingerprint`."""
     if math_dtype not in ("float32", "float64"):
         raise AdapterError(f"math dtype must be float32 or float64, got {math_dtype!r}", field="math_dtype")
     if dtype != "auto" and dtype not in DTYPES:
@@ -93,7 +95,8 @@ def fold_adapter(
     adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     checkpoint.validate()
     layers = checkpoint_layers(checkpoint, adapter.base_paths)
-    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), allow_large_updates=allow_large_updates)
+    overrides = {"allow_large_updates": allow_large_updates, "allow_other_base": allow_other_base}
+    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), **overrides)
     folder = LayerFolder(checkpoint, adapter, DTYPES[math_dtype])
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -104,7 +107,7 @@ def fold_adapter(
         warn_if_vllm_ties_the_head(checkpoint.config_dict)
     result = {"out_dir": str(out_dir), "layers": len(adapter.tensors), "shards": len(checkpoint.shards), "untied": sorted(folder.untied)}
     if verify:
-        result["max_abs_error"] = verify_fold(base_dir, adapter_dir, out_dir, allow_large_updates=allow_large_updates)
+        result["max_abs_error"] = verify_fold(base_dir, adapter_dir, out_dir, **overrides)
         print(f"verified: max |merged - runtime adapter| logit error = {result['max_abs_error']:.3e}")
     return result
 
@@ -180,13 +183,13 @@ def warn_if_vllm_ties_the_head(config: dict) -> None:
 
 @torch.no_grad()
 def verify_fold(
-    base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, seed: int = 0, *, allow_large_updates: bool | None = None
+    base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, seed: int = 0, **overrides: bool | None
 ) -> float:
     """Max |logits(merged) - logits(base + runtime adapter)| on random token ids (loads both models)."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    runtime = ss.load_adapter(base, adapter_dir, allow_large_updates=allow_large_updates)
+    runtime = ss.load_adapter(base, adapter_dir, **overrides)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, runtime.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
     return (merged(ids).logits - runtime(ids).logits).abs().max().item()
@@ -200,12 +203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--math-dtype", default="float32", choices=["float32", "float64"], help="dtype of the fold math")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check (it loads base and merged models)")
-    add_allow_large_updates(parser)
+    add_override_flags(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     result = fold_adapter(
         args.base, args.adapter, args.out, dtype=args.dtype, math_dtype=args.math_dtype, force=args.force,
-        verify=not args.no_verify, allow_large_updates=args.allow_large_updates or None,
+        verify=not args.no_verify, **override_kwargs(args),
     )
     print(f"wrote {result['out_dir']}: {result['layers']} layers folded across {result['shards']} shard(s)")

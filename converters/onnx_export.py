@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import sora_serve as ss
+from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
 from sora_serve.io import adapter_from_tensors, check_base
@@ -116,12 +117,14 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def adapter_factors(model: nn.Module, adapters: list) -> dict[str, dict[str, dict[str, ServingFactors]]]:
-    """adapter name -> module path -> ServingFactors (float64), computed from the base weights."""
+def adapter_factors(model: nn.Module, adapters: list, **overrides: bool | None) -> dict[str, dict[str, dict[str, ServingFactors]]]:
+    """adapter name -> module path -> ServingFactors (float64), computed from the base weights.
+
+    Each adapter is checked against the model first (`check_base`, with `overrides`)."""
     modules = dict(model.named_modules())
     result = {}
     for adapter in adapters:
-        check_base(adapter, model)
+        check_base(adapter, model, **overrides)
         per_layer = {}
         for path, tensors in adapter.tensors.items():
             layer = ss.layer.AdaptedLayer(modules[path])  # for (out, in) weight access, Conv1D included
@@ -200,9 +203,12 @@ def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None
 
 def export_onnx(
     model_dir, out_dir, adapters=None, force: bool = False, *, opset: int = 18, exporter: str = "torchscript",
-    output_format: str = "onnxruntime", verify: bool = True,
+    output_format: str = "onnxruntime", verify: bool = True, allow_large_updates: bool | None = None, allow_other_base: bool | None = None,
 ) -> dict:
     """Export `model_dir` (merged if no adapters, else switchable); return the measured errors.
+
+    Adapters are validated as everywhere (`read_adapter`, `check_base`); the overrides as in
+    `read_adapter` and `sora_serve.fingerprint.check_fingerprint`.
 
     `exporter`: "torchscript" (torch.onnx's tracer, default: ~10x faster here) or "dynamo" (torch.export).
     `output_format`: "onnxruntime" (the folder `OnnxCausalLM` runs) or "genai" (also `og.Model`'s).
@@ -210,7 +216,8 @@ def export_onnx(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AdapterError("missing model config", file=model_dir / "config.json")
-    adapter_files = [ss.read_adapter(a) for a in adapters or []]
+    overrides = {"allow_large_updates": allow_large_updates, "allow_other_base": allow_other_base}
+    adapter_files = [ss.read_adapter(a, allow_large_updates=allow_large_updates) for a in adapters or []]
     names = [a.directory.name for a in adapter_files]
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters")
@@ -222,20 +229,22 @@ def export_onnx(
     if genai and verify:
         import_genai()  # verification runs genai: fail before any work if it is missing
     with atomic_output_dir(out_dir, force=force) as tmp:  # refuses an existing output before any work
-        manifest = write_export(model_dir, tmp, adapter_files, opset, exporter, genai)
+        manifest = write_export(model_dir, tmp, adapter_files, opset, exporter, genai, overrides)
     result = {"out_dir": str(out_dir), "mode": manifest["mode"], "format": output_format, "adapters": names}
     if verify:
-        result.update(verify_export(model_dir, out_dir, adapters or [], genai=genai))
+        result.update(verify_export(model_dir, out_dir, adapters or [], genai=genai, overrides=overrides))
         for key, label in (("max_abs_error", "ONNX Runtime"), ("genai_max_abs_error", "onnxruntime-genai (next token)")):
             if key in result:
                 print(f"verified {label} vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result[key].items()))
     return result
 
 
-def write_export(model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str, genai: bool = False) -> dict:
+def write_export(
+    model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str, genai: bool = False, overrides: dict | None = None
+) -> dict:
     """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files, the manifest (and genai_config.json); returns the manifest."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    factors = adapter_factors(model, adapter_files)
+    factors = adapter_factors(model, adapter_files, **(overrides or {}))
     switchable = install_switchable_layers(model, factors) if adapter_files else {}
     export_graph(model, out / MODEL_FILE, opset, switchable, exporter)
     (out / "adapters").mkdir()
@@ -269,26 +278,28 @@ def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switcha
 
 
 @torch.no_grad()
-def reference_logits(model_dir, adapters: list, seed: int = 0) -> tuple[np.ndarray, dict[str | None, np.ndarray]]:
+def reference_logits(model_dir, adapters: list, seed: int = 0, **overrides: bool | None) -> tuple[np.ndarray, dict[str | None, np.ndarray]]:
     """Random ids and the PyTorch runtime's logits for them: the base (key None) and each adapter."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.randint(1, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
     logits = {None: base(ids).logits.numpy()}
     for adapter_dir in adapters:
         name = Path(adapter_dir).name
-        ss.load_adapter(base, adapter_dir, name=name)
+        ss.load_adapter(base, adapter_dir, name=name, **overrides)
         logits[name] = base(ids).logits.numpy()
         ss.set_active_adapter(base, None)
     return ids.numpy(), logits
 
 
-def verify_export(model_dir, out_dir, adapters: list, seed: int = 0, *, genai: bool = False) -> dict[str, dict[str, float]]:
+def verify_export(
+    model_dir, out_dir, adapters: list, seed: int = 0, *, genai: bool = False, overrides: dict | None = None
+) -> dict[str, dict[str, float]]:
     """Max |ONNX - PyTorch| logits per adapter (and the base) on random ids: every position through
     ONNX Runtime (`max_abs_error`); with `genai`, also the next-token logits through onnxruntime-genai
     (`genai_max_abs_error`)."""
     from .onnx_runtime import OnnxCausalLM  # imports onnxruntime
 
-    ids, expected = reference_logits(model_dir, adapters, seed)
+    ids, expected = reference_logits(model_dir, adapters, seed, **(overrides or {}))
     onnx_lm = OnnxCausalLM(out_dir)
     errors = {"max_abs_error": {name or "base": float(np.abs(onnx_lm.logits(ids, adapter=name) - ref).max()) for name, ref in expected.items()}}
     if genai:
@@ -312,6 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check against PyTorch")
+    add_override_flags(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -319,7 +331,7 @@ def run(args: argparse.Namespace) -> None:
         raise AdapterError("--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters")
     result = export_onnx(
         args.model, args.out, args.adapters, force=args.force, opset=args.opset, exporter=args.exporter,
-        output_format=args.format, verify=not args.no_verify,
+        output_format=args.format, verify=not args.no_verify, **override_kwargs(args),
     )
     adapters = ": " + ", ".join(result["adapters"]) if result["adapters"] else ""
     print(f"wrote {result['out_dir']} ({result['format']}, {result['mode']}{adapters})")

@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
-from sora_serve.cli import add_allow_large_updates
+from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
+from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_against_base
+from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_against_base, write_side_fingerprint
 from sora_serve.methods import ServingFactors
 
 from .checkpoint import Checkpoint, checkpoint_layers
-
 
 BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding
 
@@ -86,11 +86,13 @@ def to_lora(
     force: bool = False,
     progress: bool = True,
     allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
 ) -> dict:
     """Write a PEFT LoRA dir equal to the adapter (or, with allow_approx, its best rank-`rank` fit).
 
-    The adapter is validated against the base first (`check_against_base`, with ||W0||_F);
-    `allow_large_updates` as in `read_adapter`.
+    The adapter is validated against the base first (`check_against_base`, with ||W0||_F and the
+    fingerprint's weights); `allow_large_updates` as in `read_adapter`, `allow_other_base` as in
+    `sora_serve.fingerprint.check_fingerprint`. The output records this base's fingerprint.
 
     Returns exact, rank, per-layer relative Frobenius errors and the overall one,
     |all residuals|_F / |all deltas|_F (0 when exact).
@@ -100,7 +102,8 @@ def to_lora(
     checkpoint = Checkpoint(base_dir)
     adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     layers = checkpoint_layers(checkpoint, adapter.base_paths)
-    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), allow_large_updates=allow_large_updates)
+    model_type = checkpoint.config_dict.get("model_type")
+    check_against_base(adapter, layers, model_type=model_type, allow_large_updates=allow_large_updates, allow_other_base=allow_other_base)
     modules = dict(checkpoint.meta_model.named_modules())
     tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):
@@ -134,6 +137,7 @@ def to_lora(
     with atomic_output_dir(out_dir, force=force) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_side_fingerprint(tmp, base_fingerprint({p: layers[p] for p in adapter.tensors}, model_type))
     overall = (residual_sq / max(delta_sq, 1e-300)) ** 0.5 if allow_approx else 0.0
     return {"exact": not allow_approx, "rank": out_rank, "layer_errors": errors, "overall_error": overall, "out_dir": str(out_dir)}
 
@@ -152,13 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-approx", action="store_true", help="write the best rank-K fit (truncated SVD of each layer's update) instead of the exact form")
     parser.add_argument("--rank", type=int, help="rank of the approximation (with --allow-approx)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    add_allow_large_updates(parser)
+    add_override_flags(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     result = to_lora(
         args.base, args.adapter, args.out, allow_approx=args.allow_approx, rank=args.rank, force=args.force,
-        allow_large_updates=args.allow_large_updates or None,
+        **override_kwargs(args),
     )
     if result["exact"]:
         print(f"wrote an exact PEFT LoRA of rank {result['rank']} to {args.out}")

@@ -6,7 +6,8 @@ and the serving integrations read it. The math of each method is in `sora_serve.
 
 from .config import AdapterConfig
 from .errors import AdapterError
-from .io import AdapterFile, BaseLayer, check_against_base, load_adapter, read_adapter, save_adapter
+from .fingerprint import BaseLayer
+from .io import AdapterFile, check_against_base, load_adapter, read_adapter, save_adapter
 from .methods import ServingFactors
 from .model import (
     adapted_layers,

@@ -23,12 +23,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_allow_large_updates(parser: argparse.ArgumentParser) -> None:
-    """--allow-large-updates, shared by fold, to-lora and serve: lifts the update-magnitude bounds."""
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """The validator's two overrides, shared by fold, to-lora, export-onnx and serve."""
     parser.add_argument(
         "--allow-large-updates", action="store_true",
         help="accept adapters whose update exceeds the magnitude bounds (docs/VLLM.md, 'What is validated'); NaN/inf are always refused",
     )
+    parser.add_argument(
+        "--allow-other-base", action="store_true",
+        help="accept adapters whose recorded base weights differ from this base's (another model of the same shapes); "
+        "shapes are always checked (docs/VLLM.md, 'Security')",
+    )
+
+
+def override_kwargs(args: argparse.Namespace) -> dict[str, bool | None]:
+    """The overrides as keyword arguments; None (not given) lets the environment decide."""
+    return {"allow_large_updates": args.allow_large_updates or None, "allow_other_base": args.allow_other_base or None}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ One validator for every entry point (eager load, fold, to-LoRA, ONNX, `serve`, t
 `read_adapter` checks what the file alone can tell (known `peft_type`, the type of every config
 field read, PEFT options that change the math, config rank = tensor rank as PEFT resolves it,
 finite tensors, bounded updates); `check_against_base` checks it against a base described by
-`BaseLayer`s (modules present, shapes, `base_fingerprint`, the update relative to ||W0||_F).
+`BaseLayer`s (modules present, shapes, the base fingerprint of `sora_serve.fingerprint` with its
+sampled weights, the update relative to ||W0||_F).
 Errors name the file, the field and the module, before any model is touched.
 """
 
@@ -19,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,15 @@ from torch import nn
 
 from .config import FORMAT_VERSION, PEFT_TYPES, AdapterConfig
 from .errors import AdapterError
+from .fingerprint import BaseLayer, base_fingerprint, check_fingerprint, model_layers, parse_fingerprint
 from .fs import atomic_output_dir, readable_dir, readable_file
-from .layer import AdaptedLayer, is_supported_layer
 from .methods import Adapter, build_adapter, rotation_factors
-from .model import CONFIGS_ATTR, adapted_layers, adapter_configs, base_fingerprint, set_active_adapter, wrap_layer
+from .model import CONFIGS_ATTR, adapted_layers, adapter_configs, set_active_adapter, wrap_layer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# LoRA/DoRA dirs are PEFT's own files; the base fingerprint we record for them sits beside them.
+FINGERPRINT_FILE = "base_fingerprint.json"
 PEFT_PREFIX = "base_model.model."
 # Adapter parameter name -> tensor-name suffix in the file.
 FILE_NAMES = {
@@ -229,7 +232,7 @@ class AdapterFile:
     config: AdapterConfig
     module_configs: dict[str, AdapterConfig]  # per module: PEFT rank/alpha patterns resolved
     tensors: dict[str, dict[str, torch.Tensor]]  # module path -> parameter name -> tensor
-    fingerprint: dict | None
+    fingerprint: dict | None  # `sora_serve.fingerprint`; None for PEFT dirs not written by us
     base_model_name_or_path: str | None
     fan_in_fan_out: bool = False
     updates: dict[str, UpdateSize] = field(default_factory=dict)  # module path -> its update's size
@@ -251,6 +254,11 @@ class AdapterFile:
     def config_file(self) -> Path:
         return self.directory / CONFIG_FILE
 
+    @property
+    def fingerprint_file(self) -> Path:
+        """Where the fingerprint is (or would be) recorded: our config, or PEFT dirs' side file."""
+        return self.directory / (FINGERPRINT_FILE if self.config.method in ("lora", "dora") else CONFIG_FILE)
+
 
 def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = None) -> AdapterFile:
     """Read and validate an adapter directory (ours or PEFT's LoRA/DoRA) from the files alone.
@@ -268,7 +276,7 @@ def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = No
         fan_in_fan_out = False
     elif peft_type == "LORA":
         config, module_config = _parse_peft_config(raw, config_path)
-        fingerprint, fan_in_fan_out = None, _field(raw, "fan_in_fan_out", config_path, "bool", False)
+        fingerprint, fan_in_fan_out = _read_side_fingerprint(directory), _field(raw, "fan_in_fan_out", config_path, "bool", False)
     else:
         raise AdapterError(f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=config_path, field="peft_type")
     weights_path = directory / WEIGHTS_FILE
@@ -285,8 +293,15 @@ def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = No
     return adapter
 
 
-def _read_config_json(path: Path) -> dict:
-    readable_file(path, "adapter config")
+def _read_side_fingerprint(directory: Path) -> dict | None:
+    path = directory / FINGERPRINT_FILE
+    if not path.exists():
+        return None
+    return parse_fingerprint(_read_config_json(path, "base fingerprint").get("base_fingerprint"), path)
+
+
+def _read_config_json(path: Path, what: str = "adapter config") -> dict:
+    readable_file(path, what)
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -320,23 +335,9 @@ def _parse_our_config(raw: dict, path: Path) -> tuple[AdapterConfig, dict]:
         target_modules=_field(raw, "target_modules", path, "targets"),
         lora_dropout=_field(raw, "lora_dropout", path, "fraction", 0.0),
     )
-    return config, _parse_fingerprint(raw.get("base_fingerprint", _REQUIRED), path)
-
-
-def _parse_fingerprint(fingerprint: Any, path: Path) -> dict:
-    """base_fingerprint: {"model_type": str | null, "modules": {path: [out, in, has_bias]}, ...}."""
-    if fingerprint is _REQUIRED:
+    if "base_fingerprint" not in raw:
         raise AdapterError("missing", file=path, field="base_fingerprint")
-    modules = fingerprint.get("modules") if isinstance(fingerprint, dict) else None
-    if not isinstance(modules, dict):
-        raise AdapterError("expected an object with 'modules'", file=path, field="base_fingerprint")
-    if not TYPES["optional str"][0](fingerprint.get("model_type")):
-        raise AdapterError(f"expected a string or null, got {fingerprint['model_type']!r}", file=path, field="base_fingerprint.model_type")
-    for module_path, entry in modules.items():
-        ok = isinstance(entry, list) and len(entry) == 3 and all(TYPES["positive int"][0](x) for x in entry[:2]) and isinstance(entry[2], bool)
-        if not ok:
-            raise AdapterError(f"expected [out, in, has_bias], got {entry!r}", file=path, field=f"base_fingerprint.modules.{module_path}")
-    return fingerprint
+    return config, parse_fingerprint(raw["base_fingerprint"], path)
 
 
 def _parse_peft_config(raw: dict, path: Path) -> tuple[AdapterConfig, Callable[[str], AdapterConfig]]:
@@ -487,28 +488,20 @@ def _too_large(file: Path, field_name: str, module_path: str, what: str) -> Adap
 
 
 # ---------------------------------------------------------------- against a known base
-@dataclass(frozen=True)
-class BaseLayer:
-    """One base layer as the checks need it (from a model, a checkpoint's headers or vLLM's layers)."""
-
-    out_features: int
-    in_features: int
-    has_bias: bool
-    weight_norm: float | None = None  # ||W0||_F of the layer when known (relative bound)
-
-
 def check_against_base(
     adapter: AdapterFile,
     layers: Mapping[str, BaseLayer],
     *,
     model_type: str | None = None,
     allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
 ) -> None:
     """Refuse an adapter that does not fit the base described by `layers` (HF module path -> layer).
 
-    Every adapted module must exist with the adapter's (out, in); our `base_fingerprint` must
-    agree (model_type when given, (out, in, has_bias) per module); and where ||W0||_F is known the
-    update's relative size ||W - W0||_F / ||W0||_F (an upper bound, `UpdateSize`) must be at most
+    Every adapted module must exist with the adapter's (out, in); the adapter's base fingerprint
+    must agree (`sora_serve.fingerprint`: model_type, shapes, and the sampled weights where
+    `layers` can read them, unless `allow_other_base`); and where ||W0||_F is known the update's
+    relative size ||W - W0||_F / ||W0||_F (an upper bound, `UpdateSize`) must be at most
     RELATIVE_UPDATE_MAX unless large updates are allowed.
     """
     for module_path, t in adapter.tensors.items():
@@ -523,8 +516,7 @@ def check_against_base(
                 f"{layer.out_features}x{layer.in_features} (out x in): adapter for a different base?",
                 file=adapter.weights_file, field=key,
             )
-    if adapter.fingerprint is not None:
-        _check_fingerprint(adapter, layers, model_type)
+    check_fingerprint(adapter.fingerprint, adapter.fingerprint_file, layers, model_type, allow_other_base=allow_other_base)
     if large_updates_allowed(allow_large_updates):
         return
     for module_path, size in adapter.updates.items():
@@ -536,46 +528,16 @@ def check_against_base(
             )
 
 
-def _check_fingerprint(adapter: AdapterFile, layers: Mapping[str, BaseLayer], model_type: str | None) -> None:
-    expected_type = adapter.fingerprint.get("model_type")
-    if model_type is not None and expected_type is not None and model_type != expected_type:
-        raise AdapterError(
-            f"the base is a {model_type!r} model but the adapter was trained on a {expected_type!r} one: adapter for a different base",
-            file=adapter.config_file, field="base_fingerprint.model_type",
-        )
-    for module_path, expected in adapter.fingerprint["modules"].items():
-        layer = layers.get(module_path)
-        ours = None if layer is None else [layer.out_features, layer.in_features, layer.has_bias]
-        if ours != expected:
-            raise AdapterError(
-                f"module '{module_path}': base layer is {ours} (out, in, has_bias) but the adapter was trained on {expected}: "
-                "adapter for a different base",
-                file=adapter.config_file, field="base_fingerprint",
-            )
-
-
-def model_layers(model: nn.Module, paths: Iterable[str]) -> dict[str, BaseLayer]:
-    """`BaseLayer`s of `model`'s linear layers among `paths` (absent or non-linear modules are left out).
-
-    ||W0||_F is included unless the weights are on the meta device."""
-    modules = dict(model.named_modules())
-    layers = {}
-    for path in paths:
-        module = modules.get(path)
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
-        if module is None or not is_supported_layer(base):
-            continue
-        weight = base.weight
-        out_f, in_f = weight.shape if isinstance(base, nn.Linear) else weight.T.shape  # Conv1D stores (in, out)
-        norm = None if weight.is_meta else weight.detach().double().norm().item()
-        layers[path] = BaseLayer(int(out_f), int(in_f), getattr(base, "bias", None) is not None, norm)
-    return layers
-
-
-def check_base(adapter: AdapterFile, model: nn.Module, *, allow_large_updates: bool | None = None) -> None:
+def check_base(adapter: AdapterFile, model: nn.Module, *, allow_large_updates: bool | None = None, allow_other_base: bool | None = None) -> None:
     """`check_against_base` with the base read from `model` (an nn.Module, weights or meta)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    check_against_base(adapter, model_layers(model, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
+    check_against_base(
+        adapter, model_layers(model, adapter.base_paths), model_type=_model_type(model),
+        allow_large_updates=allow_large_updates, allow_other_base=allow_other_base,
+    )
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> Adapter:
@@ -586,17 +548,22 @@ def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor]
 
 
 def load_adapter(
-    model: nn.Module, adapter_dir: str | Path, name: str | None = None, *, allow_large_updates: bool | None = None
+    model: nn.Module,
+    adapter_dir: str | Path,
+    name: str | None = None,
+    *,
+    allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
 ) -> nn.Module:
     """Load an adapter directory into `model` (wrapping layers as needed) and make it active.
 
     Validated first (`read_adapter`, then `check_base` against `model`); `allow_large_updates`
-    as in `read_adapter`."""
+    as in `read_adapter`, `allow_other_base` as in `sora_serve.fingerprint.check_fingerprint`."""
     adapter = read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     name = name or Path(adapter_dir).absolute().name
     if name in adapter_configs(model):
         raise AdapterError(f"an adapter named '{name}' is already attached", field="name")
-    check_base(adapter, model, allow_large_updates=allow_large_updates)
+    check_base(adapter, model, allow_large_updates=allow_large_updates, allow_other_base=allow_other_base)
     modules = dict(model.named_modules())
     for param in model.parameters():
         param.requires_grad_(False)
@@ -641,13 +608,23 @@ def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_mo
             raise AdapterError("adapter weights contain NaN or infinite values; refusing to save", field=key)
     module_paths = [p for p, layer in adapted_layers(model) if name in layer.adapters]
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
+    fingerprint = base_fingerprint(model_layers(model, module_paths), _model_type(model))
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
         _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(directory))
+        write_side_fingerprint(directory, fingerprint)
     else:
-        config_json = _our_config_json(config, base_name, base_fingerprint(model, module_paths))
-        (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        _write_json(directory / CONFIG_FILE, _our_config_json(config, base_name, fingerprint))
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def write_side_fingerprint(directory: Path, fingerprint: dict) -> None:
+    """The base fingerprint of a PEFT-format dir, in its own file (PEFT's config stays PEFT's)."""
+    _write_json(directory / FINGERPRINT_FILE, {"base_fingerprint": fingerprint})
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def _our_config_json(config: AdapterConfig, base_name: str | None, fingerprint: dict) -> dict:

@@ -30,6 +30,11 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in): a view for GPT-2's Conv1D, which stores it (in, out)."""
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
 class AdaptedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -46,8 +51,7 @@ class AdaptedLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view for Conv1D."""
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return weight_out_in(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:

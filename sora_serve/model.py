@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import re
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -66,23 +63,6 @@ def find_target_layers(model: nn.Module, target_modules: list[str] | str) -> dic
 def _is_output_head(model: nn.Module, module: nn.Module) -> bool:
     get_out = getattr(model, "get_output_embeddings", None)
     return get_out is not None and get_out() is module
-
-
-def base_fingerprint(model: nn.Module, paths: Sequence[str]) -> dict:
-    """Shapes of the targeted base layers, so an adapter for another base is detected."""
-    modules = dict(model.named_modules())
-    shapes = {}
-    for path in sorted(paths):
-        layer = modules[path]
-        if isinstance(layer, AdaptedLayer):
-            out_f, in_f, bias = layer.out_features, layer.in_features, layer.bias is not None
-        else:
-            w = layer.weight.T if not isinstance(layer, nn.Linear) else layer.weight
-            out_f, in_f, bias = w.shape[0], w.shape[1], layer.bias is not None
-        shapes[path] = [int(out_f), int(in_f), bool(bias)]
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    digest = hashlib.sha256(json.dumps([model_type, shapes], sort_keys=True).encode()).hexdigest()[:16]
-    return {"model_type": model_type, "modules": shapes, "sha256": digest}
 
 
 def wrap_layer(model: nn.Module, path: str, module: nn.Module) -> AdaptedLayer:

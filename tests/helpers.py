@@ -34,6 +34,16 @@ def perturb_adapter(model: nn.Module, name: str, scale: float = 0.05, seed: int 
                     p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+@torch.no_grad()
+def fine_tuned_like(model: nn.Module, relative: float = 1e-3, seed: int = 0) -> nn.Module:
+    """`model` with every weight moved by `relative` of its tensor's RMS, as a fine-tune moves them
+    (the same shapes, another base); in place, returned for chaining."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(relative * p.double().pow(2).mean().sqrt().item() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 def random_ids(vocab: int, batch: int = 3, length: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import VLLM_BACKENDS, perturb_adapter, vllm_backend
+from .helpers import VLLM_BACKENDS, fine_tuned_like, perturb_adapter, vllm_backend
 
 LOGPROB_TOL = 1e-4  # fp32, per generated token
 KINDS = {
@@ -173,9 +173,11 @@ def broken_copy(root, defect: str, tmp_path):
     from safetensors.torch import load_file, save_file
 
     target = tmp_path / defect
-    if defect in ("other_base", "output_head"):  # trained elsewhere; or on a module vLLM cannot adapt
+    if defect in ("other_base", "same_shape_other_base", "output_head"):  # trained elsewhere; or on a module vLLM cannot adapt
         model = make_tiny_model("qwen2", **({"intermediate_size": 80} if defect == "other_base" else {}))
-        targets = "all-linear" if defect == "other_base" else ["q_proj", "lm_head"]
+        if defect == "same_shape_other_base":
+            fine_tuned_like(model, 1e-3, seed=13)
+        targets = ["q_proj", "lm_head"] if defect == "output_head" else "all-linear"
         ss.attach(model, ss.AdapterConfig(method="sora", r=8, target_modules=targets), "a", verbose=False)
         perturb_adapter(model, "a", scale=0.1, seed=5)
         return ss.save_adapter(model, target, "a")
@@ -197,7 +199,8 @@ def broken_copy(root, defect: str, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "defect,message",
-    [("rank_mismatch", r"field 'r'|rank"), ("unknown_peft_type", "peft_type"), ("nan", "NaN"), ("other_base", "different base"), ("output_head", "output head")],
+    [("rank_mismatch", r"field 'r'|rank"), ("unknown_peft_type", "peft_type"), ("nan", "NaN"), ("other_base", "different base"),
+     ("same_shape_other_base", "base_fingerprint.weights"), ("output_head", "output head")],
 )
 def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, message):
     """`vllm.LLM` with a LoRARequest runs the same validator as eager loading: each defect is a

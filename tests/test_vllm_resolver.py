@@ -8,12 +8,26 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 import sora_serve as ss
 from sora_serve.errors import AdapterError
-from sora_serve.tiny import make_tiny_checkpoint
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import complete, eager_greedy, eager_model, error_message, new_tokens, off_greedy, post, running_server, set_first_value, write_random_adapter
+from .helpers import (
+    complete,
+    eager_greedy,
+    eager_model,
+    error_message,
+    fine_tuned_like,
+    new_tokens,
+    off_greedy,
+    perturb_adapter,
+    post,
+    running_server,
+    set_first_value,
+    write_random_adapter,
+)
 
 KINDS = {
     "lora": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -40,6 +54,17 @@ def store(tmp_path_factory):
     # Valid files the engine refuses: only the base can tell (the resolver passes the engine's reason on).
     write_random_adapter(root / "store" / "headed", ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]), seed=7, scale=0.05)
     write_random_adapter(root / "store" / "llama_sora", KINDS["sora"], seed=8, scale=0.05, arch="llama")
+    # Trained on another qwen2 of the same shapes (a fine-tune-sized move of every weight): only the
+    # fingerprint's sampled weights tell. In the store (the resolver) and under extra/ (runtime loads).
+    for directory in (root / "store" / "other_base", root / "extra" / "other_base"):
+        other = fine_tuned_like(make_tiny_model("qwen2"), 1e-3, seed=12)
+        ss.attach(other, KINDS["sora"], "a", verbose=False)
+        perturb_adapter(other, "a", scale=0.05, seed=12)
+        ss.save_adapter(other, directory, "a")
+    make_tiny_model("qwen2").to(torch.bfloat16).save_pretrained(root / "base_bf16")  # the same base, re-saved in bf16
+    for side in (root / "base").iterdir():
+        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
+            shutil.copy2(side, root / "base_bf16" / side.name)
     (root / "store" / "notes").mkdir()  # a directory without adapter_config.json is no adapter
     write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.05)
     (root / "store" / "escape").symlink_to(root / "outside")  # a store entry linking out of the store
@@ -88,6 +113,7 @@ def test_unknown_names_are_404(server):
     ("text_rank", "text_rank/adapter_config.json", "'r'"),
     ("headed", "adapter_model.safetensors", "lm_head"),
     ("llama_sora", "adapter_config.json", "different base"),
+    ("other_base", "other_base/adapter_config.json", "base_fingerprint.weights"),
 ])
 def test_bad_store_adapter_is_400_naming_the_file_and_the_server_keeps_serving(store, server, name, file, reason):
     status, body = complete(server, name, PROMPT, MAX_TOKENS)
@@ -116,6 +142,8 @@ def test_runtime_loads_read_only_under_the_allowed_roots(store, server):
         status, body = load(server, "x", path)
         assert status == 403 and "--allow-load-from DIR" in error_message(body), (path, body)
     assert complete(server, "x", PROMPT, MAX_TOKENS)[0] == 404  # nothing was loaded
+    status, body = load(server, "other_base", store / "extra" / "other_base")
+    assert status == 400 and "base_fingerprint.weights" in error_message(body) and "--allow-other-base" in error_message(body), body
     status, body = load(server, "extra_lora", store / "extra" / "lora")
     assert status == 200, body
     status, body = complete(server, "extra_lora", PROMPT, MAX_TOKENS)
@@ -130,8 +158,9 @@ def test_a_store_entry_linking_out_of_the_store_is_403(server):
 
 @pytest.fixture(scope="module")
 def static_server(store):
-    arguments = ["--model", str(store / "base"), "--max-loras", "1", "--adapter", f"lora={store / 'store' / 'lora'}", "--no-runtime-loads",
-                 "--", "--served-model-name", "base"]
+    """On the base re-saved in bf16, with adapters trained on the fp32 one: the same base, accepted."""
+    arguments = ["--model", str(store / "base_bf16"), "--max-loras", "1", "--no-runtime-loads",
+                 "--adapter", f"lora={store / 'store' / 'lora'}", "--adapter", f"sora={store / 'store' / 'sora'}", "--", "--served-model-name", "base"]
     with running_server(arguments, store / "static-server.log") as (url, _):
         yield url
 
@@ -140,9 +169,10 @@ def static_server(store):
 def test_no_runtime_loads_has_no_load_endpoints_and_serves_its_adapters(store, static_server):
     assert load(static_server, "x", store / "store" / "lora")[0] == 404
     assert post(f"{static_server}/v1/unload_lora_adapter", {"lora_name": "lora"})[0] == 404
-    status, body = complete(static_server, "lora", PROMPT, MAX_TOKENS)
-    assert status == 200 and off_greedy(eager_model(store / "base", store / "store" / "lora"), PROMPT, new_tokens(body)) == [], body
-    assert complete(static_server, "sora", PROMPT, MAX_TOKENS)[0] == 404  # the store is not consulted
+    for name in ("lora", "sora"):
+        status, body = complete(static_server, name, PROMPT, MAX_TOKENS)
+        assert status == 200 and off_greedy(eager_model(store / "base_bf16", store / "store" / name), PROMPT, new_tokens(body)) == [], body
+    assert complete(static_server, "prediag", PROMPT, MAX_TOKENS)[0] == 404  # the store is not consulted
 
 
 def test_load_confinement_resolves_links_and_dots(tmp_path):

@@ -3,13 +3,15 @@
 - Front end (`InputProcessor._validate_lora`, in the API server or the `vllm.LLM` process):
   before a request is admitted, its adapter dir is checked by `sora_serve.read_adapter` (finite
   tensors, config rank = tensor rank, known peft_type, typed config fields, bounded update) and
-  against the base checkpoint's safetensors headers (modules, shapes, fingerprint); the verdict
+  against the base checkpoint's files (modules and shapes from the safetensors headers, the base
+  fingerprint's sampled weights read entry by entry: `sora_serve.fingerprint`); the verdict
   is cached per version of the dir (`registry.version_key`), so a dir is read once, not per request.
   A bad adapter is a ValueError there: HTTP 400, or an exception from `LLM.generate`, and the
   engine never sees it.
 - Worker (`SoraWorkerLoRAManager`, vLLM's worker-side LoRA manager subclassed): the adapter from
-  the registry, then against this engine's base layers (`check_against_base`: modules, shapes,
-  `base_fingerprint`, update size relative to ||W0||), the servability of every module, and the
+  the registry, against the base checkpoint's files as above (runtime loads reach the engine
+  without the front end's check), then against this engine's base layers (`check_against_base`:
+  modules, shapes, update size relative to ||W0||), the servability of every module, and the
   slot factors per layer (`activation.slot_weights`), which become vLLM's `LoRAModel`. Every kind,
   plain LoRA included, takes this path: vLLM's own loader never re-reads the files.
 """
@@ -52,8 +54,9 @@ def _base_checkpoint(model_dir: str):
 
 
 def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
-    """Modules, shapes and fingerprint against the base's safetensors headers (no weights read);
-    the update's size relative to ||W0|| is checked in the worker, where row norms are recorded."""
+    """Modules, shapes and the base fingerprint against the base's files (headers, and the sampled
+    entries of W0); the update's size relative to ||W0|| is checked in the worker, where row norms
+    are recorded."""
     from sora_serve.converters.checkpoint import checkpoint_layers
     from sora_serve.io import check_against_base
 
@@ -66,10 +69,15 @@ def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
         raise AdapterError(f"module '{head_path}': vLLM does not apply LoRA to the output head", file=adapter.weights_file, field=f"{PEFT_PREFIX}{head_path}")
 
 
+def local_model_dir(model: str | None) -> str | None:
+    """The engine's model when it is a local directory (a hub name has no files here to check)."""
+    return model if model and os.path.isdir(model) else None
+
+
 def validate_request_adapter(lora_request, model_dir: str | None = None) -> None:
     """Raise AdapterError (a ValueError) for a request whose adapter dir is invalid, or does not
     fit the base checkpoint in `model_dir` (a local dir; hub names are checked in the worker)."""
-    model_dir = model_dir if model_dir and os.path.isdir(model_dir) else None
+    model_dir = local_model_dir(model_dir)
     key = (registry.version_key(lora_request.lora_path), model_dir)
     if key not in _verdicts:
         try:
@@ -113,6 +121,7 @@ def worker_manager_class() -> type:
         """Loads every adapter kind from sora-serve's registry into vLLM's `LoRAModel`."""
 
         def create_lora_manager(self, model, vllm_config):
+            self.sora_model_dir = local_model_dir(vllm_config.model_config.model)
             if self.lora_config.fully_sharded_loras:
                 raise NotImplementedError(
                     "sora-serve's vLLM plugin does not cover fully_sharded_loras=True (S-LoRA's sharded layers); "
@@ -133,6 +142,8 @@ def worker_manager_class() -> type:
                 adapter = registry.adapter(lora_dir)
                 paths = vllm_module_paths(adapter, getattr(manager.model, "hf_to_vllm_mapper", None))
                 check_targets(adapter, expected_modules(manager))
+                if self.sora_model_dir is not None:
+                    check_against_checkpoint(adapter, self.sora_model_dir)
                 check_base_layers(adapter, paths, manager.modules, manager.packed_modules_mapping)
                 check_servable(adapter, paths, manager.modules, manager.packed_modules_mapping)
                 loras = slot_weights(adapter, paths, manager.modules, manager.packed_modules_mapping)

@@ -19,7 +19,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from sora_serve.io import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, read_adapter
+from sora_serve.io import CONFIG_FILE, FINGERPRINT_FILE, WEIGHTS_FILE, AdapterFile, read_adapter
 
 logger = logging.getLogger("sora_serve.vllm_plugin")
 
@@ -31,7 +31,7 @@ reads: Counter[str] = Counter()  # adapter dir -> reads in this process (logged;
 
 def version_key(directory: str | Path) -> tuple:
     stats = []
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, FINGERPRINT_FILE):
         try:
             st = os.stat(os.path.join(directory, name))
             stats.append((st.st_size, st.st_mtime_ns))

@@ -5,7 +5,8 @@ wheel; launch.py also exits non-zero when the engine dies), with LoRA enabled; t
 itself through its entry point. Before the engine starts (seconds, not a 30 s engine start) it
 checks: the --model directory is a Hugging Face checkpoint; vLLM serves its architecture with
 LoRA (and can load its output head); every --adapter passes `read_adapter` and
-`check_against_base` against the checkpoint's shapes (safetensors headers) and weight norms;
+`check_against_base` against the checkpoint's shapes (safetensors headers), weight norms and
+the weights the adapter's base fingerprint sampled;
 --adapter-dir is a readable directory.
 
 Runtime loads (`/v1/load_lora_adapter`, the store) read only under the allowed roots (`access.py`):
@@ -22,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sora_serve.cli import add_allow_large_updates
+from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
+from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV
 from sora_serve.fs import readable_dir
 from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, check_against_base, read_adapter
 
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=16, choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, help="default: the model's own limit")
-    add_allow_large_updates(parser)
+    add_override_flags(parser)
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more arguments for vLLM's server")
 
 
@@ -112,6 +114,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         env[ADAPTER_DIR_ENV] = str(Path(args.adapter_dir).absolute())
     if args.allow_large_updates:
         env[ALLOW_LARGE_UPDATES_ENV] = "1"
+    if args.allow_other_base:
+        env[ALLOW_OTHER_BASE_ENV] = "1"
     return env
 
 
@@ -210,15 +214,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    allow_large_updates = args.allow_large_updates or None  # None: the environment decides
+    overrides = override_kwargs(args)
     check_arguments(args)
-    adapters = [read_adapter(path, allow_large_updates=allow_large_updates) for _, path in args.adapter]  # the files alone
+    adapters = [read_adapter(path, allow_large_updates=overrides["allow_large_updates"]) for _, path in args.adapter]  # the files alone
     checkpoint = open_model_dir(args.model)
     from sora_serve.converters.checkpoint import checkpoint_layers
 
     model_type = checkpoint.config_dict.get("model_type")
-    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F from the adapted layers' weights
-        check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, allow_large_updates=allow_large_updates)
+    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F and the fingerprint's entries from the weights
+        check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, **overrides)
     check_architecture(checkpoint)  # last: they import vLLM (~10 s)
     check_head_size(checkpoint)
     command = server_command(args)
