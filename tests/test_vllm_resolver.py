@@ -113,7 +113,7 @@ def test_unknown_names_are_404(server):
     ("text_rank", "text_rank/adapter_config.json", "'r'"),
     ("headed", "adapter_model.safetensors", "lm_head"),
     ("llama_sora", "adapter_config.json", "different base"),
-    ("other_base", "other_base/adapter_config.json", "base_fingerprint.weights"),
+    ("other_base", "adapter_config.json", "base_fingerprint.weights"),
 ])
 def test_bad_store_adapter_is_400_naming_the_file_and_the_server_keeps_serving(store, server, name, file, reason):
     status, body = complete(server, name, PROMPT, MAX_TOKENS)
