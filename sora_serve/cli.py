@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import AdapterError
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sora_serve.training.cli", "train a LoRA / DoRA / Pre-Diag / SORA adapter on local data"),
     "fold": ("sora_serve.converters.fold", "fold an adapter exactly into the base weights; write a merged checkpoint"),
     "to-lora": ("sora_serve.converters.to_lora", "convert an adapter to a plain PEFT LoRA directory (exact or SVD)"),
+    "convert": ("sora_serve.converters.convert", "convert between our SORA format and the paper's (MaeChd/SORA) format"),
     "export-onnx": ("sora_serve.converters.onnx_export", "export a model to ONNX, merged or with switchable adapters"),
     "serve": ("sora_serve.vllm_plugin.server", "serve a model and adapters with vLLM's OpenAI-compatible server"),
 }
@@ -33,6 +35,10 @@ def add_override_flags(parser: argparse.ArgumentParser) -> None:
         "--allow-other-base", action="store_true",
         help="accept adapters whose recorded base weights differ from this base's (another model of the same shapes); "
         "shapes are always checked (docs/VLLM.md, 'Security')",
+    )
+    parser.add_argument(
+        "--reference-s0", type=float, metavar="S",
+        help="s_p numerator of adapters saved by the paper's code (MaeChd/SORA) whose run set initial_s_p (default 1.0; docs/FORMAT.md)",
     )
 
 
@@ -55,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    if getattr(args, "reference_s0", None) is not None:  # read by every reader of such dirs, vLLM's workers included
+        from .io import REFERENCE_S0_ENV
+
+        os.environ[REFERENCE_S0_ENV] = repr(args.reference_s0)
     try:
         importlib.import_module(COMMANDS[args.command][0]).run(args)
     except AdapterError as exc:

@@ -185,7 +185,7 @@ def check_fingerprint(
                 file=file, field="base_fingerprint",
             )
     if "weights" not in fingerprint:
-        _note_no_fingerprint(file.parent, "its base_fingerprint records shapes only (written by an older sora-serve)")
+        _note_no_fingerprint(file.parent, "its base_fingerprint records no weights (an older sora-serve, or `convert` without --base)")
     elif not other_base_allowed(allow_other_base):
         _check_weights(fingerprint["weights"], file, layers)
 

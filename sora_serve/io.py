@@ -51,6 +51,18 @@ FILE_NAMES = {
     "sora_C": "sora_C",
     "sora_D": "sora_D",
 }
+# The paper's code (github MaeChd/SORA, a PEFT 0.14 fork): a PEFT LoRA dir whose modules also hold
+# these tensors, nn.Linear weights: C, D (out x r_p) and the diagonal (out x 1). Its forward is our
+# first-order SORA, z = d * (W0 x + b) + s B A x, y = z + s_p (z C D^T - z D C^T).
+REFERENCE_NAMES = {
+    "lora_A": "lora_A.weight",
+    "lora_B": "lora_B.weight",
+    "d": "lora_Diag.weight",
+    "sora_C": "lora_C.weight",
+    "sora_D": "lora_D.weight",
+}
+REFERENCE_S0 = 1.0  # SoraLinear's default numerator of s_p (`initial_s_p`), which its config does not save
+REFERENCE_S0_ENV = "SORA_SERVE_REFERENCE_S0"  # a run that set initial_s_p gives it here (or in the config)
 METHOD_TENSORS = {
     "lora": ("lora_A", "lora_B"),
     "dora": ("lora_A", "lora_B", "magnitude"),
@@ -229,13 +241,14 @@ class AdapterFile:
     """A validated adapter directory, not yet bound to a model."""
 
     directory: Path
-    config: AdapterConfig
+    config: AdapterConfig  # a reference (MaeChd/SORA) dir reads as first-order SORA
     module_configs: dict[str, AdapterConfig]  # per module: PEFT rank/alpha patterns resolved
     tensors: dict[str, dict[str, torch.Tensor]]  # module path -> parameter name -> tensor
     fingerprint: dict | None  # `sora_serve.fingerprint`; None for PEFT dirs not written by us
     base_model_name_or_path: str | None
     fan_in_fan_out: bool = False
     updates: dict[str, UpdateSize] = field(default_factory=dict)  # module path -> its update's size
+    file_names: dict[str, str] = field(default_factory=lambda: FILE_NAMES)  # parameter -> tensor suffix in this file
 
     @property
     def method(self) -> str:
@@ -280,14 +293,20 @@ def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = No
     else:
         raise AdapterError(f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=config_path, field="peft_type")
     weights_path = directory / WEIGHTS_FILE
-    tensors = _read_tensors(weights_path, config.method)
+    flat, names = _load_weights(weights_path), FILE_NAMES
+    if peft_type == "LORA" and _is_reference_layout(flat):
+        config, module_config = _reference_config(raw, config_path, config, module_config, flat, weights_path)
+        names = REFERENCE_NAMES
+    elif "initial_s_p" in raw:
+        raise AdapterError("initial_s_p is the paper's SORA option, but this dir has no lora_C/lora_D/lora_Diag tensors", file=config_path, field="initial_s_p")
+    tensors = _group_tensors(flat, weights_path, config.method, names)
     module_configs = {path: module_config(path) for path in tensors}
     for path, t in tensors.items():
-        _check_shapes(weights_path, path, t, module_configs[path], peft=peft_type == "LORA")
+        _check_shapes(weights_path, path, t, module_configs[path], names, peft=peft_type == "LORA")
     adapter = AdapterFile(
         directory, config, module_configs, tensors, fingerprint,
         _field(raw, "base_model_name_or_path", config_path, "optional str", None), fan_in_fan_out,
-        updates={path: update_size(module_configs[path], t) for path, t in tensors.items()},
+        updates={path: update_size(module_configs[path], t) for path, t in tensors.items()}, file_names=names,
     )
     check_update_bounds(adapter, allow_large_updates=allow_large_updates)
     return adapter
@@ -367,7 +386,7 @@ def _refuse_peft_options(raw: dict, path: Path) -> None:
     for key, value in raw.items():
         if key in PEFT_REFUSED and value:
             raise AdapterError(f"PEFT option {key}={value!r} is not supported: it {PEFT_REFUSED[key]}", file=path, field=key)
-        if key not in PEFT_READ | PEFT_IGNORED | PEFT_REFUSED.keys() and value not in (None, False, [], {}):
+        if key not in PEFT_READ | PEFT_IGNORED | PEFT_REFUSED.keys() | {"initial_s_p"} and value not in (None, False, [], {}):
             raise AdapterError(f"unknown LoraConfig option {key}={value!r} (not in PEFT 0.21): it may change the outputs", file=path, field=key)
     if _field(raw, "bias", path, "str", "none") != "none":
         raise AdapterError(f"PEFT option bias={raw['bias']!r} is not supported: it trains the base layers' biases", file=path, field="bias")
@@ -396,13 +415,52 @@ def _pattern_value(compiled: list[tuple[re.Pattern, Any]], module_path: str, def
     return next((value for regex, value in compiled if regex.match(module_path)), default)
 
 
-def _read_tensors(path: Path, method: str) -> dict[str, dict[str, torch.Tensor]]:
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     readable_file(path, "adapter weights")
     try:
-        flat = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"corrupt safetensors file ({exc})", file=path) from exc
-    suffix_to_param = {suffix: param for param, suffix in FILE_NAMES.items()}
+
+
+def _is_reference_layout(flat: Mapping[str, torch.Tensor]) -> bool:
+    """A LoRA dir holding the paper's extra tensors (any of C, D, the diagonal) is the reference's."""
+    extra = tuple(f".{REFERENCE_NAMES[p]}" for p in ("d", "sora_C", "sora_D"))
+    return any(key.endswith(extra) for key in flat)
+
+
+def _reference_config(
+    raw: dict, path: Path, config: AdapterConfig, module_config: Callable[[str], AdapterConfig], flat: Mapping[str, torch.Tensor], weights: Path
+) -> tuple[AdapterConfig, Callable[[str], AdapterConfig]]:
+    """The reference dir's PEFT config as first-order SORA: r_p from its C tensors, s0 from
+    `initial_s_p` (config or SORA_SERVE_REFERENCE_S0), else the reference's default 1.0."""
+    if config.method == "dora":
+        raise AdapterError("use_dora=true with the paper's SORA tensors (lora_C/lora_D/lora_Diag): no such adapter exists", file=path, field="use_dora")
+    c_key = next((k for k in flat if k.endswith(f".{REFERENCE_NAMES['sora_C']}")), None)
+    if c_key is None:
+        raise AdapterError(f"a MaeChd/SORA adapter without any {REFERENCE_NAMES['sora_C']} tensor", file=weights)
+    if flat[c_key].ndim != 2:
+        raise AdapterError(f"expected (out, r_p), got shape {tuple(flat[c_key].shape)}", file=weights, field=c_key)
+    s0 = _field(raw, "initial_s_p", path, "positive number", _reference_s0_from_environment())
+    rotation = {"method": "sora", "rotation": "first_order", "r_p": int(flat[c_key].shape[1]), "s0": s0}
+    as_sora = lambda c: AdapterConfig(**{**c.to_dict(), **rotation})  # noqa: E731
+    return as_sora(config), lambda module_path: as_sora(module_config(module_path))
+
+
+def _reference_s0_from_environment() -> float:
+    text = os.environ.get(REFERENCE_S0_ENV, "").strip()
+    try:
+        s0 = float(text) if text else REFERENCE_S0
+    except ValueError:
+        s0 = math.nan
+    if not (math.isfinite(s0) and s0 > 0):
+        raise AdapterError(f"{REFERENCE_S0_ENV} (--reference-s0) must be a positive number, got {text!r}", field="reference_s0")
+    return s0
+
+
+def _group_tensors(flat: Mapping[str, torch.Tensor], path: Path, method: str, names: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> parameter -> tensor; every tensor known, floating point and finite, none missing."""
+    suffix_to_param = {suffix: param for param, suffix in names.items()}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         module_path, param = _split_key(key, suffix_to_param)
@@ -412,14 +470,18 @@ def _read_tensors(path: Path, method: str) -> dict[str, dict[str, torch.Tensor]]
             raise AdapterError(f"dtype {tensor.dtype} is not floating point", file=path, field=key)
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"module '{module_path}': contains NaN or infinite values", file=path, field=key)
+        if names is REFERENCE_NAMES and param == "d":  # the reference's diagonal is an (out x 1) nn.Linear weight
+            if tensor.ndim != 2 or tensor.shape[1] != 1:
+                raise AdapterError(f"module '{module_path}': expected shape (out, 1), got {tuple(tensor.shape)}", file=path, field=key)
+            tensor = tensor[:, 0]
         modules.setdefault(module_path, {})[param] = tensor
     if not modules:
         raise AdapterError("no adapter tensors", file=path)
     for module_path, tensors in modules.items():
         missing = [p for p in METHOD_TENSORS[method] if p not in tensors]
         if missing:
-            names = ", ".join(f"{PEFT_PREFIX}{module_path}.{FILE_NAMES[p]}" for p in missing)
-            raise AdapterError(f"missing tensor(s) {names}", file=path, field=f"{PEFT_PREFIX}{module_path}")
+            listed = ", ".join(f"{PEFT_PREFIX}{module_path}.{names[p]}" for p in missing)
+            raise AdapterError(f"missing tensor(s) {listed}", file=path, field=f"{PEFT_PREFIX}{module_path}")
     return modules
 
 
@@ -431,7 +493,7 @@ def _split_key(key: str, suffix_to_param: dict[str, str]) -> tuple[str, str | No
     return body, None
 
 
-def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], config: AdapterConfig, *, peft: bool) -> None:
+def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], config: AdapterConfig, names: Mapping[str, str], *, peft: bool) -> None:
     """Every tensor's shape from the config's ranks: the config's r is the rank (as PEFT and vLLM read it)."""
     out_f, in_f = t["lora_B"].shape[0], t["lora_A"].shape[-1]
     expected = {
@@ -449,7 +511,7 @@ def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], conf
                 f"module '{module_path}': shape {tuple(tensor.shape)} does not match the config's r={config.r} "
                 f"({rank_source} of {CONFIG_FILE}), r_p={config.r_p}, out={out_f}: expected {expected[param]}",
                 file=path,
-                field=f"{PEFT_PREFIX}{module_path}.{FILE_NAMES[param]}",
+                field=f"{PEFT_PREFIX}{module_path}.{names[param]}",
             )
 
 
@@ -476,7 +538,7 @@ def check_update_bounds(adapter: AdapterFile, *, allow_large_updates: bool | Non
             checks.append((size.entry_rms(size.magnitude), UPDATE_RMS_MAX, "magnitude", "DoRA's adapted weight has entry RMS"))
         for value, bound, param, what in checks:
             if value > bound:
-                raise _too_large(adapter.weights_file, f"{key}.{FILE_NAMES[param]}", module_path, f"{what} {value:.3g} > {bound:g}")
+                raise _too_large(adapter.weights_file, f"{key}.{adapter.file_names[param]}", module_path, f"{what} {value:.3g} > {bound:g}")
 
 
 def _too_large(file: Path, field_name: str, module_path: str, what: str) -> AdapterError:
@@ -614,7 +676,7 @@ def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_mo
         _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(directory))
         write_side_fingerprint(directory, fingerprint)
     else:
-        _write_json(directory / CONFIG_FILE, _our_config_json(config, base_name, fingerprint))
+        _write_json(directory / CONFIG_FILE, our_config_json(config, base_name, fingerprint))
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
@@ -627,7 +689,7 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-def _our_config_json(config: AdapterConfig, base_name: str | None, fingerprint: dict) -> dict:
+def our_config_json(config: AdapterConfig, base_name: str | None, fingerprint: dict) -> dict:
     return {
         "peft_type": PEFT_TYPES[config.method],
         "format_version": FORMAT_VERSION,

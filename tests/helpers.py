@@ -65,6 +65,36 @@ def write_random_adapter(out_dir: Path, config: ss.AdapterConfig, *, seed: int, 
     return Path(out_dir)
 
 
+REFERENCE_R, REFERENCE_R_P, REFERENCE_ALPHA = 4, 3, 8
+
+
+def write_reference_dir(base: Path, out: Path, targets: list[str], seed: int = 0, initial_s_p: float | None = None) -> Path:
+    """An adapter as the paper's code (MaeChd/SORA) saves it: PEFT's LoRA dir (PEFT writes the
+    config and A/B) plus, per module, the nn.Linear weights of C, D (out x r_p) and the diagonal
+    (out x 1); all random, B != 0, C != D, d != 1. Conv1D bases get fan_in_fan_out as in PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers.pytorch_utils import Conv1D
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
+    config = LoraConfig(r=REFERENCE_R, lora_alpha=REFERENCE_ALPHA, target_modules=targets, fan_in_fan_out=conv1d)
+    get_peft_model(model, config).save_pretrained(out)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(out / "adapter_model.safetensors")
+    for key in [k for k in tensors if k.endswith("lora_B.weight")]:
+        out_features, prefix = tensors[key].shape[0], key.removesuffix("lora_B.weight")
+        tensors[key] = 0.05 * torch.randn(tensors[key].shape, generator=gen)
+        tensors[f"{prefix}lora_C.weight"] = 0.3 * torch.randn(out_features, REFERENCE_R_P, generator=gen)
+        tensors[f"{prefix}lora_D.weight"] = 0.3 * torch.randn(out_features, REFERENCE_R_P, generator=gen)
+        tensors[f"{prefix}lora_Diag.weight"] = 1 + 0.1 * torch.randn(out_features, 1, generator=gen)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    if initial_s_p is not None:
+        saved = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**saved, "initial_s_p": initial_s_p}))
+    return out
+
+
 # ---------------------------------------------------------------- eager references (float64)
 
 

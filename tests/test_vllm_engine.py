@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import VLLM_BACKENDS, fine_tuned_like, perturb_adapter, vllm_backend
+from .helpers import VLLM_BACKENDS, fine_tuned_like, perturb_adapter, vllm_backend, write_reference_dir
 
 LOGPROB_TOL = 1e-4  # fp32, per generated token
 KINDS = {
@@ -37,6 +37,7 @@ def served(tmp_path_factory, request):
         ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
         perturb_adapter(model, "a", scale=0.1, seed=i)
         ss.save_adapter(model, root / name, "a")
+    write_reference_dir(base, root / "reference", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     from sora_serve.vllm_plugin.engine import make_llm
 
     with vllm_backend(request.param):
@@ -55,7 +56,7 @@ def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], 
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    ids = {name: i + 1 for i, name in enumerate(KINDS)}
+    ids = {name: i + 1 for i, name in enumerate([*KINDS, "reference"])}
     requests = [None if n is None else LoRARequest(n, ids[n], str(root / n)) for n in names]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests, use_tqdm=False)
@@ -89,6 +90,20 @@ def test_mixed_batch_of_every_kind_equals_eager(served):
         assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL, name
         if name is not None and prompt == PROMPTS[0]:
             assert tokens != base_tokens, f"{name} should change the output"
+
+
+@pytest.mark.slow
+def test_paper_format_adapter_in_a_mixed_batch_equals_eager(served):
+    """A dir as MaeChd/SORA saves it (lora_C/lora_D/lora_Diag, packed qkv and gate_up in vLLM)
+    beside our own kinds; eager = the reference forward is pinned in test_reference_format.py."""
+    root, llm, _ = served
+    names = ["reference", "sora_fo", None, "lora", "reference"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    for name, prompt, (tokens, logprobs) in zip(names, prompts, vllm_generate(llm, root, names, prompts)):
+        expected_tokens, expected_logprobs = eager_reference(root, name, prompt)
+        assert tokens == expected_tokens, name
+        assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) <= LOGPROB_TOL, name
+    assert vllm_generate(llm, root, ["reference"], [PROMPTS[0]])[0][0] != eager_reference(root, None, PROMPTS[0])[0]
 
 
 @pytest.mark.slow
@@ -181,6 +196,12 @@ def broken_copy(root, defect: str, tmp_path):
         ss.attach(model, ss.AdapterConfig(method="sora", r=8, target_modules=targets), "a", verbose=False)
         perturb_adapter(model, "a", scale=0.1, seed=5)
         return ss.save_adapter(model, target, "a")
+    if defect == "reference_missing_D":  # the paper's format, one lora_D.weight gone
+        shutil.copytree(root / "reference", target)
+        weights = load_file(target / "adapter_model.safetensors")
+        del weights[next(k for k in weights if k.endswith("lora_D.weight"))]
+        save_file(weights, target / "adapter_model.safetensors")
+        return target
     shutil.copytree(root / "lora", target)
     config = json.loads((target / "adapter_config.json").read_text())
     if defect == "rank_mismatch":  # PEFT refuses it; vLLM alone would scale by alpha/4, eager by alpha/8
@@ -200,7 +221,7 @@ def broken_copy(root, defect: str, tmp_path):
 @pytest.mark.parametrize(
     "defect,message",
     [("rank_mismatch", r"field 'r'|rank"), ("unknown_peft_type", "peft_type"), ("nan", "NaN"), ("other_base", "different base"),
-     ("same_shape_other_base", "base_fingerprint.weights"), ("output_head", "output head")],
+     ("same_shape_other_base", "base_fingerprint.weights"), ("reference_missing_D", r"missing tensor.*lora_D\.weight"), ("output_head", "output head")],
 )
 def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, message):
     """`vllm.LLM` with a LoRARequest runs the same validator as eager loading: each defect is a
