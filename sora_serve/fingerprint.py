@@ -19,7 +19,7 @@ to fp16 by 2^-11; CAST_RTOL = 2^-7 leaves room for two casts in a row, CAST_ATOL
 loss of tiny values. So an fp32 base re-saved in bf16 or fp16 (or the reverse) is the same base;
 a quantized one (int8 / fp8 steps are 2^-4 of a value or more) is not. A fine-tune that moves the
 weights by 1e-3 of their RMS moves about one entry in twelve beyond 2^-7 of itself (the small
-entries), so 32 entries per layer catch it at the first layers (docs/VLLM.md, Security).
+entries; a Gaussian estimate), so 32 entries per layer catch it at the first layers (docs/VLLM.md, Security).
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ class BaseLayer:
     read_weights: WeightReader | None = field(default=None, compare=False, repr=False)  # None: weights not at hand
 
 
-def model_layers(model: nn.Module, paths: Iterable[str]) -> dict[str, BaseLayer]:
+def model_layers(model: nn.Module, paths: Iterable[str], *, norms: bool = True) -> dict[str, BaseLayer]:
     """`BaseLayer`s of `model`'s linear layers among `paths` (absent or non-linear modules are left out).
 
-    ||W0||_F and the weight reader are included unless the weights are on the meta device."""
+    The weight reader, and with `norms` ||W0||_F (a pass over every weight), are included unless
+    the weights are on the meta device."""
     modules = dict(model.named_modules())
     layers = {}
     for path in paths:
@@ -79,7 +80,7 @@ def model_layers(model: nn.Module, paths: Iterable[str]) -> dict[str, BaseLayer]
             continue
         weight = weight_out_in(base).detach()
         has_weights = not weight.is_meta
-        norm = weight.double().norm().item() if has_weights else None
+        norm = weight.double().norm().item() if has_weights and norms else None
         reader = (lambda rows, cols, w=weight: w[rows, cols]) if has_weights else None
         layers[path] = BaseLayer(int(weight.shape[0]), int(weight.shape[1]), getattr(base, "bias", None) is not None, norm, reader)
     return layers

@@ -670,7 +670,7 @@ def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_mo
             raise AdapterError("adapter weights contain NaN or infinite values; refusing to save", field=key)
     module_paths = [p for p, layer in adapted_layers(model) if name in layer.adapters]
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
-    fingerprint = base_fingerprint(model_layers(model, module_paths), _model_type(model))
+    fingerprint = base_fingerprint(model_layers(model, module_paths, norms=False), _model_type(model))  # samples only: no pass over W0
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
         _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(directory))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,6 +43,15 @@ def fine_tuned_like(model: nn.Module, relative: float = 1e-3, seed: int = 0) -> 
     for p in model.parameters():
         p.add_(relative * p.double().pow(2).mean().sqrt().item() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
+
+
+def save_base_copy(model: nn.Module, out: Path, tokenizer_from: Path, dtype: torch.dtype | None = None) -> Path:
+    """Save `model` (cast to `dtype` if given) as a checkpoint with the tokenizer of `tokenizer_from`."""
+    (model.to(dtype) if dtype else model).save_pretrained(out)
+    for side in tokenizer_from.iterdir():
+        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
+            shutil.copy2(side, out / side.name)
+    return out
 
 
 def random_ids(vocab: int, batch: int = 3, length: int = 9, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV, CAST_RTOL, SAMPLES
 from sora_serve.io import FINGERPRINT_FILE
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import fine_tuned_like, perturb_adapter
+from .helpers import fine_tuned_like, perturb_adapter, save_base_copy
 
 KINDS = {
     "sora": ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules="all-linear"),
@@ -36,14 +35,6 @@ def save_trained(model, out: Path, config: ss.AdapterConfig) -> Path:
     return ss.save_adapter(model, out, "a")
 
 
-def save_model(model, out: Path, tokenizer_from: Path, dtype: torch.dtype | None = None) -> Path:
-    (model.to(dtype) if dtype else model).save_pretrained(out)
-    for side in tokenizer_from.iterdir():
-        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
-            shutil.copy2(side, out / side.name)
-    return out
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])  # gpt2: Conv1D stores its weight (in, out)
 def bases(request, tmp_path_factory):
     """The base (fp32), the same base re-saved in bf16, another base of the same shapes (a
@@ -52,8 +43,8 @@ def bases(request, tmp_path_factory):
     base = make_tiny_checkpoint(arch, root / "base")
     paths = {
         "base": base,
-        "bf16": save_model(make_tiny_model(arch), root / "bf16", base, torch.bfloat16),
-        "other": save_model(fine_tuned_like(make_tiny_model(arch), 1e-3, seed=11), root / "other", base),
+        "bf16": save_base_copy(make_tiny_model(arch), root / "bf16", base, torch.bfloat16),
+        "other": save_base_copy(fine_tuned_like(make_tiny_model(arch), 1e-3, seed=11), root / "other", base),
     }
     adapters = {kind: save_trained(make_tiny_model(arch), root / kind, config) for kind, config in KINDS.items()}
     return paths, adapters
@@ -103,7 +94,7 @@ def test_cli_flag_and_environment_lift_the_weight_check(bases, tmp_path, monkeyp
 
 def test_shapes_are_checked_whatever_the_override(bases, tmp_path):
     _, adapters = bases
-    wider = save_model(make_tiny_model("llama", intermediate_size=192), tmp_path / "wider", make_tiny_checkpoint("llama", tmp_path / "tok"))
+    wider = save_base_copy(make_tiny_model("llama", intermediate_size=192), tmp_path / "wider", make_tiny_checkpoint("llama", tmp_path / "tok"))
     with pytest.raises(ss.AdapterError, match="different base"):
         ss.load_adapter(AutoModelForCausalLM.from_pretrained(wider), adapters["sora"], allow_other_base=True)
 

@@ -25,6 +25,7 @@ from .helpers import (
     perturb_adapter,
     post,
     running_server,
+    save_base_copy,
     set_first_value,
     write_random_adapter,
 )
@@ -61,10 +62,7 @@ def store(tmp_path_factory):
         ss.attach(other, KINDS["sora"], "a", verbose=False)
         perturb_adapter(other, "a", scale=0.05, seed=12)
         ss.save_adapter(other, directory, "a")
-    make_tiny_model("qwen2").to(torch.bfloat16).save_pretrained(root / "base_bf16")  # the same base, re-saved in bf16
-    for side in (root / "base").iterdir():
-        if side.name.startswith("tokenizer") or side.name == "special_tokens_map.json":
-            shutil.copy2(side, root / "base_bf16" / side.name)
+    save_base_copy(make_tiny_model("qwen2"), root / "base_bf16", root / "base", torch.bfloat16)  # the same base, re-saved in bf16
     (root / "store" / "notes").mkdir()  # a directory without adapter_config.json is no adapter
     write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.05)
     (root / "store" / "escape").symlink_to(root / "outside")  # a store entry linking out of the store

@@ -87,7 +87,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "subclassed", "the worker's loader: adapters from our registry into vLLM's LoRAModel"),
     Symbol("vllm.lora.worker_manager:WorkerLoRAManager._load_adapter", "overridden", "loads every kind from our parsed files (vLLM's loader never re-reads them)", ("self", "lora_request")),
     Symbol("vllm.lora.worker_manager:WorkerLoRAManager.set_active_adapters", "overridden", "marks a new step for the grouped backend's plan", ("self", "requests", "mapping")),
-    Symbol("vllm.lora.worker_manager:WorkerLoRAManager.create_lora_manager", "overridden", "refuses fully_sharded_loras, which our layers do not cover", ("self", "model", "vllm_config")),
+    Symbol("vllm.lora.worker_manager:WorkerLoRAManager.create_lora_manager", "overridden", "refuses fully_sharded_loras, which our layers do not cover; records the model dir for the fingerprint check", ("self", "model", "vllm_config")),
     Symbol("vllm.v1.worker.lora_model_runner_mixin:LRUCacheWorkerLoRAManager", "replaced", "the model runner builds its worker LoRA manager from this module-level name"),
     Symbol("vllm.lora.lora_model:LoRAModel.__init__", "called", "the adapter's CPU cache entry, built from our factors", ("self", "lora_model_id", "rank", "loras")),
     Symbol("vllm.lora.lora_weights:PackedLoRALayerWeights.__init__", "called", "one layer's factors in vLLM's cache", ("self", "module_name", "rank", "lora_alphas", "lora_a", "lora_b", "scaling")),
