@@ -84,7 +84,7 @@ PAIRS = [(m, "lora") for m in METHODS if m != "lora"] + [("sora_cayley", "dora")
 class Settings:
     seeds: tuple[int, ...]
     sweep_lrs: tuple[float, ...]
-    sweep_seed: int  # not one of `seeds`
+    sweep_seeds: tuple[int, ...]  # none of `seeds`; each method's lr: the best mean held-out accuracy over these
     sweep_held_out: int  # SST-2 training sentences held out to score the sweep
     sst2_steps: int
     sst2_eval: int | None  # dev sentences (None: all 872)
@@ -97,13 +97,16 @@ class Settings:
     weight_decay: float = 0.01
 
 
-QUICK = Settings(seeds=(0, 1), sweep_lrs=(5e-3,), sweep_seed=100, sweep_held_out=48, sst2_steps=4, sst2_eval=48,
+QUICK = Settings(seeds=(0, 1), sweep_lrs=(5e-3,), sweep_seeds=(100,), sweep_held_out=48, sst2_steps=4, sst2_eval=48,
                  amazon_steps=3, amazon_eval=32, domains=("books", "airline"), max_length=48)
-# Sized for about an hour on 2 CPU cores shared with other work (run it with OMP_NUM_THREADS=1 there:
-# two threads on oversubscribed cores were 4x slower per step than one): 165 runs, 4,900 steps of
-# batch 16 (~0.3-0.5 s each for one thread), plus a model load and an evaluation per run.
-FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(2e-3, 5e-3, 1e-2), sweep_seed=100, sweep_held_out=500, sst2_steps=60,
-                sst2_eval=None, amazon_steps=20, amazon_eval=200)
+# Sized for about 1.5 hours on the 2-core CPU with 2 single-thread workers (two threads on two busy cores
+# were 4x slower per step than one): the sweep, 5 methods x 4 lrs x 3 seeds on SST-2, then 5 seeds x 5 methods
+# x (SST-2 + 5 Amazon domains); ~0.4 s per step of batch 16 plus a model load and an evaluation per run.
+# Amazon gets 80 steps: at 20 some runs had not left chance (the old run's one-class Amazon results).
+# `--lr-from` takes the sweep from the stability grid instead (same split, steps and recipe; 5 seeds).
+FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(1e-3, 2e-3, 5e-3, 1e-2), sweep_seeds=(100, 101, 102), sweep_held_out=500,
+                sst2_steps=60, sst2_eval=None, amazon_steps=80, amazon_eval=200)
+ONE_CLASS_SHARE = 0.95  # a run is one-class when one class takes more of its eval predictions than this
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
@@ -117,19 +120,22 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return random.Random(seed).sample(examples, n)
 
 
-def train_one(name: str, train, eval_, steps: int, lr: float, seed: int, settings: Settings, out: Path | None = None) -> dict:
+def train_one(name: str, train, eval_, steps: int, lr: float, seed: int, settings: Settings, out: Path | None = None,
+              recipe: dict | None = None) -> dict:
+    """One training run of method `name`; `recipe`: TrainConfig's recipe fields, else its defaults."""
     from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
     cfg = TrainConfig(model=minilm_path(), data=train, eval_data=eval_, task="seq-cls", target_modules=["query", "value"],
                       steps=steps, lr=lr, seed=seed, batch_size=settings.batch_size, max_length=settings.max_length,
                       warmup_ratio=settings.warmup_ratio, weight_decay=settings.weight_decay, progress=False,
-                      evaluate_before=False, out=out, force=True, **METHODS[name].train_kwargs())
+                      evaluate_before=False, out=out, force=True, **METHODS[name].train_kwargs(), **(recipe or {}))
     m = train_adapter(cfg)
     after = m["eval_after"]
     last = m["diagnostics"][-1]
     return {"seed": seed, "lr": lr, "accuracy": after["accuracy"], "eval_loss": after["loss"], "majority_share": after["majority_share"],
             "final_train_loss": last["loss"], "trainable_params": m["trainable_params"], "train_time_s": m["train_time_s"],
-            "mean_step_time_s": m["mean_step_time_s"], "diagnostics": m["diagnostics"], "predictions": after["predictions"]}
+            "mean_step_time_s": m["mean_step_time_s"], "param_groups": m["param_groups"], "diagnostics": m["diagnostics"],
+            "predictions": after["predictions"]}
 
 
 def held_out_split(examples: list, n: int) -> tuple[list, list]:
@@ -150,19 +156,70 @@ def train_all(jobs: dict[str, dict], settings: Settings, pool: Executor, bar) ->
     return results
 
 
-def sweep_lr(settings: Settings, sst2_train: list, pool: Executor, bar) -> dict:
-    """Each method's lr: the best held-out accuracy after training on the rest of SST-2's training set."""
+def sweep_entry(method: str, run: dict) -> dict:
+    """One (method, lr, seed) cell of an lr sweep: the scores and the peak adapter diagnostics."""
+    peaks = {}
+    for key in ("K_norm_max", "orth_error_max", "norm_C_minus_D_max", "d_minus_1_max"):
+        values = [d[key] for d in run["diagnostics"] if key in d]
+        if values:
+            peaks[key] = max(values)
+    return {"method": method, "lr": run["lr"], "seed": run["seed"], "accuracy": run["accuracy"], "eval_loss": run["eval_loss"],
+            "majority_share": run["majority_share"], "one_class": run["majority_share"] > ONE_CLASS_SHARE,
+            "final_train_loss": run["final_train_loss"], "param_groups": run["param_groups"], **peaks}
+
+
+def lr_grid(names, lrs, seeds, settings: Settings, sst2_train: list, pool: Executor, bar) -> list[dict]:
+    """Every method x lr x seed, trained on SST-2's training set minus a held-out part and scored on it."""
     held_out, rest = held_out_split(sst2_train, settings.sweep_held_out)
-    jobs = {f"sweep {name} lr {lr:g}": dict(name=name, train=rest, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=settings.sweep_seed)
-            for name in METHODS for lr in settings.sweep_lrs}
+    jobs = {f"sweep {name} lr {lr:g} seed {seed}": dict(name=name, train=rest, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=seed)
+            for name in names for lr in lrs for seed in seeds}
     runs = train_all(jobs, settings, pool, bar)
-    sweep = {}
-    for name in METHODS:
-        scores = {lr: {k: runs[f"sweep {name} lr {lr:g}"][k] for k in ("accuracy", "eval_loss", "majority_share", "final_train_loss")}
-                  for lr in settings.sweep_lrs}
-        best = max(settings.sweep_lrs, key=lambda lr: (scores[lr]["accuracy"], -scores[lr]["eval_loss"]))
-        sweep[name] = {"lr": best, "scores": {f"{lr:g}": s for lr, s in scores.items()}}
-    return sweep
+    return [sweep_entry(job["name"], runs[label]) for label, job in jobs.items()]
+
+
+def best_lrs(grid: list[dict]) -> dict[str, float]:
+    """Each method's lr: the best mean held-out accuracy over the grid's seeds (ties: the lower mean eval loss)."""
+    cells = {}
+    for e in grid:
+        cells.setdefault(e["method"], {}).setdefault(e["lr"], []).append(e)
+    return {m: max(by_lr, key=lambda lr: (statistics.mean(e["accuracy"] for e in by_lr[lr]), -statistics.mean(e["eval_loss"] for e in by_lr[lr])))
+            for m, by_lr in cells.items()}
+
+
+def sweep_lr(settings: Settings, sst2_train: list, pool: Executor, bar) -> dict:
+    grid = lr_grid(METHODS, settings.sweep_lrs, settings.sweep_seeds, settings, sst2_train, pool, bar)
+    return {"source": "this run", "seeds": list(settings.sweep_seeds), "grid": grid, "lr": best_lrs(grid)}
+
+
+SWEEP_FIELDS = ("sweep_held_out", "sst2_steps", "batch_size", "max_length", "warmup_ratio", "weight_decay")
+
+
+def sweep_from_grid(path: Path, settings: Settings) -> dict:
+    """The lr sweep read from a stability grid (benchmarks/quality_stability.py) run with this suite's
+    split, steps, budgets and recipe: refused, naming the field, when any of them differs."""
+    from sora_serve.errors import AdapterError
+
+    try:
+        grid_run = json.loads(Path(path).read_text())
+        grid, theirs = grid_run["grid"], grid_run["settings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise AdapterError(f"not a stability grid result ({err})", file=path) from None
+    ours = {**asdict(settings), "methods": {k: asdict(v) for k, v in METHODS.items()}, "recipe": recipe_defaults()}
+    for field in (*SWEEP_FIELDS, "methods", "recipe"):
+        if json.loads(json.dumps(theirs.get(field))) != json.loads(json.dumps(ours[field])):
+            raise AdapterError(f"the grid ran with {theirs.get(field)!r}, this suite with {ours[field]!r}", file=path, field=f"settings.{field}")
+    if {e["method"] for e in grid} != set(METHODS):
+        raise AdapterError(f"the grid has methods {sorted({e['method'] for e in grid})}, this suite {sorted(METHODS)}", file=path, field="grid")
+    seeds = sorted({e["seed"] for e in grid})
+    if len(seeds) < 3 or set(seeds) & set(settings.seeds):
+        raise AdapterError(f"need at least 3 sweep seeds, none of {list(settings.seeds)}; the grid has {seeds}", file=path, field="grid")
+    return {"source": str(path), "seeds": seeds, "grid": grid, "lr": best_lrs(grid)}
+
+
+def recipe_defaults() -> dict:
+    from sora_serve.training.recipe import Recipe
+
+    return asdict(Recipe())
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -179,7 +236,7 @@ def paired(a: list[float], b: list[float]) -> dict:
 def summarize(runs: list[dict]) -> dict:
     accs = [r["accuracy"] for r in runs]
     return {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "collapsed": sum(r["majority_share"] > 0.95 for r in runs),
+            "one_class": sum(r["majority_share"] > ONE_CLASS_SHARE for r in runs),
             "train_time_s": statistics.mean(r["train_time_s"] for r in runs)}
 
 
@@ -263,10 +320,10 @@ def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], se
     out = {}
     for domain, examples in evals.items():
         labels = [y for _, y in examples]
-        assert mixed[domain] == alone[domain], f"{domain}: mixed-batch predictions differ from the adapter alone"
         out[domain] = {"accuracy_mixed": sum(p == y for p, y in zip(mixed[domain], labels)) / len(labels),
                        "accuracy_alone": sum(p == y for p, y in zip(alone[domain], labels)) / len(labels),
-                       "predictions_equal": True,
+                       "predictions_equal": mixed[domain] == alone[domain],
+                       "predictions_differing": sum(p != q for p, q in zip(mixed[domain], alone[domain])),
                        "agreement_with_training_eval": sum(p == q for p, q in zip(alone[domain], train_predictions[domain])) / len(labels)}
     return {"method": SERVED, "adapters": len(adapters), "rows": len(mixed_rows), "batch": 32, "mixed_time_s": mixed_time, "domains": out}
 
@@ -311,7 +368,7 @@ def resume_from_partial(payload: dict, out_dir: Path) -> int:
     return done
 
 
-def run(quick: bool, out_dir: Path | None = None) -> Path | None:
+def run(quick: bool, out_dir: Path | None = None, lr_from: Path | None = None) -> Path | None:
     if not (SST2 / "dev.tsv").is_file() or not AMAZON.is_dir():
         print(f"quality suite skipped: SST-2 or the Amazon reviews not found under {SHARED_DATA}")
         return None
@@ -320,11 +377,13 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
     quiet_transformers()
     started = time.perf_counter()
     sst2_train = read_tsv(SST2 / "train_full.tsv")
-    n_runs = len(METHODS) * (len(settings.sweep_lrs) + len(settings.seeds) * (1 + len(settings.domains)))
+    sweep = None if lr_from is None else sweep_from_grid(lr_from, settings)  # a bad file fails before any training
+    sweep_runs = 0 if sweep else len(METHODS) * len(settings.sweep_lrs) * len(settings.sweep_seeds)
+    n_runs = sweep_runs + len(METHODS) * len(settings.seeds) * (1 + len(settings.domains))
     import torch
 
     payload = {"quick": quick, "settings": {**asdict(settings), "scale": SCALE, "methods": {k: asdict(v) for k, v in METHODS.items()},
-                                            "torch_threads": torch.get_num_threads()}}
+                                            "recipe": recipe_defaults(), "torch_threads": torch.get_num_threads()}}
     data = {"sst2": (sst2_train, sample(read_tsv(SST2 / "dev.tsv"), settings.sst2_eval, 0), settings.sst2_steps)}
     for domain in settings.domains:
         data[domain] = (read_tsv(AMAZON / domain / "train.tsv"), sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
@@ -335,11 +394,11 @@ def run(quick: bool, out_dir: Path | None = None) -> Path | None:
     done = resume_from_partial(payload, out_dir)
     if done:
         print(f"resuming {out_dir / PARTIAL}: lr sweep and {done} seed round(s) already done")
-    with tqdm(total=n_runs, initial=done and len(METHODS) * (len(settings.sweep_lrs) + done * len(data)), desc="quality runs") as bar, \
+    with tqdm(total=n_runs, initial=done and sweep_runs + done * len(METHODS) * len(data), desc="quality runs") as bar, \
             ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
         if not done:
-            payload["lr_sweep"] = sweep_lr(settings, sst2_train, pool, bar)
-        lrs = {m: s["lr"] for m, s in payload["lr_sweep"].items()}
+            payload["lr_sweep"] = sweep or sweep_lr(settings, sst2_train, pool, bar)
+        lrs = payload["lr_sweep"]["lr"]
         for seed in settings.seeds[done:]:  # seed-major: a run stopped late keeps whole rounds of every task
             run_round(seed, tasks, data, lrs, settings, pool, bar, keep_root)
             payload["runtime_s"] = payload.get("runtime_before_resume_s", 0.0) + time.perf_counter() - started
@@ -373,9 +432,9 @@ def markdown(payload: dict, settings: Settings) -> str:
         amazon = [statistics.mean(tasks[d]["runs"][m][i]["accuracy"] for d in settings.domains) for i in range(len(settings.seeds))]
         amazon_cell = f"{pct(statistics.mean(amazon))} ± {pct(statistics.stdev(amazon))}" if len(amazon) > 1 else pct(amazon[0])
         time_per_run = statistics.mean(t["summary"][m]["train_time_s"] for t in tasks.values())
-        collapsed = sum(t["summary"][m]["collapsed"] for t in tasks.values())
-        lines.append(f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep'][m]['lr']:g} | " + " | ".join(cells)
-                     + f" | {amazon_cell} | {time_per_run:.1f} | {collapsed} |")
+        one_class = sum(t["summary"][m]["one_class"] for t in tasks.values())
+        lines.append(f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep']['lr'][m]:g} | " + " | ".join(cells)
+                     + f" | {amazon_cell} | {time_per_run:.1f} | {one_class} |")
     lines += ["", "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
               "One-class runs: > 95% of the eval predictions in one class, either a collapse (train loss back at ln 2 after "
               "having learned) or a run that has not left chance yet (its diagnostics in the JSON tell which).",
@@ -390,16 +449,23 @@ def markdown(payload: dict, settings: Settings) -> str:
 
     for key in payload["pooled_paired"]:
         lines.append(f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | {cell(payload['pooled_paired'][key])} |")
-    lines += ["", "lr sweep (held-out SST-2 training sentences, seed "
-              f"{settings.sweep_seed}, {settings.sweep_held_out} held out): accuracy % per lr", "",
-              "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " |", "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " |"]
-    for m, s in payload["lr_sweep"].items():
-        lines.append(f"| {m} | " + " | ".join(pct(s["scores"][f"{lr:g}"]["accuracy"]) for lr in settings.sweep_lrs) + " |")
+    sweep = payload["lr_sweep"]
+    lines += ["", f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, scored on those; "
+              f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs)", "",
+              "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " | chosen |",
+              "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " | --- |"]
+    for m in METHODS:
+        row = []
+        for lr in settings.sweep_lrs:
+            runs = [e for e in sweep["grid"] if e["method"] == m and e["lr"] == lr]
+            row.append(f"{pct(statistics.mean(e['accuracy'] for e in runs))} ({sum(e['one_class'] for e in runs)})" if runs else "–")
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {sweep['lr'][m]:g} |")
     serving = payload["serving"]
     lines += ["", f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed {settings.seeds[0]}) in one "
               f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, `use_adapters`, each row its own head):", "",
-              "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal |", "| --- | --- | --- | --- |"]
-    lines += [f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} |" for d, v in serving["domains"].items()]
+              "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal (differing) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} ({v['predictions_differing']}) |"
+              for d, v in serving["domains"].items()]
     lines += ["", "vLLM does not serve BERT encoders with LoRA adapters, so this check uses the eager runtime only."]
     return "\n".join(lines)
 

@@ -1,101 +1,194 @@
-"""SORA training stability: first-order vs Cayley rotation over an lr sweep and several seeds.
+"""Training stability: the recipe sweep that chose training/recipe.py's defaults, and the lr x seed grid.
 
-    python -m benchmarks.quality_stability [--quick] [--out DIR]
+    python -m benchmarks.quality_stability [--quick] [--part recipe|grid|all] [--out DIR]
 
-SST-2 training set minus a held-out part (the quality suite's lr-sweep split), all-MiniLM-L6-v2,
-SORA r = 6, r_p = 2 on query/value with the quality suite's protocol. A run counts as collapsed
-when one class takes > 95% of the held-out predictions (the issue's failure: every prediction
-the same class, train loss stuck at ln 2). Diagnostics are the max over training and layers of
-|K|_2, |R^T R - I|_2 and |C|_F + |D|_F (training/diagnostics.py).
+Both train all-MiniLM-L6-v2 on SST-2's training set minus 500 held-out sentences and score on those
+(the quality suite's lr-sweep split; never the dev set), with the quality suite's matched budgets.
+
+- recipe: Pre-Diag and both SORA rotations at lr 5e-3 and 1e-2 with the d and C/D learning rates at
+  lr * scale, scale in {1 (the paper's single lr), 0.3, 0.1, 0.03}, 3 seeds. The chosen scale has
+  no one-class run, then the best mean held-out accuracy.
+- grid: the five methods x lr {1e-3, 2e-3, 5e-3, 1e-2} x 5 seeds with the default recipe. The
+  quality suite picks each method's lr from it (`--lr-from`).
+
+A run is one-class when one class takes > 95% of the held-out predictions: a collapse (train loss
+back at ln 2) or a run that has not left chance. Runs go in SORA_QUALITY_WORKERS processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .common import RESULTS, plt, save_suite
-from .quality import FULL, SST2, held_out_split, quiet_transformers, read_tsv, train_one
+from .quality import (FULL, METHODS, ONE_CLASS_SHARE, SST2, WORKERS_ENV, best_lrs, held_out_split, lr_grid, quiet_transformers, read_tsv,
+                      recipe_defaults, sweep_entry, train_all)
 
-ROTATIONS = ("sora_first_order", "sora_cayley")
-COLLAPSE_SHARE = 0.95
-DIAGNOSTICS = ("K_norm_max", "orth_error_max", "norm_C_plus_D_max", "norm_C_minus_D_max")
+RECIPE_METHODS = ("prediag", "sora_first_order", "sora_cayley")
+RECIPE_SCALES = (1.0, 0.3, 0.1, 0.03)
+FULL_PLAN = {"recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES},
+             "grid": {"lrs": (1e-3, 2e-3, 5e-3, 1e-2), "seeds": (100, 101, 102, 103, 104)}, "steps": 60, "held_out": 500}
+QUICK_PLAN = {"recipe": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0, 0.1)},
+              "grid": {"lrs": (1e-2,), "seeds": (100, 101)}, "steps": 4, "held_out": 48}
 
 
-def peak(run: dict, key: str) -> float:
-    return max(d[key] for d in run["diagnostics"])
+def recipe_sweep(plan: dict, sst2_train: list, settings, pool, bar) -> list[dict]:
+    held_out, train = held_out_split(sst2_train, settings.sweep_held_out)
+    jobs, scales = {}, {}
+    for scale in plan["scales"]:
+        recipe = {"single_lr": True} if scale == 1.0 else {"diag_lr_scale": scale, "rotation_lr_scale": scale}
+        for name in RECIPE_METHODS:
+            for lr in plan["lrs"]:
+                for seed in plan["seeds"]:
+                    label = f"recipe scale {scale:g} {name} lr {lr:g} seed {seed}"
+                    jobs[label] = dict(name=name, train=train, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=seed, recipe=recipe)
+                    scales[label] = scale
+    runs = train_all(jobs, settings, pool, bar)
+    return [{**sweep_entry(job["name"], runs[label]), "scale": scales[label]} for label, job in jobs.items()]
 
 
-def run(quick: bool, out_dir: Path | None = None) -> Path | None:
+def choose_scale(sweep: list[dict]) -> dict:
+    """Fewest one-class runs, then the best mean held-out accuracy over methods, lrs and seeds."""
+    by_scale = {}
+    for e in sweep:
+        by_scale.setdefault(e["scale"], []).append(e)
+    score = {s: (sum(e["one_class"] for e in es), statistics.mean(e["accuracy"] for e in es)) for s, es in by_scale.items()}
+    best = min(score, key=lambda s: (score[s][0], -score[s][1]))
+    return {"scale": best, "per_scale": {f"{s:g}": {"one_class": n, "mean_accuracy": acc} for s, (n, acc) in score.items()}}
+
+
+def cells(rows: list[dict], key: str = "method") -> dict[tuple[str, float], list[dict]]:
+    out = {}
+    for e in rows:
+        out.setdefault((e[key], e["lr"]), []).append(e)
+    return out
+
+
+def grid_target(rows: list[dict]) -> dict:
+    """The issue's target: Pre-Diag and both SORAs have no one-class run in a cell where LoRA has
+    none, and never more than LoRA elsewhere."""
+    by_cell = cells(rows)
+    failures = []
+    for (method, lr), runs in by_cell.items():
+        if method in RECIPE_METHODS:
+            ours, lora = sum(e["one_class"] for e in runs), sum(e["one_class"] for e in by_cell[("lora", lr)])
+            if (lora == 0 and ours > 0) or ours > lora:
+                failures.append(f"{method} lr {lr:g}: {ours} one-class vs LoRA's {lora}")
+    return {"met": not failures, "failures": failures}
+
+
+def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | None:
     if not (SST2 / "train_full.tsv").is_file():
         print(f"stability suite skipped: SST-2 not found at {SST2}")
         return None
-    # full: 30 runs of 100 steps (~40 min on 2 shared cores): the upper half of issue 11's lr range, where
-    # training moves far enough in 100 steps to tell a collapse from a slow start (at 1e-3 it does not)
-    lrs, seeds, steps, held = ((1e-2,), (0, 1), 6, 64) if quick else ((2e-3, 5e-3, 1e-2), (0, 1, 2, 3, 4), 100, 200)
-    settings = replace(FULL, seeds=seeds, sst2_steps=steps)
+    plan = QUICK_PLAN if quick else FULL_PLAN
+    settings = replace(FULL, sst2_steps=plan["steps"], sweep_held_out=plan["held_out"], max_length=48 if quick else FULL.max_length)
     quiet_transformers()
-    held_out, train = held_out_split(read_tsv(SST2 / "train_full.tsv"), held)
+    sst2_train = read_tsv(SST2 / "train_full.tsv")
+    parts = ("recipe", "grid") if part == "all" else (part,)
+    n_runs = sum(len(plan[p]["lrs"]) * len(plan[p]["seeds"]) * (len(plan["recipe"]["scales"]) * len(RECIPE_METHODS) if p == "recipe" else len(METHODS))
+                 for p in parts)
+    workers = int(os.environ.get(WORKERS_ENV, "1"))
+    payload = {"quick": quick, "settings": {**asdict(settings), "methods": {k: asdict(v) for k, v in METHODS.items()}, "recipe": recipe_defaults(),
+                                            "plan": plan, "one_class_share": ONE_CLASS_SHARE, "workers": workers}}
     started = time.perf_counter()
-    results = {name: {} for name in ROTATIONS}
-    with tqdm(total=len(ROTATIONS) * len(lrs) * len(seeds), desc="stability runs") as bar:
-        for lr in lrs:
-            for seed in seeds:
-                for name in ROTATIONS:
-                    r = train_one(name, train, held_out, steps, lr, seed, settings)
-                    r.pop("predictions")
-                    r.update({k: peak(r, k) for k in DIAGNOSTICS}, collapsed=r["majority_share"] > COLLAPSE_SHARE)
-                    results[name].setdefault(f"{lr:g}", []).append(r)
-                    bar.update(1)
-                    bar.write(f"{name} lr {lr:g} seed {seed}: held-out accuracy {100 * r['accuracy']:.1f}, majority {r['majority_share']:.2f}, "
-                              f"max |K| {r['K_norm_max']:.2f}, max |R^T R - I| {r['orth_error_max']:.2e}")
-    payload = {"quick": quick, "settings": {"lrs": lrs, "seeds": seeds, "steps": steps, "held_out": held, "collapse_share": COLLAPSE_SHARE},
-               "results": results, "runtime_s": time.perf_counter() - started}
-    return save_suite("quality-stability", payload, markdown(payload), {"accuracy": figure(payload)}, out_dir)
+    with tqdm(total=n_runs, desc="stability runs") as bar, \
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
+        if "recipe" in parts:
+            payload["recipe_sweep"] = recipe_sweep(plan["recipe"], sst2_train, settings, pool, bar)
+            payload["recipe_choice"] = choose_scale(payload["recipe_sweep"])
+        if "grid" in parts:
+            payload["grid"] = lr_grid(METHODS, plan["grid"]["lrs"], plan["grid"]["seeds"], settings, sst2_train, pool, bar)
+            payload["grid_target"] = grid_target(payload["grid"])
+            payload["best_lr"] = best_lrs(payload["grid"])
+    payload["runtime_s"] = time.perf_counter() - started
+    figures = {}
+    if "grid" in payload:
+        figures["grid"] = heat_map(payload["grid"], "method", "one-class runs per cell (of {n})\nand mean held-out accuracy %")
+    if "recipe_sweep" in payload:
+        figures["recipe"] = heat_map([{**e, "method": f"{e['method']} × {e['scale']:g}"} for e in payload["recipe_sweep"]], "method",
+                                     "recipe sweep (method × lr scale of d, C, D)\none-class runs (of {n}) and mean held-out accuracy %")
+    return save_suite("quality-stability-recipe" if part == "recipe" else "quality-stability", payload, markdown(payload), figures, out_dir)
 
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = [f"SORA r = 6, r_p = 2 (query/value), s = 2, {s['steps']} steps, batch 16, seeds {list(s['seeds'])}; held-out: {s['held_out']} "
-             f"SST-2 training sentences. Collapsed: one class > {100 * s['collapse_share']:.0f}% of held-out predictions. "
-             f"Runtime {payload['runtime_s'] / 60:.1f} min.", "",
-             "| rotation | lr | held-out accuracy % (mean ± std, min) | collapsed | final train loss (max) | max |K|_2 | max |R^T R - I|_2 | max |C|+|D| |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, by_lr in payload["results"].items():
-        for lr, runs in by_lr.items():
-            accs = [100 * r["accuracy"] for r in runs]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"| {name} | {lr} | {statistics.mean(accs):.2f} ± {std:.2f}, {min(accs):.2f} | {sum(r['collapsed'] for r in runs)}/{len(runs)} | "
-                         f"{max(r['final_train_loss'] for r in runs):.3f} | {max(r['K_norm_max'] for r in runs):.2f} | "
-                         f"{max(r['orth_error_max'] for r in runs):.2e} | {max(r['norm_C_plus_D_max'] for r in runs):.2f} |")
+    lines = [f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on {s['plan']['held_out']} held-out training "
+             f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime {payload['runtime_s'] / 60:.1f} min, "
+             f"{s['workers']} worker(s)."]
+    if "recipe_sweep" in payload:
+        choice = payload["recipe_choice"]
+        lines += ["", "## Recipe sweep (d and C/D at lr × scale; scale 1 is the paper's single lr)", "",
+                  "| method | lr | " + " | ".join(f"scale {k}" for k in choice["per_scale"]) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in choice["per_scale"]) + " |"]
+        by = cells(payload["recipe_sweep"])
+        for method in RECIPE_METHODS:
+            for lr in s["plan"]["recipe"]["lrs"]:
+                row = []
+                for scale in choice["per_scale"]:
+                    runs = [e for e in by.get((method, lr), []) if f"{e['scale']:g}" == scale]
+                    row.append(f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} ({sum(e['one_class'] for e in runs)} one-class)")
+                lines.append(f"| {method} | {lr:g} | " + " | ".join(row) + " |")
+        lines += ["", "Per scale, all methods, lrs and seeds: " + "; ".join(
+            f"{k}: {v['one_class']} one-class, mean {100 * v['mean_accuracy']:.2f}%" for k, v in choice["per_scale"].items())
+                  + f". Chosen: **{choice['scale']:g}**."]
+    if "grid" in payload:
+        by = cells(payload["grid"])
+        lrs = s["plan"]["grid"]["lrs"]
+        lines += ["", "## lr × seed grid (default recipe)", "", "Held-out accuracy %, mean ± std over seeds (one-class runs):", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |", "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
+        for method in dict.fromkeys(e["method"] for e in payload["grid"]):
+            row = []
+            for lr in lrs:
+                accs = [100 * e["accuracy"] for e in by[(method, lr)]]
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                row.append(f"{statistics.mean(accs):.1f} ± {std:.1f} ({sum(e['one_class'] for e in by[(method, lr)])})")
+            lines.append(f"| {method} | " + " | ".join(row) + f" | {payload['best_lr'][method]:g} |")
+        target = payload["grid_target"]
+        lines += ["", "Target (Pre-Diag and both SORAs: no one-class run where LoRA has none, never more than LoRA): "
+                  + ("**met**" if target["met"] else "**not met**: " + "; ".join(target["failures"]))]
     return "\n".join(lines)
 
 
-def figure(payload: dict) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, by_lr in payload["results"].items():
-        for lr, runs in by_lr.items():
-            ax.scatter([float(lr)] * len(runs), [100 * r["accuracy"] for r in runs], label=name if lr == next(iter(by_lr)) else None,
-                       marker="o" if name == ROTATIONS[0] else "x", color="#c44e52" if name == ROTATIONS[0] else "#4c72b0")
-    ax.set_xscale("log")
+def heat_map(rows: list[dict], key: str, title: str) -> plt.Figure:
+    """Rows: methods; columns: lrs; colour: one-class runs in the cell; text: count and mean accuracy."""
+    by = cells(rows, key)
+    names = list(dict.fromkeys(e[key] for e in rows))
+    lrs = sorted({e["lr"] for e in rows})
+    counts = [[sum(e["one_class"] for e in by.get((n, lr), [])) for lr in lrs] for n in names]
+    n = max(len(v) for v in by.values())
+    fig, ax = plt.subplots(figsize=(max(5.5, 3 + 1.4 * len(lrs)), 1.4 + 0.45 * len(names)))
+    image = ax.imshow(counts, cmap="Reds", vmin=0, vmax=n, aspect="auto")
+    for i, name in enumerate(names):
+        for j, lr in enumerate(lrs):
+            runs = by.get((name, lr), [])
+            if runs:
+                acc = 100 * statistics.mean(e["accuracy"] for e in runs)
+                ax.text(j, i, f"{counts[i][j]}/{len(runs)}\n{acc:.1f}%", ha="center", va="center", fontsize=8,
+                        color="white" if counts[i][j] > n / 2 else "black")
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("held-out accuracy (%), one point per seed")
-    ax.set_title("SORA: first-order vs Cayley rotation")
-    ax.legend()
+    ax.set_title(title.format(n=n), fontsize=9)
+    fig.colorbar(image, ax=ax, label="one-class runs", ticks=range(n + 1))
     return fig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_stability", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one lr, two seeds, a few steps (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="one lr, one or two seeds, a few steps (a smoke run)")
+    parser.add_argument("--part", choices=("recipe", "grid", "all"), default="all", help="which study to run (default: both)")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS})")
     args = parser.parse_args()
-    run(args.quick, args.out)
+    run(args.quick, args.part, args.out)
 
 
 if __name__ == "__main__":

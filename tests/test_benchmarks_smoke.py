@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from benchmarks.quality import FULL, METHODS, sweep_from_grid
+from sora_serve.errors import AdapterError
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,7 +36,7 @@ def test_training_suite(tmp_path):
 def test_quality_suite(tmp_path, sst2_dir):
     data = run_suite("quality", tmp_path)
     methods = {"lora", "dora", "prediag", "sora_first_order", "sora_cayley"}
-    assert set(data["tasks"]) == {"sst2", "books", "airline"} and set(data["lr_sweep"]) == methods
+    assert set(data["tasks"]) == {"sst2", "books", "airline"} and set(data["lr_sweep"]["lr"]) == methods
     for task in data["tasks"].values():
         assert set(task["runs"]) == methods and all(len(runs) == 2 for runs in task["runs"].values())
         assert len({runs[0]["trainable_params"] for runs in task["runs"].values()}) == 1  # matched budgets
@@ -46,13 +49,19 @@ def test_quality_suite(tmp_path, sst2_dir):
 
 
 @pytest.mark.slow
-def test_quality_stability_suite(tmp_path, sst2_dir):
+def test_quality_stability_suite_and_the_quality_suite_reading_its_grid(tmp_path, sst2_dir):
     subprocess.run([sys.executable, "-m", "benchmarks.quality_stability", "--quick", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
     data = json.loads((tmp_path / "quality-stability-latest.json").read_text())
-    assert set(data["results"]) == {"sora_first_order", "sora_cayley"}
-    runs = data["results"]["sora_cayley"]["0.01"]
-    assert len(runs) == 2 and all(r["orth_error_max"] < 1e-9 and r["K_norm_max"] > 0 for r in runs)
-    assert all(r["orth_error_max"] > 0 for r in data["results"]["sora_first_order"]["0.01"])  # I + K is never exactly orthogonal once K != 0
+    assert {(e["method"], e["seed"]) for e in data["grid"]} == {(m, s) for m in METHODS for s in (100, 101)}
+    assert all(set(e) >= {"method", "lr", "seed", "accuracy", "majority_share"} for e in data["grid"])
+    cayley = [e for e in data["recipe_sweep"] if e["method"] == "sora_cayley"]
+    assert {e["scale"] for e in cayley} == {1.0, 0.1} and all(e["orth_error_max"] < 1e-9 and e["K_norm_max"] > 0 for e in cayley)
+    lrs = {e["scale"]: {g["role"]: g["lr"] for g in e["param_groups"]} for e in cayley}
+    assert lrs[1.0]["rotation"] == lrs[1.0]["lowrank"] and lrs[0.1]["rotation"] == pytest.approx(0.1 * lrs[0.1]["lowrank"])
+    assert data["recipe_choice"]["scale"] in (1.0, 0.1) and set(data["best_lr"]) == set(METHODS)
+    assert (tmp_path / "quality-stability-latest-grid.png").stat().st_size > 0
+    with pytest.raises(AdapterError, match="settings.sst2_steps"):  # the quick grid is not the full suite's protocol
+        sweep_from_grid(tmp_path / "quality-stability-latest.json", FULL)
 
 
 @pytest.mark.slow

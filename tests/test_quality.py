@@ -7,7 +7,8 @@ from dataclasses import asdict
 
 import pytest
 
-from benchmarks.quality import METHODS, PARTIAL, QUICK, paired, resume_from_partial
+from benchmarks.quality import FULL, METHODS, PARTIAL, QUICK, paired, recipe_defaults, resume_from_partial, sweep_from_grid
+from sora_serve.errors import AdapterError
 
 
 def test_paired_comparison_counts_signs_and_tests():
@@ -21,7 +22,7 @@ def test_paired_comparison_counts_signs_and_tests():
 
 def partial_payload(settings: dict, rounds: dict[str, int]) -> dict:
     runs = {m: [{"seed": s, "accuracy": 0.5} for s in range(rounds.get(m, 2))] for m in METHODS}
-    return {"quick": True, "settings": settings, "lr_sweep": {m: {"lr": 1e-3} for m in METHODS}, "runtime_s": 100.0,
+    return {"quick": True, "settings": settings, "lr_sweep": {"lr": {m: 1e-3 for m in METHODS}}, "runtime_s": 100.0,
             "tasks": {t: {"runs": runs} for t in ("sst2", *QUICK.domains)}}
 
 
@@ -38,9 +39,41 @@ def test_resume_takes_complete_rounds_only_with_the_same_settings(tmp_path):
     payload = fresh_payload(settings)
     assert resume_from_partial(payload, tmp_path) == 1
     assert all(len(runs) == 1 for task in payload["tasks"].values() for runs in task["runs"].values())
-    assert payload["runtime_before_resume_s"] == 100.0 and payload["lr_sweep"]["dora"]["lr"] == 1e-3
+    assert payload["runtime_before_resume_s"] == 100.0 and payload["lr_sweep"]["lr"]["dora"] == 1e-3
 
     other = fresh_payload({**settings, "amazon_steps": 99})  # different settings: start afresh
     assert resume_from_partial(other, tmp_path) == 0 and "lr_sweep" not in other
     (tmp_path / "quality-adapters" / "books" / "head.safetensors").unlink()  # the serving check's adapters are gone
     assert resume_from_partial(fresh_payload(settings), tmp_path) == 0
+
+
+def grid_file(tmp_path, settings: dict, seeds=(100, 101, 102)) -> str:
+    """A stability grid where every method is best at lr 2e-3 on average, though 5e-3 wins one seed."""
+    grid = [{"method": m, "lr": lr, "seed": s, "eval_loss": 0.5, "one_class": False,
+             "accuracy": {2e-3: 0.80, 5e-3: 0.90 if s == seeds[0] else 0.70}[lr]} for m in METHODS for lr in (2e-3, 5e-3) for s in seeds]
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"grid": grid, "settings": settings}))
+    return path
+
+
+def full_settings() -> dict:
+    return {**asdict(FULL), "methods": {k: asdict(v) for k, v in METHODS.items()}, "recipe": recipe_defaults()}
+
+
+def test_lr_from_a_grid_takes_the_best_mean_over_seeds(tmp_path):
+    sweep = sweep_from_grid(grid_file(tmp_path, full_settings()), FULL)
+    assert sweep["lr"] == {m: 2e-3 for m in METHODS} and sweep["seeds"] == [100, 101, 102]
+
+
+@pytest.mark.parametrize("field, value", [("sst2_steps", 100), ("sweep_held_out", 200), ("recipe", {"single_lr": True})])
+def test_lr_from_a_grid_with_another_protocol_is_refused_naming_the_field(tmp_path, field, value):
+    with pytest.raises(AdapterError, match=f"settings.{field}"):
+        sweep_from_grid(grid_file(tmp_path, {**full_settings(), field: value}), FULL)
+
+
+def test_lr_from_a_grid_needs_three_seeds_apart_from_the_suites(tmp_path):
+    for seeds in ((100, 101), (0, 100, 101)):
+        with pytest.raises(AdapterError, match="at least 3 sweep seeds"):
+            sweep_from_grid(grid_file(tmp_path, full_settings(), seeds), FULL)
+    with pytest.raises(AdapterError, match="not a stability grid"):
+        sweep_from_grid(tmp_path / "missing.json", FULL)

@@ -6,6 +6,7 @@ import argparse
 
 from sora_serve.config import METHODS, ROTATIONS
 
+from .recipe import Recipe
 from .train import TASKS, TrainConfig, train_adapter
 
 
@@ -41,7 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="optimizer steps")
     length.add_argument("--epochs", type=positive_float, default=1.0, help="epochs over --data (default 1)")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="base learning rate (default 1e-3)")
+    parser.add_argument("--diag-lr-scale", type=positive_float, default=Recipe.diag_lr_scale,
+                        help=f"pre-diag/sora: the diagonal d trains at lr times this (default {Recipe.diag_lr_scale:g})")
+    parser.add_argument("--rotation-lr-scale", type=positive_float, default=Recipe.rotation_lr_scale,
+                        help=f"sora: the rotation's C and D train at lr times this (default {Recipe.rotation_lr_scale:g})")
+    parser.add_argument("--single-lr", action="store_true",
+                        help="every parameter at --lr, as the paper's code trains (ignores the two scales above)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-length", type=positive_int, default=64, help="tokens per example (default 64)")
     parser.add_argument("--seed", type=int, default=0)
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
         r=args.r, lora_alpha=args.alpha, r_p=args.r_p, s0=args.s0, rotation=args.rotation, target_modules=targets,
         steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, force=args.force, device=args.device, recompute_base=args.recompute_base,
+        diag_lr_scale=args.diag_lr_scale, rotation_lr_scale=args.rotation_lr_scale, single_lr=args.single_lr,
     )
     metrics = train_adapter(cfg)
     before, after = metrics["eval_before"], metrics["eval_after"]

@@ -9,8 +9,8 @@ Seeds: `seed` fixes the data order and the classification head's init, identical
 method (a paired comparison across methods sees the same batches and head); the adapter's own
 init and dropout masks draw from a stream of (seed, method), so two methods never share a draw by
 accident (LoRA and DoRA would otherwise start from the same A and follow the same path).
-Weight decay applies to matrices only: DoRA's m and Pre-Diag/SORA's d start at non-zero values
-(row norms, ones) and decay would pull them toward 0, not toward their init.
+The optimizer is `training/recipe.py`'s: AdamW with a learning rate per parameter role (Pre-Diag/SORA's
+d and SORA's rotation at a fraction of lr), weight decay on matrices only.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from sora_serve.io import write_adapter_files
 
 from .data import Example, load_examples
 from .diagnostics import adapter_diagnostics, magnitude_snapshot
+from .recipe import Recipe, recipe_optimizer
 
 TASKS = ("causal-lm", "seq-cls")
 HEAD_FILE = "head.safetensors"
@@ -69,6 +70,9 @@ class TrainConfig:
     max_length: int = 64
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01  # AdamW, on matrices only (never on biases, m or d)
+    diag_lr_scale: float = Recipe.diag_lr_scale  # Pre-Diag/SORA d at lr * this (training/recipe.py)
+    rotation_lr_scale: float = Recipe.rotation_lr_scale  # SORA C, D at lr * this
+    single_lr: bool = False  # the paper's code: every parameter at lr
     seed: int = 0
     force: bool = False
     eval_fraction: float = 0.1  # held out from `data` when no eval_data is given
@@ -83,6 +87,9 @@ class TrainConfig:
             method=self.method, r=self.r, lora_alpha=self.lora_alpha, r_p=self.r_p, s0=self.s0,
             rotation=self.rotation, target_modules=self.target_modules,
         )
+
+    def recipe(self) -> Recipe:
+        return Recipe(diag_lr_scale=self.diag_lr_scale, rotation_lr_scale=self.rotation_lr_scale, single_lr=self.single_lr)
 
 
 def minilm_path() -> Path:
@@ -207,6 +214,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
     if cfg.task not in TASKS:
         raise AdapterError(f"unknown task {cfg.task!r}; expected one of {TASKS}", field="task")
     cfg.adapter_config()  # validates method, ranks, rotation before any work
+    recipe = cfg.recipe()
     if cfg.out is not None and Path(cfg.out).exists() and not cfg.force:
         raise AdapterError("output exists; pass --force to replace it", file=cfg.out)
     torch.manual_seed(cfg.seed)  # the head's init: the same for every method
@@ -224,7 +232,7 @@ def train_adapter(cfg: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = recipe_optimizer(model, cfg.lr, cfg.weight_decay, recipe)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     start = time.perf_counter()
     losses, step_times, diagnostics = train_loop(model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps)
@@ -235,6 +243,8 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "method": cfg.method,
         "task": cfg.task,
         "trainable_params": sum(p.numel() for p in params),
+        "param_groups": [{"role": g["role"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"], "params": sum(p.numel() for p in g["params"])}
+                         for g in optimizer.param_groups],
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": total_steps,
         "loss_curve": losses,
@@ -265,16 +275,6 @@ def config_record(cfg: TrainConfig) -> dict:
 def adapter_seed(seed: int, method: str) -> int:
     """A per-(seed, method) torch seed: a stable hash, not Python's salted hash()."""
     return zlib.crc32(f"{method}:{seed}".encode())
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: biases, DoRA's m and d are 1-D and start at
-    non-zero values that decay would pull toward 0 instead of toward their init."""
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
 def peak_rss_mib() -> float:

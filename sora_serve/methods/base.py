@@ -77,6 +77,8 @@ class Adapter(nn.Module):
     """
 
     method: str = ""
+    # What each parameter is to an optimizer recipe (training/recipe.py gives each role its lr and decay).
+    param_roles: dict[str, str] = {"lora_A": "lowrank", "lora_B": "lowrank"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__()

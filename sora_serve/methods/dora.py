@@ -26,6 +26,7 @@ class DoRA(Adapter):
     """Magnitude-direction decomposition. Parameters: lora_A, lora_B, magnitude (out,)."""
 
     method = "dora"
+    param_roles = {**Adapter.param_roles, "magnitude": "magnitude"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig, weight: torch.Tensor):
         super().__init__(in_features, out_features, config)

@@ -18,6 +18,7 @@ class PreDiag(Adapter):
     """Parameters: lora_A (r x in), lora_B (out x r, init 0), d (out, init 1)."""
 
     method = "prediag"
+    param_roles = {**Adapter.param_roles, "d": "diag"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__(in_features, out_features, config)

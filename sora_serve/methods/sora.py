@@ -72,6 +72,7 @@ class SORA(PreDiag):
     """
 
     method = "sora"
+    param_roles = {**PreDiag.param_roles, "sora_C": "rotation", "sora_D": "rotation"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__(in_features, out_features, config)
