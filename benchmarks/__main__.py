@@ -14,14 +14,30 @@ def main() -> None:
     parser.add_argument("suite", choices=[*SUITES, "all", "readme"])
     parser.add_argument("--quick", action="store_true", help="small settings (each suite < 5 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default ./results)")
-    parser.add_argument("--shape", choices=["small", "realistic"], default=None,
-                        help="serving suite only: model shape (default: realistic, small with --quick)")
-    parser.add_argument("--resume", type=Path, default=None, metavar="FILE",
-                        help="serving suite only: reuse the finished sections saved in FILE (serving-sections-*.json) by a cut-off run")
-    parser.add_argument("--device", default="cpu", help="training suite only: torch device to train on, e.g. cuda (default cpu)")
-    parser.add_argument("--lr-from", type=Path, default=None, metavar="FILE",
-                        help="quality suite only: each method's lr from a stability grid (quality-stability*.json) run with the "
-                             "same split, steps and recipe, instead of the suite's own sweep")
+    parser.add_argument(
+        "--shape",
+        choices=["small", "realistic"],
+        default=None,
+        help="serving suite only: model shape (default: realistic, small with --quick)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="serving suite only: reuse the finished sections saved in FILE (serving-sections-*.json) by a cut-off run",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="training suite only: torch device to train on, e.g. cuda (default cpu)"
+    )
+    parser.add_argument(
+        "--lr-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="quality suite only: each method's lr from a stability grid (quality-stability*.json) run with the "
+        "same split, steps and recipe, instead of the suite's own sweep",
+    )
     args = parser.parse_args()
     if args.suite == "readme":
         from .readme import print_headline
@@ -29,8 +45,11 @@ def main() -> None:
         print_headline(args.out)
         return
     for suite in SUITES if args.suite == "all" else (args.suite,):
-        options = {"training": {"device": args.device}, "serving": {"shape": args.shape, "resume": args.resume},
-                   "quality": {"lr_from": args.lr_from}}.get(suite, {})
+        options = {
+            "training": {"device": args.device},
+            "serving": {"shape": args.shape, "resume": args.resume},
+            "quality": {"lr_from": args.lr_from},
+        }.get(suite, {})
         importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out, **options)
 
 

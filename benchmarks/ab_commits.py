@@ -29,7 +29,9 @@ def medians(result: dict) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("other", type=Path, help="another checkout of this repository (e.g. a git worktree at an older commit)")
+    parser.add_argument(
+        "other", type=Path, help="another checkout of this repository (e.g. a git worktree at an older commit)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/serving-ab.json"))
     args = parser.parse_args()
     shape = resolve_dtype(SHAPES["realistic"])
@@ -40,12 +42,39 @@ def main() -> None:
 
     def engine(checkout: Path, plugin: bool = True) -> dict[str, float]:
         adapters, scenarios = (dirs, SCENARIOS) if plugin else ({"lora": dirs["lora"]}, SCENARIOS[:1])
-        return medians(vllm_engine(work, shape, base, adapters, scenarios, 3, plugin=plugin, max_loras=4, max_cpu_loras=8, checkout=checkout))
+        return medians(
+            vllm_engine(
+                work,
+                shape,
+                base,
+                adapters,
+                scenarios,
+                3,
+                plugin=plugin,
+                max_loras=4,
+                max_cpu_loras=8,
+                checkout=checkout,
+            )
+        )
 
-    results = {"other plugin": engine(args.other.resolve()), "this plugin": engine(HERE), "stock": engine(HERE, plugin=False)}
-    ratios = {f"{k} LoRA / stock LoRA": results[k]["LoRA b8"] / results["stock"]["LoRA b8"] for k in ("other plugin", "this plugin")}
-    ratios |= {f"{k} SORA / LoRA": results[k]["SORA b8"] / results[k]["LoRA b8"] for k in ("other plugin", "this plugin")}
-    payload = {"timestamp": time.strftime("%Y%m%d-%H%M%S"), "other": str(args.other), "tok_per_s": results, "ratios": ratios}
+    results = {
+        "other plugin": engine(args.other.resolve()),
+        "this plugin": engine(HERE),
+        "stock": engine(HERE, plugin=False),
+    }
+    ratios = {
+        f"{k} LoRA / stock LoRA": results[k]["LoRA b8"] / results["stock"]["LoRA b8"]
+        for k in ("other plugin", "this plugin")
+    }
+    ratios |= {
+        f"{k} SORA / LoRA": results[k]["SORA b8"] / results[k]["LoRA b8"] for k in ("other plugin", "this plugin")
+    }
+    payload = {
+        "timestamp": time.strftime("%Y%m%d-%H%M%S"),
+        "other": str(args.other),
+        "tok_per_s": results,
+        "ratios": ratios,
+    }
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(json.dumps(payload, indent=1))
 

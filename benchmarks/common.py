@@ -23,14 +23,32 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     for name in ("peft", "vllm", "onnxruntime"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    mem = next((int(l.split()[1]) // 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), None)
+    mem = next(
+        (
+            int(line.split()[1]) // 1024
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        None,
+    )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_mib": mem, "gpu": gpu, "versions": versions}
 
@@ -41,7 +59,13 @@ def stats(samples: list[float]) -> dict:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
-    return {"median": statistics.median(ordered), "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered), "samples": samples}
+    return {
+        "median": statistics.median(ordered),
+        "p10": pct(0.1),
+        "p90": pct(0.9),
+        "n": len(ordered),
+        "samples": samples,
+    }
 
 
 @dataclass
@@ -70,7 +94,9 @@ def markdown_targets(targets: list[Target]) -> str:
     return "\n".join(lines + [t.row() for t in targets])
 
 
-def save_suite(suite: str, payload: dict, markdown: str, figures: dict[str, plt.Figure], out_dir: Path | None = None) -> Path:
+def save_suite(
+    suite: str, payload: dict, markdown: str, figures: dict[str, plt.Figure], out_dir: Path | None = None
+) -> Path:
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -92,7 +118,9 @@ def save_suite(suite: str, payload: dict, markdown: str, figures: dict[str, plt.
     return Path(f"{base}.json")
 
 
-def bar_chart(title: str, labels: list[str], values: list[float], errors: tuple[list[float], list[float]] | None, ylabel: str) -> plt.Figure:
+def bar_chart(
+    title: str, labels: list[str], values: list[float], errors: tuple[list[float], list[float]] | None, ylabel: str
+) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
     ax.bar(labels, values, yerr=errors, capsize=4, color="#4c72b0", label="median (p10-p90)")
     ax.set_title(title)

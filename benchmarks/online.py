@@ -56,7 +56,12 @@ def workload(plan: LoadPlan, rate: float, names: list[str], vocab: int) -> list[
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     choices = [*names, BASE_NAME]
     return [
-        Request(float(t), choices[rng.integers(len(choices))], rng.integers(1, vocab, rng.integers(plan.prompt_len[0], plan.prompt_len[1] + 1)).tolist(), int(rng.integers(plan.output_len[0], plan.output_len[1] + 1)))
+        Request(
+            float(t),
+            choices[rng.integers(len(choices))],
+            rng.integers(1, vocab, rng.integers(plan.prompt_len[0], plan.prompt_len[1] + 1)).tolist(),
+            int(rng.integers(plan.output_len[0], plan.output_len[1] + 1)),
+        )
         for t in arrivals
     ]
 
@@ -68,7 +73,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str, log_path: Path, timeout: float = 600) -> Iterator[tuple[str, float]]:
+def served(
+    model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str, log_path: Path, timeout: float = 600
+) -> Iterator[tuple[str, float]]:
     """`sora-serve serve` in its own process group, its CPU cache holding every adapter; yields
     (url, seconds until /health answered).
     Stopping sends SIGTERM to the group (vLLM shuts down cleanly), then SIGKILL to what is left."""
@@ -77,13 +84,38 @@ def served(model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str,
 
     port = free_port()
     command = [
-        sys.executable, "-m", "sora_serve.cli", "serve", "--model", str(model), "--port", str(port), "--max-loras", str(max_loras), "--max-cpu-loras", str(len(adapters) + max_loras), "--dtype", dtype,
-        "--max-model-len", "512", *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")],
-        "--", "--served-model-name", BASE_NAME, "--max-num-seqs", "64",
+        sys.executable,
+        "-m",
+        "sora_serve.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-loras",
+        str(max_loras),
+        "--max-cpu-loras",
+        str(len(adapters) + max_loras),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        "512",
+        *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")],
+        "--",
+        "--served-model-name",
+        BASE_NAME,
+        "--max-num-seqs",
+        "64",
     ]
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -106,12 +138,21 @@ def served(model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str,
             process.wait(timeout=10)
 
 
-async def stream_one(session: aiohttp.ClientSession, url: str, request: Request, start: float, bound: asyncio.Semaphore) -> dict:
+async def stream_one(
+    session: aiohttp.ClientSession, url: str, request: Request, start: float, bound: asyncio.Semaphore
+) -> dict:
     """One streamed completion; times count from the request's scheduled arrival."""
     await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
     scheduled = start + request.arrival_s
-    payload = {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
-               "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     token_times, tokens, error = [], None, None
     try:
         async with bound, session.post(f"{url}/v1/completions", json=payload) as response:
@@ -121,7 +162,7 @@ async def stream_one(session: aiohttp.ClientSession, url: str, request: Request,
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     token_times.append(time.perf_counter())
                 if chunk.get("usage"):
@@ -133,8 +174,12 @@ async def stream_one(session: aiohttp.ClientSession, url: str, request: Request,
     if error is not None or not token_times:
         return {"model": request.model, "error": error or "no tokens streamed"}
     return {
-        "model": request.model, "prompt_len": len(request.prompt), "output_len": tokens, "ttft_s": token_times[0] - scheduled,
-        "tpot_s": (token_times[-1] - token_times[0]) / max(1, tokens - 1), "latency_s": token_times[-1] - scheduled,
+        "model": request.model,
+        "prompt_len": len(request.prompt),
+        "output_len": tokens,
+        "ttft_s": token_times[0] - scheduled,
+        "tpot_s": (token_times[-1] - token_times[0]) / max(1, tokens - 1),
+        "latency_s": token_times[-1] - scheduled,
     }
 
 
@@ -149,11 +194,22 @@ async def run_load(url: str, requests: list[Request], max_in_flight: int) -> tup
 
 def summarize(results: list[dict], wall_s: float, rate: float) -> dict:
     ok = [r for r in results if "error" not in r]
-    percentiles = lambda key: {f"p{p}": float(np.percentile([r[key] for r in ok], p)) for p in (50, 90, 99)} if ok else None  # noqa: E731
+
+    def percentiles(key: str) -> dict | None:
+        return {f"p{p}": float(np.percentile([r[key] for r in ok], p)) for p in (50, 90, 99)} if ok else None
+
     return {
-        "rate": rate, "requests": len(results), "errors": len(results) - len(ok), "error_messages": sorted({r["error"] for r in results if "error" in r})[:5],
-        "wall_s": wall_s, "request_throughput": len(ok) / wall_s, "output_tok_per_s": sum(r["output_len"] for r in ok) / wall_s,
-        "ttft_s": percentiles("ttft_s"), "tpot_s": percentiles("tpot_s"), "latency_s": percentiles("latency_s"), "samples": results,
+        "rate": rate,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "error_messages": sorted({r["error"] for r in results if "error" in r})[:5],
+        "wall_s": wall_s,
+        "request_throughput": len(ok) / wall_s,
+        "output_tok_per_s": sum(r["output_len"] for r in ok) / wall_s,
+        "ttft_s": percentiles("ttft_s"),
+        "tpot_s": percentiles("tpot_s"),
+        "latency_s": percentiles("latency_s"),
+        "samples": results,
     }
 
 
@@ -176,20 +232,42 @@ def max_rate_within_slo(rows: list[dict], slo_s: float) -> float | None:
     return best
 
 
-def run_online(model: Path, sets: dict[str, dict[str, str]], plan: LoadPlan, *, max_loras: int, dtype: str, vocab: int, log_dir: Path) -> dict:
+def run_online(
+    model: Path,
+    sets: dict[str, dict[str, str]],
+    plan: LoadPlan,
+    *,
+    max_loras: int,
+    dtype: str,
+    vocab: int,
+    log_dir: Path,
+) -> dict:
     """Every adapter set against one server (all sets' adapters registered; each set fits the
     slots, so a set's timing starts with its adapters resident), every rate in turn."""
     adapters = {name: path for members in sets.values() for name, path in members.items()}
-    out = {"plan": asdict(plan), "max_loras": max_loras, "sets": {name: sorted(members) for name, members in sets.items()}, "results": {}}
-    with served(model, adapters, max_loras=max_loras, dtype=dtype, log_path=log_dir / "online-server.log") as (url, started_s):
+    out = {
+        "plan": asdict(plan),
+        "max_loras": max_loras,
+        "sets": {name: sorted(members) for name, members in sets.items()},
+        "results": {},
+    }
+    with served(model, adapters, max_loras=max_loras, dtype=dtype, log_path=log_dir / "online-server.log") as (
+        url,
+        started_s,
+    ):
         out["server_start_s"] = started_s
         for set_name, members in sets.items():
             warm_up(url, list(members), vocab)
             rows = []
             for rate in tqdm(plan.rates, desc=f"online load, {set_name}", leave=False):
-                results, wall = asyncio.run(run_load(url, workload(plan, rate, list(members), vocab), plan.max_in_flight))
+                results, wall = asyncio.run(
+                    run_load(url, workload(plan, rate, list(members), vocab), plan.max_in_flight)
+                )
                 rows.append(summarize(results, wall, rate))
-            out["results"][set_name] = {"rates": rows, "max_rate_within_slo": max_rate_within_slo(rows, plan.ttft_slo_s)}
+            out["results"][set_name] = {
+                "rates": rows,
+                "max_rate_within_slo": max_rate_within_slo(rows, plan.ttft_slo_s),
+            }
     return out
 
 
@@ -203,7 +281,9 @@ def latency_plot(online: dict):
         rates = [r["rate"] for r in rows]
         for ax, key in ((ttft, "ttft_s"), (tpot, "tpot_s")):
             ax.plot(rates, [r[key]["p50"] for r in rows], marker="o", color=colour, label=f"{set_name} p50")
-            ax.plot(rates, [r[key]["p90"] for r in rows], marker="^", linestyle="--", color=colour, label=f"{set_name} p90")
+            ax.plot(
+                rates, [r[key]["p90"] for r in rows], marker="^", linestyle="--", color=colour, label=f"{set_name} p90"
+            )
     ttft.axhline(online["plan"]["ttft_slo_s"], color="grey", linestyle=":", label="SLO (TTFT p90)")
     ttft.set_ylabel("time to first token (s)")
     tpot.set_ylabel("time per output token (s)")
@@ -218,11 +298,13 @@ def latency_plot(online: dict):
 def markdown(online: dict) -> list[str]:
     plan = online["plan"]
     md = [
-        "## Online load (sora-serve serve over HTTP)", "",
+        "## Online load (sora-serve serve over HTTP)",
+        "",
         f"One server on 127.0.0.1 (`--max-loras {online['max_loras']}`, started in {online['server_start_s']:.0f} s), a bounded asyncio "
         f"client (aiohttp, at most {plan['max_in_flight']} open requests), Poisson arrivals, {plan['requests_per_rate']} streamed requests per rate; "
         f"prompt length uniform in {plan['prompt_len']}, output length uniform in {plan['output_len']} tokens (ignore_eos); each request names one "
-        f"adapter of the set or the base with equal probability (seed {plan['seed']}). SLO: TTFT p90 <= {plan['ttft_slo_s']} s.", "",
+        f"adapter of the set or the base with equal probability (seed {plan['seed']}). SLO: TTFT p90 <= {plan['ttft_slo_s']} s.",
+        "",
         "| adapter set | rate (req/s) | throughput (req/s) | output tok/s | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (ms) | errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -231,10 +313,11 @@ def markdown(online: dict) -> list[str]:
             t, p = r["ttft_s"], r["tpot_s"]
             ttft = "–" if t is None else f"{t['p50']:.2f} / {t['p90']:.2f} / {t['p99']:.2f}"
             tpot = "–" if p is None else f"{1e3 * p['p50']:.0f} / {1e3 * p['p90']:.0f} / {1e3 * p['p99']:.0f}"
-            md.append(f"| {set_name} ({', '.join(online['sets'][set_name])}) | {r['rate']:g} | {r['request_throughput']:.2f} | {r['output_tok_per_s']:.0f} | {ttft} | {tpot} | {r['errors']} |")
+            md.append(
+                f"| {set_name} ({', '.join(online['sets'][set_name])}) | {r['rate']:g} | {r['request_throughput']:.2f} | {r['output_tok_per_s']:.0f} | {ttft} | {tpot} | {r['errors']} |"
+            )
     md += ["", "| adapter set | highest measured rate with TTFT p90 within the SLO (req/s) |", "| --- | --- |"]
     for set_name, result in online["results"].items():
         best = result["max_rate_within_slo"]
         md.append(f"| {set_name} | {'none of the measured rates' if best is None else f'{best:g}'} |")
     return md
-

@@ -66,7 +66,14 @@ class Method:
     rank_pattern: dict[str, int] | None = None
 
     def train_kwargs(self) -> dict:
-        return dict(method=self.method, r=self.r, r_p=self.r_p, rotation=self.rotation, lora_alpha=SCALE * self.r, rank_pattern=self.rank_pattern)
+        return dict(
+            method=self.method,
+            r=self.r,
+            r_p=self.r_p,
+            rotation=self.rotation,
+            lora_alpha=SCALE * self.r,
+            rank_pattern=self.rank_pattern,
+        )
 
 
 METHODS = {
@@ -77,7 +84,11 @@ METHODS = {
     "sora_cayley": Method("sora", 6, 2, "cayley"),
 }
 # Paired comparisons reported per seed: (method, reference).
-PAIRS = [(m, "lora") for m in METHODS if m != "lora"] + [("sora_cayley", "dora"), ("prediag", "dora"), ("sora_cayley", "sora_first_order")]
+PAIRS = [(m, "lora") for m in METHODS if m != "lora"] + [
+    ("sora_cayley", "dora"),
+    ("prediag", "dora"),
+    ("sora_cayley", "sora_first_order"),
+]
 
 
 @dataclass
@@ -97,15 +108,33 @@ class Settings:
     weight_decay: float = 0.01
 
 
-QUICK = Settings(seeds=(0, 1), sweep_lrs=(5e-3,), sweep_seeds=(100,), sweep_held_out=48, sst2_steps=4, sst2_eval=48,
-                 amazon_steps=3, amazon_eval=32, domains=("books", "airline"), max_length=48)
+QUICK = Settings(
+    seeds=(0, 1),
+    sweep_lrs=(5e-3,),
+    sweep_seeds=(100,),
+    sweep_held_out=48,
+    sst2_steps=4,
+    sst2_eval=48,
+    amazon_steps=3,
+    amazon_eval=32,
+    domains=("books", "airline"),
+    max_length=48,
+)
 # Sized for about 1.5 hours on the 2-core CPU with 2 single-thread workers (two threads on two busy cores
 # were 4x slower per step than one): the sweep, 5 methods x 4 lrs x 3 seeds on SST-2, then 5 seeds x 5 methods
 # x (SST-2 + 5 Amazon domains); ~0.4 s per step of batch 16 plus a model load and an evaluation per run.
 # Amazon gets 80 steps: at 20 some runs had not left chance (the old run's one-class Amazon results).
 # `--lr-from` takes the sweep from the stability grid instead (same split, steps and recipe; 5 seeds).
-FULL = Settings(seeds=(0, 1, 2, 3, 4), sweep_lrs=(1e-3, 2e-3, 5e-3, 1e-2), sweep_seeds=(100, 101, 102), sweep_held_out=500,
-                sst2_steps=60, sst2_eval=None, amazon_steps=80, amazon_eval=200)
+FULL = Settings(
+    seeds=(0, 1, 2, 3, 4),
+    sweep_lrs=(1e-3, 2e-3, 5e-3, 1e-2),
+    sweep_seeds=(100, 101, 102),
+    sweep_held_out=500,
+    sst2_steps=60,
+    sst2_eval=None,
+    amazon_steps=80,
+    amazon_eval=200,
+)
 ONE_CLASS_SHARE = 0.95  # a run is one-class when one class takes more of its eval predictions than this
 
 
@@ -120,22 +149,57 @@ def sample(examples: list, n: int | None, seed: int) -> list:
     return random.Random(seed).sample(examples, n)
 
 
-def train_one(name: str, train, eval_, steps: int, lr: float, seed: int, settings: Settings, out: Path | None = None,
-              recipe: dict | None = None) -> dict:
+def train_one(
+    name: str,
+    train,
+    eval_,
+    steps: int,
+    lr: float,
+    seed: int,
+    settings: Settings,
+    out: Path | None = None,
+    recipe: dict | None = None,
+) -> dict:
     """One training run of method `name`; `recipe`: TrainConfig's recipe fields, else its defaults."""
     from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
-    cfg = TrainConfig(model=minilm_path(), data=train, eval_data=eval_, task="seq-cls", target_modules=["query", "value"],
-                      steps=steps, lr=lr, seed=seed, batch_size=settings.batch_size, max_length=settings.max_length,
-                      warmup_ratio=settings.warmup_ratio, weight_decay=settings.weight_decay, progress=False,
-                      evaluate_before=False, out=out, force=True, **METHODS[name].train_kwargs(), **(recipe or {}))
+    cfg = TrainConfig(
+        model=minilm_path(),
+        data=train,
+        eval_data=eval_,
+        task="seq-cls",
+        target_modules=["query", "value"],
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        warmup_ratio=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        progress=False,
+        evaluate_before=False,
+        out=out,
+        force=True,
+        **METHODS[name].train_kwargs(),
+        **(recipe or {}),
+    )
     m = train_adapter(cfg)
     after = m["eval_after"]
     last = m["diagnostics"][-1]
-    return {"seed": seed, "lr": lr, "accuracy": after["accuracy"], "eval_loss": after["loss"], "majority_share": after["majority_share"],
-            "final_train_loss": last["loss"], "trainable_params": m["trainable_params"], "train_time_s": m["train_time_s"],
-            "mean_step_time_s": m["mean_step_time_s"], "param_groups": m["param_groups"], "diagnostics": m["diagnostics"],
-            "predictions": after["predictions"]}
+    return {
+        "seed": seed,
+        "lr": lr,
+        "accuracy": after["accuracy"],
+        "eval_loss": after["loss"],
+        "majority_share": after["majority_share"],
+        "final_train_loss": last["loss"],
+        "trainable_params": m["trainable_params"],
+        "train_time_s": m["train_time_s"],
+        "mean_step_time_s": m["mean_step_time_s"],
+        "param_groups": m["param_groups"],
+        "diagnostics": m["diagnostics"],
+        "predictions": after["predictions"],
+    }
 
 
 def held_out_split(examples: list, n: int) -> tuple[list, list]:
@@ -163,16 +227,31 @@ def sweep_entry(method: str, run: dict) -> dict:
         values = [d[key] for d in run["diagnostics"] if key in d]
         if values:
             peaks[key] = max(values)
-    return {"method": method, "lr": run["lr"], "seed": run["seed"], "accuracy": run["accuracy"], "eval_loss": run["eval_loss"],
-            "majority_share": run["majority_share"], "one_class": run["majority_share"] > ONE_CLASS_SHARE,
-            "final_train_loss": run["final_train_loss"], "param_groups": run["param_groups"], **peaks}
+    return {
+        "method": method,
+        "lr": run["lr"],
+        "seed": run["seed"],
+        "accuracy": run["accuracy"],
+        "eval_loss": run["eval_loss"],
+        "majority_share": run["majority_share"],
+        "one_class": run["majority_share"] > ONE_CLASS_SHARE,
+        "final_train_loss": run["final_train_loss"],
+        "param_groups": run["param_groups"],
+        **peaks,
+    }
 
 
 def lr_grid(names, lrs, seeds, settings: Settings, sst2_train: list, pool: Executor, bar) -> list[dict]:
     """Every method x lr x seed, trained on SST-2's training set minus a held-out part and scored on it."""
     held_out, rest = held_out_split(sst2_train, settings.sweep_held_out)
-    jobs = {f"sweep {name} lr {lr:g} seed {seed}": dict(name=name, train=rest, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=seed)
-            for name in names for lr in lrs for seed in seeds}
+    jobs = {
+        f"sweep {name} lr {lr:g} seed {seed}": dict(
+            name=name, train=rest, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=seed
+        )
+        for name in names
+        for lr in lrs
+        for seed in seeds
+    }
     runs = train_all(jobs, settings, pool, bar)
     return [sweep_entry(job["name"], runs[label]) for label, job in jobs.items()]
 
@@ -182,8 +261,16 @@ def best_lrs(grid: list[dict]) -> dict[str, float]:
     cells = {}
     for e in grid:
         cells.setdefault(e["method"], {}).setdefault(e["lr"], []).append(e)
-    return {m: max(by_lr, key=lambda lr: (statistics.mean(e["accuracy"] for e in by_lr[lr]), -statistics.mean(e["eval_loss"] for e in by_lr[lr])))
-            for m, by_lr in cells.items()}
+    return {
+        m: max(
+            by_lr,
+            key=lambda lr: (
+                statistics.mean(e["accuracy"] for e in by_lr[lr]),
+                -statistics.mean(e["eval_loss"] for e in by_lr[lr]),
+            ),
+        )
+        for m, by_lr in cells.items()
+    }
 
 
 def sweep_lr(settings: Settings, sst2_train: list, pool: Executor, bar) -> dict:
@@ -207,12 +294,24 @@ def sweep_from_grid(path: Path, settings: Settings) -> dict:
     ours = {**asdict(settings), "methods": {k: asdict(v) for k, v in METHODS.items()}, "recipe": recipe_defaults()}
     for field in (*SWEEP_FIELDS, "methods", "recipe"):
         if json.loads(json.dumps(theirs.get(field))) != json.loads(json.dumps(ours[field])):
-            raise AdapterError(f"the grid ran with {theirs.get(field)!r}, this suite with {ours[field]!r}", file=path, field=f"settings.{field}")
+            raise AdapterError(
+                f"the grid ran with {theirs.get(field)!r}, this suite with {ours[field]!r}",
+                file=path,
+                field=f"settings.{field}",
+            )
     if {e["method"] for e in grid} != set(METHODS):
-        raise AdapterError(f"the grid has methods {sorted({e['method'] for e in grid})}, this suite {sorted(METHODS)}", file=path, field="grid")
+        raise AdapterError(
+            f"the grid has methods {sorted({e['method'] for e in grid})}, this suite {sorted(METHODS)}",
+            file=path,
+            field="grid",
+        )
     seeds = sorted({e["seed"] for e in grid})
     if len(seeds) < 3 or set(seeds) & set(settings.seeds):
-        raise AdapterError(f"need at least 3 sweep seeds, none of {list(settings.seeds)}; the grid has {seeds}", file=path, field="grid")
+        raise AdapterError(
+            f"need at least 3 sweep seeds, none of {list(settings.seeds)}; the grid has {seeds}",
+            file=path,
+            field="grid",
+        )
     return {"source": str(path), "seeds": seeds, "grid": grid, "lr": best_lrs(grid)}
 
 
@@ -228,16 +327,27 @@ def paired(a: list[float], b: list[float]) -> dict:
     wins, losses = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
     sign_p = float(scipy_stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
     t = scipy_stats.ttest_rel(a, b) if len(diff) > 1 and statistics.pstdev(diff) > 0 else None
-    return {"diff": diff, "mean": statistics.mean(diff), "std": statistics.stdev(diff) if len(diff) > 1 else 0.0,
-            "wins": wins, "losses": losses, "ties": len(diff) - wins - losses, "sign_p": sign_p,
-            "t": None if t is None else float(t.statistic), "t_p": None if t is None else float(t.pvalue)}
+    return {
+        "diff": diff,
+        "mean": statistics.mean(diff),
+        "std": statistics.stdev(diff) if len(diff) > 1 else 0.0,
+        "wins": wins,
+        "losses": losses,
+        "ties": len(diff) - wins - losses,
+        "sign_p": sign_p,
+        "t": None if t is None else float(t.statistic),
+        "t_p": None if t is None else float(t.pvalue),
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
     accs = [r["accuracy"] for r in runs]
-    return {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "one_class": sum(r["majority_share"] > ONE_CLASS_SHARE for r in runs),
-            "train_time_s": statistics.mean(r["train_time_s"] for r in runs)}
+    return {
+        "mean": statistics.mean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "one_class": sum(r["majority_share"] > ONE_CLASS_SHARE for r in runs),
+        "train_time_s": statistics.mean(r["train_time_s"] for r in runs),
+    }
 
 
 def task_comparisons(task: dict) -> dict:
@@ -256,12 +366,24 @@ def pooled_comparisons(tasks: dict) -> dict:
     return out
 
 
-def run_round(seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings, pool: Executor, bar, keep_root: Path) -> None:
+def run_round(
+    seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings, pool: Executor, bar, keep_root: Path
+) -> None:
     """Every task and method for one seed; seed 0 of SERVED on Amazon is saved for the serving check."""
     kept = {task for task in data if task in settings.domains and seed == settings.seeds[0]}
-    jobs = {(task, name): dict(name=name, train=train, eval_=eval_, steps=steps, lr=lrs[name], seed=seed,
-                               out=keep_root / task if task in kept and name == SERVED else None)
-            for task, (train, eval_, steps) in data.items() for name in METHODS}
+    jobs = {
+        (task, name): dict(
+            name=name,
+            train=train,
+            eval_=eval_,
+            steps=steps,
+            lr=lrs[name],
+            seed=seed,
+            out=keep_root / task if task in kept and name == SERVED else None,
+        )
+        for task, (train, eval_, steps) in data.items()
+        for name in METHODS
+    }
     runs = train_all({f"seed {seed} {task} {name}": job for (task, name), job in jobs.items()}, settings, pool, bar)
     for task, name in jobs:  # in a fixed order, whatever order the workers finished in
         run = runs[f"seed {seed} {task} {name}"]
@@ -273,7 +395,9 @@ def run_round(seed: int, tasks: dict, data: dict, lrs: dict, settings: Settings,
         task["paired"] = task_comparisons(task)
 
 
-def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], settings: Settings, train_predictions: dict) -> dict:
+def serve_domains_together(
+    adapters: dict[str, Path], evals: dict[str, list], settings: Settings, train_predictions: dict
+) -> dict:
     """All domain adapters in one model; one mixed batch stream vs each adapter alone."""
     import torch
     from safetensors.torch import load_file
@@ -292,7 +416,9 @@ def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], se
         heads[domain] = head.eval()
 
     def encode(texts):
-        return tokenizer(texts, padding="max_length", truncation=True, max_length=settings.max_length, return_tensors="pt")
+        return tokenizer(
+            texts, padding="max_length", truncation=True, max_length=settings.max_length, return_tensors="pt"
+        )
 
     @torch.no_grad()
     def predict_alone(domain: str, texts: list[str]) -> list[int]:
@@ -308,8 +434,13 @@ def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], se
             pooled = model.bert(**encode([t for _, t in rows])).pooler_output
         return [heads[d](pooled[i]).argmax().item() for i, (d, _) in enumerate(rows)]
 
-    alone = {d: [p for i in range(0, len(ex), 32) for p in predict_alone(d, [t for t, _ in ex[i : i + 32]])] for d, ex in evals.items()}
-    mixed_rows = [(d, i) for i in range(max(map(len, evals.values()))) for d in evals if i < len(evals[d])]  # interleaved
+    alone = {
+        d: [p for i in range(0, len(ex), 32) for p in predict_alone(d, [t for t, _ in ex[i : i + 32]])]
+        for d, ex in evals.items()
+    }
+    mixed_rows = [
+        (d, i) for i in range(max(map(len, evals.values()))) for d in evals if i < len(evals[d])
+    ]  # interleaved
     mixed = {d: [None] * len(evals[d]) for d in evals}
     start = time.perf_counter()
     for b in range(0, len(mixed_rows), 32):
@@ -320,12 +451,22 @@ def serve_domains_together(adapters: dict[str, Path], evals: dict[str, list], se
     out = {}
     for domain, examples in evals.items():
         labels = [y for _, y in examples]
-        out[domain] = {"accuracy_mixed": sum(p == y for p, y in zip(mixed[domain], labels)) / len(labels),
-                       "accuracy_alone": sum(p == y for p, y in zip(alone[domain], labels)) / len(labels),
-                       "predictions_equal": mixed[domain] == alone[domain],
-                       "predictions_differing": sum(p != q for p, q in zip(mixed[domain], alone[domain])),
-                       "agreement_with_training_eval": sum(p == q for p, q in zip(alone[domain], train_predictions[domain])) / len(labels)}
-    return {"method": SERVED, "adapters": len(adapters), "rows": len(mixed_rows), "batch": 32, "mixed_time_s": mixed_time, "domains": out}
+        out[domain] = {
+            "accuracy_mixed": sum(p == y for p, y in zip(mixed[domain], labels)) / len(labels),
+            "accuracy_alone": sum(p == y for p, y in zip(alone[domain], labels)) / len(labels),
+            "predictions_equal": mixed[domain] == alone[domain],
+            "predictions_differing": sum(p != q for p, q in zip(mixed[domain], alone[domain])),
+            "agreement_with_training_eval": sum(p == q for p, q in zip(alone[domain], train_predictions[domain]))
+            / len(labels),
+        }
+    return {
+        "method": SERVED,
+        "adapters": len(adapters),
+        "rows": len(mixed_rows),
+        "batch": 32,
+        "mixed_time_s": mixed_time,
+        "domains": out,
+    }
 
 
 def quiet_transformers() -> None:
@@ -355,10 +496,15 @@ def resume_from_partial(payload: dict, out_dir: Path) -> int:
     old = json.loads(path.read_text())
     comparable = ("workers", "torch_threads")
     same = json.loads(json.dumps({k: v for k, v in payload["settings"].items() if k not in comparable}))
-    if old.get("quick") != payload["quick"] or {k: v for k, v in old["settings"].items() if k not in comparable} != same:
+    if (
+        old.get("quick") != payload["quick"]
+        or {k: v for k, v in old["settings"].items() if k not in comparable} != same
+    ):
         return 0
     done = min(len(runs) for task in old["tasks"].values() for runs in task["runs"].values())
-    if done == 0 or not all((out_dir / "quality-adapters" / d / HEAD_FILE).is_file() for d in payload["settings"]["domains"]):
+    if done == 0 or not all(
+        (out_dir / "quality-adapters" / d / HEAD_FILE).is_file() for d in payload["settings"]["domains"]
+    ):
         return 0
     payload["lr_sweep"] = old["lr_sweep"]
     for name, task in old["tasks"].items():
@@ -382,20 +528,35 @@ def run(quick: bool, out_dir: Path | None = None, lr_from: Path | None = None) -
     n_runs = sweep_runs + len(METHODS) * len(settings.seeds) * (1 + len(settings.domains))
     import torch
 
-    payload = {"quick": quick, "settings": {**asdict(settings), "scale": SCALE, "methods": {k: asdict(v) for k, v in METHODS.items()},
-                                            "recipe": recipe_defaults(), "torch_threads": torch.get_num_threads()}}
+    payload = {
+        "quick": quick,
+        "settings": {
+            **asdict(settings),
+            "scale": SCALE,
+            "methods": {k: asdict(v) for k, v in METHODS.items()},
+            "recipe": recipe_defaults(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
     data = {"sst2": (sst2_train, sample(read_tsv(SST2 / "dev.tsv"), settings.sst2_eval, 0), settings.sst2_steps)}
     for domain in settings.domains:
-        data[domain] = (read_tsv(AMAZON / domain / "train.tsv"), sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
-                        settings.amazon_steps)
-    tasks = payload["tasks"] = {t: {"steps": steps, "n_eval": len(ev), "runs": {m: [] for m in METHODS}} for t, (_, ev, steps) in data.items()}
+        data[domain] = (
+            read_tsv(AMAZON / domain / "train.tsv"),
+            sample(read_tsv(AMAZON / domain / "test-labeled.tsv"), settings.amazon_eval, 0),
+            settings.amazon_steps,
+        )
+    tasks = payload["tasks"] = {
+        t: {"steps": steps, "n_eval": len(ev), "runs": {m: [] for m in METHODS}} for t, (_, ev, steps) in data.items()
+    }
     keep_root = out_dir / "quality-adapters"  # seed 0 of SERVED per domain, for the serving check
     payload["settings"]["workers"] = workers = int(os.environ.get(WORKERS_ENV, "1"))
     done = resume_from_partial(payload, out_dir)
     if done:
         print(f"resuming {out_dir / PARTIAL}: lr sweep and {done} seed round(s) already done")
-    with tqdm(total=n_runs, initial=done and sweep_runs + done * len(METHODS) * len(data), desc="quality runs") as bar, \
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
+    with (
+        tqdm(total=n_runs, initial=done and sweep_runs + done * len(METHODS) * len(data), desc="quality runs") as bar,
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool,
+    ):
         if not done:
             payload["lr_sweep"] = sweep or sweep_lr(settings, sst2_train, pool, bar)
         lrs = payload["lr_sweep"]["lr"]
@@ -405,11 +566,15 @@ def run(quick: bool, out_dir: Path | None = None, lr_from: Path | None = None) -
             write_partial(payload, out_dir)
     evals = {d: data[d][1] for d in settings.domains}
     train_predictions = {d: tasks[d]["runs"][SERVED][0].pop("predictions") for d in settings.domains}
-    payload["serving"] = serve_domains_together({d: keep_root / d for d in settings.domains}, evals, settings, train_predictions)
+    payload["serving"] = serve_domains_together(
+        {d: keep_root / d for d in settings.domains}, evals, settings, train_predictions
+    )
     payload["pooled_paired"] = pooled_comparisons(tasks)
     payload["amazon_paired"] = pooled_comparisons({d: tasks[d] for d in settings.domains})
     payload["runtime_s"] = payload.get("runtime_before_resume_s", 0.0) + time.perf_counter() - started
-    result = save_suite("quality", payload, markdown(payload, settings), {"accuracy": accuracy_figure(payload)}, out_dir)
+    result = save_suite(
+        "quality", payload, markdown(payload, settings), {"accuracy": accuracy_figure(payload)}, out_dir
+    )
     (out_dir / PARTIAL).unlink()  # finished: a later run starts afresh
     return result
 
@@ -422,50 +587,86 @@ def markdown(payload: dict, settings: Settings) -> str:
     tasks = payload["tasks"]
     names = list(METHODS)
     first = tasks["sst2"]["runs"]
-    lines = [f"all-MiniLM-L6-v2, adapters on query/value in all 6 layers, s = alpha/r = {SCALE:g} for every method, "
-             f"{'quick (smoke) mode' if payload['quick'] else 'full mode'}, {len(settings.seeds)} seeds, total runtime "
-             f"{payload['runtime_s'] / 60:.1f} min ({payload['settings']['torch_threads']} torch thread(s)).", "",
-             "| method | trainable params (incl. head) | lr (sweep) | " + " | ".join(tasks) + " | Amazon mean | train time / run (s) | one-class runs |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |"]
+    lines = [
+        f"all-MiniLM-L6-v2, adapters on query/value in all 6 layers, s = alpha/r = {SCALE:g} for every method, "
+        f"{'quick (smoke) mode' if payload['quick'] else 'full mode'}, {len(settings.seeds)} seeds, total runtime "
+        f"{payload['runtime_s'] / 60:.1f} min ({payload['settings']['torch_threads']} torch thread(s)).",
+        "",
+        "| method | trainable params (incl. head) | lr (sweep) | "
+        + " | ".join(tasks)
+        + " | Amazon mean | train time / run (s) | one-class runs |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- |",
+    ]
     for m in names:
         cells = [f"{pct(t['summary'][m]['mean'])} ± {pct(t['summary'][m]['std'])}" for t in tasks.values()]
-        amazon = [statistics.mean(tasks[d]["runs"][m][i]["accuracy"] for d in settings.domains) for i in range(len(settings.seeds))]
-        amazon_cell = f"{pct(statistics.mean(amazon))} ± {pct(statistics.stdev(amazon))}" if len(amazon) > 1 else pct(amazon[0])
+        amazon = [
+            statistics.mean(tasks[d]["runs"][m][i]["accuracy"] for d in settings.domains)
+            for i in range(len(settings.seeds))
+        ]
+        amazon_cell = (
+            f"{pct(statistics.mean(amazon))} ± {pct(statistics.stdev(amazon))}" if len(amazon) > 1 else pct(amazon[0])
+        )
         time_per_run = statistics.mean(t["summary"][m]["train_time_s"] for t in tasks.values())
         one_class = sum(t["summary"][m]["one_class"] for t in tasks.values())
-        lines.append(f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep']['lr'][m]:g} | " + " | ".join(cells)
-                     + f" | {amazon_cell} | {time_per_run:.1f} | {one_class} |")
-    lines += ["", "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
-              "One-class runs: > 95% of the eval predictions in one class, either a collapse (train loss back at ln 2 after "
-              "having learned) or a run that has not left chance yet (its diagnostics in the JSON tell which).",
-              f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch {settings.batch_size}, max "
-              f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon {settings.amazon_eval} random test reviews per domain.",
-              "", "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided sign test p, paired t-test p.", "",
-              "| comparison | SST-2 | Amazon (all domains × seeds) | all tasks × seeds |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| {m} | {first[m][0]['trainable_params']:,} | {payload['lr_sweep']['lr'][m]:g} | "
+            + " | ".join(cells)
+            + f" | {amazon_cell} | {time_per_run:.1f} | {one_class} |"
+        )
+    lines += [
+        "",
+        "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
+        "One-class runs: > 95% of the eval predictions in one class, either a collapse (train loss back at ln 2 after "
+        "having learned) or a run that has not left chance yet (its diagnostics in the JSON tell which).",
+        f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch {settings.batch_size}, max "
+        f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon {settings.amazon_eval} random test reviews per domain.",
+        "",
+        "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided sign test p, paired t-test p.",
+        "",
+        "| comparison | SST-2 | Amazon (all domains × seeds) | all tasks × seeds |",
+        "| --- | --- | --- | --- |",
+    ]
 
     def cell(p: dict) -> str:
         t_p = "n/a" if p["t_p"] is None else f"{p['t_p']:.3f}"
         return f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}, {p['wins']}/{p['losses']}, sign p {p['sign_p']:.3f}, t p {t_p}"
 
     for key in payload["pooled_paired"]:
-        lines.append(f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | {cell(payload['pooled_paired'][key])} |")
+        lines.append(
+            f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | {cell(payload['pooled_paired'][key])} |"
+        )
     sweep = payload["lr_sweep"]
-    lines += ["", f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, scored on those; "
-              f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs)", "",
-              "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " | chosen |",
-              "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " | --- |"]
+    lines += [
+        "",
+        f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, scored on those; "
+        f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs)",
+        "",
+        "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " | chosen |",
+        "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " | --- |",
+    ]
     for m in METHODS:
         row = []
         for lr in settings.sweep_lrs:
             runs = [e for e in sweep["grid"] if e["method"] == m and e["lr"] == lr]
-            row.append(f"{pct(statistics.mean(e['accuracy'] for e in runs))} ({sum(e['one_class'] for e in runs)})" if runs else "–")
+            row.append(
+                f"{pct(statistics.mean(e['accuracy'] for e in runs))} ({sum(e['one_class'] for e in runs)})"
+                if runs
+                else "–"
+            )
         lines.append(f"| {m} | " + " | ".join(row) + f" | {sweep['lr'][m]:g} |")
     serving = payload["serving"]
-    lines += ["", f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed {settings.seeds[0]}) in one "
-              f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, `use_adapters`, each row its own head):", "",
-              "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal (differing) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} ({v['predictions_differing']}) |"
-              for d, v in serving["domains"].items()]
+    lines += [
+        "",
+        f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed {settings.seeds[0]}) in one "
+        f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, `use_adapters`, each row its own head):",
+        "",
+        "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal (differing) |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} ({v['predictions_differing']}) |"
+        for d, v in serving["domains"].items()
+    ]
     lines += ["", "vLLM does not serve BERT encoders with LoRA adapters, so this check uses the eager runtime only."]
     return "\n".join(lines)
 

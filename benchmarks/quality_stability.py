@@ -29,15 +29,36 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .common import RESULTS, plt, save_suite
-from .quality import (FULL, METHODS, ONE_CLASS_SHARE, SST2, WORKERS_ENV, best_lrs, held_out_split, lr_grid, quiet_transformers, read_tsv,
-                      recipe_defaults, sweep_entry, train_all)
+from .quality import (
+    FULL,
+    METHODS,
+    ONE_CLASS_SHARE,
+    SST2,
+    WORKERS_ENV,
+    best_lrs,
+    held_out_split,
+    lr_grid,
+    quiet_transformers,
+    read_tsv,
+    recipe_defaults,
+    sweep_entry,
+    train_all,
+)
 
 RECIPE_METHODS = ("prediag", "sora_first_order", "sora_cayley")
 RECIPE_SCALES = (1.0, 0.3, 0.1, 0.03)
-FULL_PLAN = {"recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES},
-             "grid": {"lrs": (1e-3, 2e-3, 5e-3, 1e-2), "seeds": (100, 101, 102, 103, 104)}, "steps": 60, "held_out": 500}
-QUICK_PLAN = {"recipe": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0, 0.1)},
-              "grid": {"lrs": (1e-2,), "seeds": (100, 101)}, "steps": 4, "held_out": 48}
+FULL_PLAN = {
+    "recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES},
+    "grid": {"lrs": (1e-3, 2e-3, 5e-3, 1e-2), "seeds": (100, 101, 102, 103, 104)},
+    "steps": 60,
+    "held_out": 500,
+}
+QUICK_PLAN = {
+    "recipe": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0, 0.1)},
+    "grid": {"lrs": (1e-2,), "seeds": (100, 101)},
+    "steps": 4,
+    "held_out": 48,
+}
 
 
 def recipe_sweep(plan: dict, sst2_train: list, settings, pool, bar) -> list[dict]:
@@ -49,7 +70,15 @@ def recipe_sweep(plan: dict, sst2_train: list, settings, pool, bar) -> list[dict
             for lr in plan["lrs"]:
                 for seed in plan["seeds"]:
                     label = f"recipe scale {scale:g} {name} lr {lr:g} seed {seed}"
-                    jobs[label] = dict(name=name, train=train, eval_=held_out, steps=settings.sst2_steps, lr=lr, seed=seed, recipe=recipe)
+                    jobs[label] = dict(
+                        name=name,
+                        train=train,
+                        eval_=held_out,
+                        steps=settings.sst2_steps,
+                        lr=lr,
+                        seed=seed,
+                        recipe=recipe,
+                    )
                     scales[label] = scale
     runs = train_all(jobs, settings, pool, bar)
     return [{**sweep_entry(job["name"], runs[label]), "scale": scales[label]} for label, job in jobs.items()]
@@ -60,9 +89,14 @@ def choose_scale(sweep: list[dict]) -> dict:
     by_scale = {}
     for e in sweep:
         by_scale.setdefault(e["scale"], []).append(e)
-    score = {s: (sum(e["one_class"] for e in es), statistics.mean(e["accuracy"] for e in es)) for s, es in by_scale.items()}
+    score = {
+        s: (sum(e["one_class"] for e in es), statistics.mean(e["accuracy"] for e in es)) for s, es in by_scale.items()
+    }
     best = min(score, key=lambda s: (score[s][0], -score[s][1]))
-    return {"scale": best, "per_scale": {f"{s:g}": {"one_class": n, "mean_accuracy": acc} for s, (n, acc) in score.items()}}
+    return {
+        "scale": best,
+        "per_scale": {f"{s:g}": {"one_class": n, "mean_accuracy": acc} for s, (n, acc) in score.items()},
+    }
 
 
 def cells(rows: list[dict], key: str = "method") -> dict[tuple[str, float], list[dict]]:
@@ -90,61 +124,112 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
         print(f"stability suite skipped: SST-2 not found at {SST2}")
         return None
     plan = QUICK_PLAN if quick else FULL_PLAN
-    settings = replace(FULL, sst2_steps=plan["steps"], sweep_held_out=plan["held_out"], max_length=48 if quick else FULL.max_length)
+    settings = replace(
+        FULL, sst2_steps=plan["steps"], sweep_held_out=plan["held_out"], max_length=48 if quick else FULL.max_length
+    )
     quiet_transformers()
     sst2_train = read_tsv(SST2 / "train_full.tsv")
     parts = ("recipe", "grid") if part == "all" else (part,)
-    n_runs = sum(len(plan[p]["lrs"]) * len(plan[p]["seeds"]) * (len(plan["recipe"]["scales"]) * len(RECIPE_METHODS) if p == "recipe" else len(METHODS))
-                 for p in parts)
+    n_runs = sum(
+        len(plan[p]["lrs"])
+        * len(plan[p]["seeds"])
+        * (len(plan["recipe"]["scales"]) * len(RECIPE_METHODS) if p == "recipe" else len(METHODS))
+        for p in parts
+    )
     workers = int(os.environ.get(WORKERS_ENV, "1"))
-    payload = {"quick": quick, "settings": {**asdict(settings), "methods": {k: asdict(v) for k, v in METHODS.items()}, "recipe": recipe_defaults(),
-                                            "plan": plan, "one_class_share": ONE_CLASS_SHARE, "workers": workers}}
+    payload = {
+        "quick": quick,
+        "settings": {
+            **asdict(settings),
+            "methods": {k: asdict(v) for k, v in METHODS.items()},
+            "recipe": recipe_defaults(),
+            "plan": plan,
+            "one_class_share": ONE_CLASS_SHARE,
+            "workers": workers,
+        },
+    }
     started = time.perf_counter()
-    with tqdm(total=n_runs, desc="stability runs") as bar, \
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool:
+    with (
+        tqdm(total=n_runs, desc="stability runs") as bar,
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool,
+    ):
         if "recipe" in parts:
             payload["recipe_sweep"] = recipe_sweep(plan["recipe"], sst2_train, settings, pool, bar)
             payload["recipe_choice"] = choose_scale(payload["recipe_sweep"])
         if "grid" in parts:
-            payload["grid"] = lr_grid(METHODS, plan["grid"]["lrs"], plan["grid"]["seeds"], settings, sst2_train, pool, bar)
+            payload["grid"] = lr_grid(
+                METHODS, plan["grid"]["lrs"], plan["grid"]["seeds"], settings, sst2_train, pool, bar
+            )
             payload["grid_target"] = grid_target(payload["grid"])
             payload["best_lr"] = best_lrs(payload["grid"])
     payload["runtime_s"] = time.perf_counter() - started
     figures = {}
     if "grid" in payload:
-        figures["grid"] = heat_map(payload["grid"], "method", "one-class runs per cell (of {n})\nand mean held-out accuracy %")
+        figures["grid"] = heat_map(
+            payload["grid"], "method", "one-class runs per cell (of {n})\nand mean held-out accuracy %"
+        )
     if "recipe_sweep" in payload:
-        figures["recipe"] = heat_map([{**e, "method": f"{e['method']} × {e['scale']:g}"} for e in payload["recipe_sweep"]], "method",
-                                     "recipe sweep (method × lr scale of d, C, D)\none-class runs (of {n}) and mean held-out accuracy %")
-    return save_suite("quality-stability-recipe" if part == "recipe" else "quality-stability", payload, markdown(payload), figures, out_dir)
+        figures["recipe"] = heat_map(
+            [{**e, "method": f"{e['method']} × {e['scale']:g}"} for e in payload["recipe_sweep"]],
+            "method",
+            "recipe sweep (method × lr scale of d, C, D)\none-class runs (of {n}) and mean held-out accuracy %",
+        )
+    return save_suite(
+        "quality-stability-recipe" if part == "recipe" else "quality-stability",
+        payload,
+        markdown(payload),
+        figures,
+        out_dir,
+    )
 
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = [f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on {s['plan']['held_out']} held-out training "
-             f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime {payload['runtime_s'] / 60:.1f} min, "
-             f"{s['workers']} worker(s)."]
+    lines = [
+        f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on {s['plan']['held_out']} held-out training "
+        f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime {payload['runtime_s'] / 60:.1f} min, "
+        f"{s['workers']} worker(s)."
+    ]
     if "recipe_sweep" in payload:
         choice = payload["recipe_choice"]
-        lines += ["", "## Recipe sweep (d and C/D at lr × scale; scale 1 is the paper's single lr)", "",
-                  "| method | lr | " + " | ".join(f"scale {k}" for k in choice["per_scale"]) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in choice["per_scale"]) + " |"]
+        lines += [
+            "",
+            "## Recipe sweep (d and C/D at lr × scale; scale 1 is the paper's single lr)",
+            "",
+            "| method | lr | " + " | ".join(f"scale {k}" for k in choice["per_scale"]) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in choice["per_scale"]) + " |",
+        ]
         by = cells(payload["recipe_sweep"])
         for method in RECIPE_METHODS:
             for lr in s["plan"]["recipe"]["lrs"]:
                 row = []
                 for scale in choice["per_scale"]:
                     runs = [e for e in by.get((method, lr), []) if f"{e['scale']:g}" == scale]
-                    row.append(f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} ({sum(e['one_class'] for e in runs)} one-class)")
+                    row.append(
+                        f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} ({sum(e['one_class'] for e in runs)} one-class)"
+                    )
                 lines.append(f"| {method} | {lr:g} | " + " | ".join(row) + " |")
-        lines += ["", "Per scale, all methods, lrs and seeds: " + "; ".join(
-            f"{k}: {v['one_class']} one-class, mean {100 * v['mean_accuracy']:.2f}%" for k, v in choice["per_scale"].items())
-                  + f". Chosen: **{choice['scale']:g}**."]
+        lines += [
+            "",
+            "Per scale, all methods, lrs and seeds: "
+            + "; ".join(
+                f"{k}: {v['one_class']} one-class, mean {100 * v['mean_accuracy']:.2f}%"
+                for k, v in choice["per_scale"].items()
+            )
+            + f". Chosen: **{choice['scale']:g}**.",
+        ]
     if "grid" in payload:
         by = cells(payload["grid"])
         lrs = s["plan"]["grid"]["lrs"]
-        lines += ["", "## lr × seed grid (default recipe)", "", "Held-out accuracy %, mean ± std over seeds (one-class runs):", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |", "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
+        lines += [
+            "",
+            "## lr × seed grid (default recipe)",
+            "",
+            "Held-out accuracy %, mean ± std over seeds (one-class runs):",
+            "",
+            "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |",
+            "| --- | " + " | ".join("---" for _ in lrs) + " | --- |",
+        ]
         for method in dict.fromkeys(e["method"] for e in payload["grid"]):
             row = []
             for lr in lrs:
@@ -153,8 +238,11 @@ def markdown(payload: dict) -> str:
                 row.append(f"{statistics.mean(accs):.1f} ± {std:.1f} ({sum(e['one_class'] for e in by[(method, lr)])})")
             lines.append(f"| {method} | " + " | ".join(row) + f" | {payload['best_lr'][method]:g} |")
         target = payload["grid_target"]
-        lines += ["", "Target (Pre-Diag and both SORAs: no one-class run where LoRA has none, never more than LoRA): "
-                  + ("**met**" if target["met"] else "**not met**: " + "; ".join(target["failures"]))]
+        lines += [
+            "",
+            "Target (Pre-Diag and both SORAs: no one-class run where LoRA has none, never more than LoRA): "
+            + ("**met**" if target["met"] else "**not met**: " + "; ".join(target["failures"])),
+        ]
     return "\n".join(lines)
 
 
@@ -172,8 +260,15 @@ def heat_map(rows: list[dict], key: str, title: str) -> plt.Figure:
             runs = by.get((name, lr), [])
             if runs:
                 acc = 100 * statistics.mean(e["accuracy"] for e in runs)
-                ax.text(j, i, f"{counts[i][j]}/{len(runs)}\n{acc:.1f}%", ha="center", va="center", fontsize=8,
-                        color="white" if counts[i][j] > n / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{counts[i][j]}/{len(runs)}\n{acc:.1f}%",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if counts[i][j] > n / 2 else "black",
+                )
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("learning rate")
@@ -185,7 +280,9 @@ def heat_map(rows: list[dict], key: str, title: str) -> plt.Figure:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_stability", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one lr, one or two seeds, a few steps (a smoke run)")
-    parser.add_argument("--part", choices=("recipe", "grid", "all"), default="all", help="which study to run (default: both)")
+    parser.add_argument(
+        "--part", choices=("recipe", "grid", "all"), default="all", help="which study to run (default: both)"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS})")
     args = parser.parse_args()
     run(args.quick, args.part, args.out)

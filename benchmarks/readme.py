@@ -17,7 +17,9 @@ def print_headline(out_dir: Path | None = None) -> None:
             continue
         data = json.loads(path.read_text())
         shape = f", shape {data['shape']}" if data.get("shape") else ""
-        print(f"\n**{suite}** ({data['timestamp']}, {data['machine']['cpu']}, {data['machine']['cores']} cores{', quick' if data.get('quick') else ''}{shape})\n")
+        print(
+            f"\n**{suite}** ({data['timestamp']}, {data['machine']['cpu']}, {data['machine']['cores']} cores{', quick' if data.get('quick') else ''}{shape})\n"
+        )
         if suite == "serving":
             print_serving(data)
         if suite in ("serving", "training"):
@@ -45,25 +47,57 @@ def print_serving(data: dict) -> None:
         print(f"| {name} | {_num(value)} | {_num(limit) if limit else '–'} | {share} |")
     online = data.get("online")
     if online:
-        print(f"\n| adapter set | highest rate with TTFT p90 <= {online['plan']['ttft_slo_s']} s (req/s) | there: TTFT p50 / p90 (s), TPOT p50 (ms) | highest rate: req/s served, TTFT p90 (s) | errors |")
+        print(
+            f"\n| adapter set | highest rate with TTFT p90 <= {online['plan']['ttft_slo_s']} s (req/s) | there: TTFT p50 / p90 (s), TPOT p50 (ms) | highest rate: req/s served, TTFT p90 (s) | errors |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for name, result in online["results"].items():
             best, rows = result["max_rate_within_slo"], result["rates"]
             row, top = next((r for r in rows if r["rate"] == best), None), rows[-1]
-            there = "–" if row is None else f"{row['ttft_s']['p50']:.2f} / {row['ttft_s']['p90']:.2f}, {1e3 * row['tpot_s']['p50']:.0f}"
-            print(f"| {name} | {'none measured' if best is None else f'{best:g}'} | {there} | {top['rate']:g}: {top['request_throughput']:.2f}, {top['ttft_s']['p90']:.2f} | {sum(r['errors'] for r in rows)} |")
+            there = (
+                "–"
+                if row is None
+                else f"{row['ttft_s']['p50']:.2f} / {row['ttft_s']['p90']:.2f}, {1e3 * row['tpot_s']['p50']:.0f}"
+            )
+            print(
+                f"| {name} | {'none measured' if best is None else f'{best:g}'} | {there} | {top['rate']:g}: {top['request_throughput']:.2f}, {top['ttft_s']['p90']:.2f} | {sum(r['errors'] for r in rows)} |"
+            )
     curves = data.get("scale")
     if curves:
         counts = sorted({int(k) for curve in curves["distinct"].values() for k in curve})
-        print("\n| distinct adapters per batch: throughput / 1 adapter | " + " | ".join(map(str, counts)) + " |\n| --- |" + " --- |" * len(counts))
+        print(
+            "\n| distinct adapters per batch: throughput / 1 adapter | "
+            + " | ".join(map(str, counts))
+            + " |\n| --- |"
+            + " --- |" * len(counts)
+        )
         for label, curve in curves["distinct"].items():
-            cells = [f"{curve[str(k)] / curve['1']:.2f} ({curves['distinct_limits'][label][str(k)]:.2f})" if str(k) in curve else "–" for k in counts]
+            cells = [
+                f"{curve[str(k)] / curve['1']:.2f} ({curves['distinct_limits'][label][str(k)]:.2f})"
+                if str(k) in curve
+                else "–"
+                for k in counts
+            ]
             print(f"| {label} (bandwidth limit) | " + " | ".join(cells) + " |")
         print("\n| rotation engine | adapters: tok/s (/ as many adapters as slots) |\n| --- | --- |")
         for label, rows in curves["rotation"].items():
             reference = next((r["stats"]["median"] for r in rows if r["adapters"] == r["per_wave"]), None)
-            print(f"| {label} | " + ", ".join(f"{r['adapters']}: {r['stats']['median']:.0f}" + (f" ({r['stats']['median'] / reference:.2f})" if reference else "") for r in rows) + " |")
-        print("\n| first request (s): never seen / cached, not in a slot | " + " | ".join(next(iter(curves["first_request"].values()))) + " |")
+            print(
+                f"| {label} | "
+                + ", ".join(
+                    f"{r['adapters']}: {r['stats']['median']:.0f}"
+                    + (f" ({r['stats']['median'] / reference:.2f})" if reference else "")
+                    for r in rows
+                )
+                + " |"
+            )
+        print(
+            "\n| first request (s): never seen / cached, not in a slot | "
+            + " | ".join(next(iter(curves["first_request"].values())))
+            + " |"
+        )
         print("| --- |" + " --- |" * len(next(iter(curves["first_request"].values()))))
         for size, kinds in curves["first_request"].items():
-            print(f"| {size} | " + " | ".join(f"{r['cold_s']:.3f} / {r['cached_s']:.3f}" for r in kinds.values()) + " |")
+            print(
+                f"| {size} | " + " | ".join(f"{r['cold_s']:.3f} / {r['cached_s']:.3f}" for r in kinds.values()) + " |"
+            )

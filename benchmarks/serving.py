@@ -32,9 +32,27 @@ import sora_serve as ss
 from . import online as online_load
 from . import scale
 from .common import RESULTS, Target, bar_chart, markdown_targets, save_suite, stats
-from .shapes import KINDS, R_P, RANK, SHAPES, Shape, adapter_dirs, base_checkpoint, bf16_flags, cache_dir, decode_limit, linked_copies, prefill_limit, resolve_dtype
+from .shapes import (
+    KINDS,
+    R_P,
+    RANK,
+    SHAPES,
+    Shape,
+    adapter_dirs,
+    base_checkpoint,
+    bf16_flags,
+    cache_dir,
+    decode_limit,
+    linked_copies,
+    prefill_limit,
+    resolve_dtype,
+)
 
-ONLINE_SETS = {"LoRA only": [f"lora{i}" for i in range(4)], "SORA only": [f"sora{i}" for i in range(4)], "mixed kinds": ["lora", "dora", "prediag", "sora"]}
+ONLINE_SETS = {
+    "LoRA only": [f"lora{i}" for i in range(4)],
+    "SORA only": [f"sora{i}" for i in range(4)],
+    "mixed kinds": ["lora", "dora", "prediag", "sora"],
+}
 
 
 @dataclass(frozen=True)
@@ -60,20 +78,76 @@ def make_plan(shape: str | None, quick: bool) -> Plan:
     shape = shape or ("small" if quick else "realistic")
     if quick:
         return Plan(
-            shape, True, 16, (8, 128), (1, 8), 1,
-            scale.ScalePlan(distinct=(1, 2, 4, 8), distinct_batch=8, sora_distinct=(1, 4, 8), slots=2, rotation=(2, 4, 16), small_cache=4, waves=4, wave_batch=4, wave_tokens=4, first_copies=1, hidden_shapes=()),
-            online_load.LoadPlan(rates=(2.0, 8.0), requests_per_rate=8, prompt_len=(8, 32), output_len=(4, 12), ttft_slo_s=1.0),
-            False, (8,), 8, 1, (1, 4),
+            shape,
+            True,
+            16,
+            (8, 128),
+            (1, 8),
+            1,
+            scale.ScalePlan(
+                distinct=(1, 2, 4, 8),
+                distinct_batch=8,
+                sora_distinct=(1, 4, 8),
+                slots=2,
+                rotation=(2, 4, 16),
+                small_cache=4,
+                waves=4,
+                wave_batch=4,
+                wave_tokens=4,
+                first_copies=1,
+                hidden_shapes=(),
+            ),
+            online_load.LoadPlan(
+                rates=(2.0, 8.0), requests_per_rate=8, prompt_len=(8, 32), output_len=(4, 12), ttft_slo_s=1.0
+            ),
+            False,
+            (8,),
+            8,
+            1,
+            (1, 4),
         )
     full = Plan(
-        shape, False, 16, (4, 256), (1, 8, 32), 2,
-        scale.ScalePlan(distinct=(1, 2, 4, 8, 16, 32), distinct_batch=32, sora_distinct=(1, 16, 32), slots=4, rotation=(4, 8, 32, 128), small_cache=8, waves=6, wave_batch=8, wave_tokens=8, first_copies=3, hidden_shapes=("hidden1024",)),
-        online_load.LoadPlan(rates=(1.0, 2.0, 4.0, 8.0), requests_per_rate=24, prompt_len=(16, 128), output_len=(16, 64), ttft_slo_s=1.0),
-        True, (8,), 8, 2, (1, 4),
+        shape,
+        False,
+        16,
+        (4, 256),
+        (1, 8, 32),
+        2,
+        scale.ScalePlan(
+            distinct=(1, 2, 4, 8, 16, 32),
+            distinct_batch=32,
+            sora_distinct=(1, 16, 32),
+            slots=4,
+            rotation=(4, 8, 32, 128),
+            small_cache=8,
+            waves=6,
+            wave_batch=8,
+            wave_tokens=8,
+            first_copies=3,
+            hidden_shapes=("hidden1024",),
+        ),
+        online_load.LoadPlan(
+            rates=(1.0, 2.0, 4.0, 8.0), requests_per_rate=24, prompt_len=(16, 128), output_len=(16, 64), ttft_slo_s=1.0
+        ),
+        True,
+        (8,),
+        8,
+        2,
+        (1, 4),
     )
     if shape == "small":  # the toy model is cheap: more repeats and tokens, no second hidden size
-        full = replace(full, decode_tokens=64, prefill=(8, 256), repeats=5, eager_batches=(1, 8, 32), eager_tokens=32, eager_repeats=5, eager_distinct=(1, 4, 16), scale=replace(full.scale, hidden_shapes=()),
-                       online=replace(full.online, rates=(2.0, 4.0, 8.0, 16.0), ttft_slo_s=0.25))
+        full = replace(
+            full,
+            decode_tokens=64,
+            prefill=(8, 256),
+            repeats=5,
+            eager_batches=(1, 8, 32),
+            eager_tokens=32,
+            eager_repeats=5,
+            eager_distinct=(1, 4, 16),
+            scale=replace(full.scale, hidden_shapes=()),
+            online=replace(full.online, rates=(2.0, 4.0, 8.0, 16.0), ttft_slo_s=0.25),
+        )
     return full
 
 
@@ -84,8 +158,11 @@ def build(shape: Shape, plan: Plan, root: Path) -> tuple[Path, dict[str, str]]:
     """The cached base and adapters (every kind, plus distinct LoRA / SORA adapters for the
     curves and the online sets), and hard-linked copies for the rotation and first requests."""
     base = base_checkpoint(shape)
-    specs = {**KINDS, **{f"lora{i}": KINDS["lora"] for i in range(max(plan.scale.distinct))},
-             **{f"sora{i}": KINDS["sora"] for i in range(max(plan.scale.sora_distinct))}}
+    specs = {
+        **KINDS,
+        **{f"lora{i}": KINDS["lora"] for i in range(max(plan.scale.distinct))},
+        **{f"sora{i}": KINDS["sora"] for i in range(max(plan.scale.sora_distinct))},
+    }
     dirs = adapter_dirs(base, specs)
     links = root / "links"
     for n in plan.scale.rotation:
@@ -95,20 +172,46 @@ def build(shape: Shape, plan: Plan, root: Path) -> tuple[Path, dict[str, str]]:
 
 
 def first_request_copies(dirs: dict[str, str], plan: scale.ScalePlan, links: Path) -> dict[str, str]:
-    copies = {f"first-{kind}-{i}": path for kind in scale.FIRST_REQUEST_KINDS for i, path in enumerate(linked_copies(dirs[kind], plan.first_copies, links / f"first-{kind}"))}
-    return copies | {f"filler-{i}": path for i, path in enumerate(linked_copies(dirs["lora"], plan.slots, links / "filler"))}
+    copies = {
+        f"first-{kind}-{i}": path
+        for kind in scale.FIRST_REQUEST_KINDS
+        for i, path in enumerate(linked_copies(dirs[kind], plan.first_copies, links / f"first-{kind}"))
+    }
+    return copies | {
+        f"filler-{i}": path for i, path in enumerate(linked_copies(dirs["lora"], plan.slots, links / "filler"))
+    }
 
 
 # ---------------------------------------------------------------- vLLM
 
 
-def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios: list[dict], repeats: int, *, plugin: bool = True, max_loras: int = 0,
-                max_cpu_loras: int | None = None, backend: str | None = None, checkout: Path | None = None) -> dict:
+def vllm_engine(
+    root: Path,
+    shape: Shape,
+    base: Path,
+    adapters: dict,
+    scenarios: list[dict],
+    repeats: int,
+    *,
+    plugin: bool = True,
+    max_loras: int = 0,
+    max_cpu_loras: int | None = None,
+    backend: str | None = None,
+    checkout: Path | None = None,
+) -> dict:
     """One engine (`max_loras` 0: LoRA disabled) in a subprocess; returns its start time and results.
     `backend`: the plugin's backend (`SORA_SERVE_VLLM_BACKEND`), default the platform's; `checkout`:
     another checkout of this repository whose plugin (and worker) the engine runs."""
-    config = {"model": str(base), "dtype": shape.dtype, "adapters": adapters, "scenarios": scenarios, "repeats": repeats, "enable_lora": max_loras > 0,
-              "max_loras": max(1, max_loras), "max_lora_rank": RANK}
+    config = {
+        "model": str(base),
+        "dtype": shape.dtype,
+        "adapters": adapters,
+        "scenarios": scenarios,
+        "repeats": repeats,
+        "enable_lora": max_loras > 0,
+        "max_loras": max(1, max_loras),
+        "max_lora_rank": RANK,
+    }
     if max_loras:
         config["max_cpu_loras"] = max_cpu_loras or max(8, 2 * max_loras)
     path = root / f"vllm-{len(list(root.glob('vllm-*.json')))}.json"
@@ -120,11 +223,18 @@ def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios:
         env["SORA_SERVE_VLLM_BACKEND"] = backend
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)  # vLLM's entry point then loads that checkout's plugin
-    out = subprocess.run([sys.executable, "-m", "benchmarks.vllm_worker", str(path)], capture_output=True, text=True, env=env, cwd=checkout, timeout=1800)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vllm_worker", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=checkout,
+        timeout=1800,
+    )
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"vLLM worker failed:\n{out.stderr[-4000:]}")
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     for row in result["results"]:
         row["engine"] = "plugin" if plugin else "stock"
         for metric in ("tok_per_s", "ttft_s", "tpot_s"):
@@ -134,34 +244,88 @@ def vllm_engine(root: Path, shape: Shape, base: Path, adapters: dict, scenarios:
 
 
 def decode(name: str, adapters: list, batch: int, tokens: int) -> dict:
-    return {"name": name, "kind": "decode", "adapters": adapters, "batch": batch, "prompt_len": 16, "max_tokens": tokens}
+    return {
+        "name": name,
+        "kind": "decode",
+        "adapters": adapters,
+        "batch": batch,
+        "prompt_len": 16,
+        "max_tokens": tokens,
+    }
 
 
 def prefill(name: str, adapters: list, plan: Plan) -> dict:
-    return {"name": name, "kind": "prefill", "adapters": adapters, "batch": plan.prefill[0], "prompt_len": plan.prefill[1], "max_tokens": 1}
+    return {
+        "name": name,
+        "kind": "prefill",
+        "adapters": adapters,
+        "batch": plan.prefill[0],
+        "prompt_len": plan.prefill[1],
+        "max_tokens": 1,
+    }
 
 
 def offline_engines(root: Path, shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict[str, dict]:
     """The LoRA-disabled, plugin and stock engines: batch curves, kinds, prefill, distinct adapters."""
     t, sp = plan.decode_tokens, plan.scale
-    sweep = [b for b in plan.sweep if b != sp.distinct_batch]  # batch = distinct_batch comes from the distinct curve's k = 1
+    sweep = [
+        b for b in plan.sweep if b != sp.distinct_batch
+    ]  # batch = distinct_batch comes from the distinct curve's k = 1
     loras, soras = [f"lora{i}" for i in range(max(sp.distinct))], [f"sora{i}" for i in range(max(sp.sora_distinct))]
-    disabled = [prefill("no-lora engine prefill", [None], plan)] + [decode(f"no-lora engine @ batch {b}", [None], b, t) for b in plan.sweep]
-    plugin = [decode("plugin: base requests", [None], 8, t), prefill("plugin: LoRA prefill", ["lora"], plan), prefill("plugin: SORA prefill", ["sora"], plan),
-              decode("plugin: DoRA", ["dora"], 8, t), decode("plugin: Pre-Diag", ["prediag"], 8, t), decode("plugin: SORA cayley", ["sora_cayley"], 8, t)]
-    plugin += [decode(f"plugin: {label} @ batch {b}", [name], b, t) for label, name in (("LoRA", "lora"), ("SORA", "sora")) for b in sweep]
-    plugin += scale.distinct_scenarios(sp, "plugin LoRA", loras, t, sp.distinct) + scale.distinct_scenarios(sp, "plugin SORA", soras, t, sp.sora_distinct)
-    punica = [prefill("punica: LoRA prefill", ["lora"], plan), prefill("punica: SORA prefill", ["sora"], plan), decode("punica: SORA cayley", ["sora_cayley"], 8, t)]
-    punica += [decode(f"punica: {label} @ batch 8", [name], 8, t) for label, name in (("LoRA", "lora"), ("SORA", "sora"))]
-    punica += scale.distinct_scenarios(sp, "punica LoRA", loras, t, (1, max(sp.distinct))) + scale.distinct_scenarios(sp, "punica SORA", soras, t, (1, middle_sora(plan)))
-    stock = [prefill("stock: LoRA prefill", ["lora"], plan)] + [decode(f"stock: LoRA @ batch {b}", ["lora"], b, t) for b in sweep]
+    disabled = [prefill("no-lora engine prefill", [None], plan)] + [
+        decode(f"no-lora engine @ batch {b}", [None], b, t) for b in plan.sweep
+    ]
+    plugin = [
+        decode("plugin: base requests", [None], 8, t),
+        prefill("plugin: LoRA prefill", ["lora"], plan),
+        prefill("plugin: SORA prefill", ["sora"], plan),
+        decode("plugin: DoRA", ["dora"], 8, t),
+        decode("plugin: Pre-Diag", ["prediag"], 8, t),
+        decode("plugin: SORA cayley", ["sora_cayley"], 8, t),
+    ]
+    plugin += [
+        decode(f"plugin: {label} @ batch {b}", [name], b, t)
+        for label, name in (("LoRA", "lora"), ("SORA", "sora"))
+        for b in sweep
+    ]
+    plugin += scale.distinct_scenarios(sp, "plugin LoRA", loras, t, sp.distinct) + scale.distinct_scenarios(
+        sp, "plugin SORA", soras, t, sp.sora_distinct
+    )
+    punica = [
+        prefill("punica: LoRA prefill", ["lora"], plan),
+        prefill("punica: SORA prefill", ["sora"], plan),
+        decode("punica: SORA cayley", ["sora_cayley"], 8, t),
+    ]
+    punica += [
+        decode(f"punica: {label} @ batch 8", [name], 8, t) for label, name in (("LoRA", "lora"), ("SORA", "sora"))
+    ]
+    punica += scale.distinct_scenarios(sp, "punica LoRA", loras, t, (1, max(sp.distinct))) + scale.distinct_scenarios(
+        sp, "punica SORA", soras, t, (1, middle_sora(plan))
+    )
+    stock = [prefill("stock: LoRA prefill", ["lora"], plan)] + [
+        decode(f"stock: LoRA @ batch {b}", ["lora"], b, t) for b in sweep
+    ]
     stock += scale.distinct_scenarios(sp, "stock LoRA", loras, t, sp.distinct)
     kinds = {n: dirs[n] for n in (*KINDS, *loras, *soras)}
     slots = max(max(sp.distinct), len(KINDS))
     engines = {"no-lora": vllm_engine(root, shape, base, {}, disabled, plan.repeats)}
-    engines["plugin"] = vllm_engine(root, shape, base, kinds, plugin, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4)
-    engines["plugin, punica backend"] = vllm_engine(root, shape, base, kinds, punica, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4, backend="punica")
-    engines["stock"] = vllm_engine(root, shape, base, {n: dirs[n] for n in ("lora", *loras)}, stock, plan.repeats, plugin=False, max_loras=slots, max_cpu_loras=len(loras) + 4)
+    engines["plugin"] = vllm_engine(
+        root, shape, base, kinds, plugin, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4
+    )
+    engines["plugin, punica backend"] = vllm_engine(
+        root, shape, base, kinds, punica, plan.repeats, max_loras=slots, max_cpu_loras=len(kinds) + 4, backend="punica"
+    )
+    engines["stock"] = vllm_engine(
+        root,
+        shape,
+        base,
+        {n: dirs[n] for n in ("lora", *loras)},
+        stock,
+        plan.repeats,
+        plugin=False,
+        max_loras=slots,
+        max_cpu_loras=len(loras) + 4,
+    )
     return engines
 
 
@@ -175,16 +339,51 @@ def scale_engines(root: Path, shape: Shape, base: Path, dirs: dict, plan: Plan) 
     rotation_dirs = {n: dirs[n] for names in copies.values() for n in names}
     first_dirs = {n: dirs[n] for n in (*first["adapters"], *fillers)}
     large = sum(sp.rotation) + len(first_dirs)  # a CPU cache that holds every adapter of the engine
-    engines = {"plugin, cache holds all": vllm_engine(root, shape, base, rotation_dirs | first_dirs, [first, *scale.rotation_scenarios(sp, copies, sp.rotation)], 1, max_loras=sp.slots, max_cpu_loras=large)}
+    engines = {
+        "plugin, cache holds all": vllm_engine(
+            root,
+            shape,
+            base,
+            rotation_dirs | first_dirs,
+            [first, *scale.rotation_scenarios(sp, copies, sp.rotation)],
+            1,
+            max_loras=sp.slots,
+            max_cpu_loras=large,
+        )
+    }
     if plan.rotation_variants:
         beyond = tuple(n for n in sp.rotation if n == sp.slots or n > sp.small_cache)
-        engines[f"plugin, max_cpu_loras {sp.small_cache}"] = vllm_engine(root, shape, base, {n: dirs[n] for b in beyond for n in copies[b]}, scale.rotation_scenarios(sp, copies, beyond), 1, max_loras=sp.slots, max_cpu_loras=sp.small_cache)
-        engines["stock, cache holds all"] = vllm_engine(root, shape, base, rotation_dirs, scale.rotation_scenarios(sp, copies, sp.rotation), 1, plugin=False, max_loras=sp.slots, max_cpu_loras=large)
+        engines[f"plugin, max_cpu_loras {sp.small_cache}"] = vllm_engine(
+            root,
+            shape,
+            base,
+            {n: dirs[n] for b in beyond for n in copies[b]},
+            scale.rotation_scenarios(sp, copies, beyond),
+            1,
+            max_loras=sp.slots,
+            max_cpu_loras=sp.small_cache,
+        )
+        engines["stock, cache holds all"] = vllm_engine(
+            root,
+            shape,
+            base,
+            rotation_dirs,
+            scale.rotation_scenarios(sp, copies, sp.rotation),
+            1,
+            plugin=False,
+            max_loras=sp.slots,
+            max_cpu_loras=large,
+        )
     for name in sp.hidden_shapes:
         other = resolve_dtype(SHAPES[name])
-        other_base, other_dirs = base_checkpoint(other), adapter_dirs(base_checkpoint(other), {k: KINDS[k] for k in scale.FIRST_REQUEST_KINDS})
+        other_base, other_dirs = (
+            base_checkpoint(other),
+            adapter_dirs(base_checkpoint(other), {k: KINDS[k] for k in scale.FIRST_REQUEST_KINDS}),
+        )
         links = first_request_copies(other_dirs, sp, root / "links" / name)
-        engines[f"first request, {name}"] = vllm_engine(root, other, other_base, links, [first], 1, max_loras=sp.slots, max_cpu_loras=len(links) + 4)
+        engines[f"first request, {name}"] = vllm_engine(
+            root, other, other_base, links, [first], 1, max_loras=sp.slots, max_cpu_loras=len(links) + 4
+        )
     return engines
 
 
@@ -196,7 +395,10 @@ def time_in_rounds(cases: dict[str, tuple[Callable, int]], new_tokens: int, repe
     """Throughput, time to first token and time per output token of greedy `generate(prompt, n)`
     calls, one (generate, batch) per case. Repeats run in rounds over all cases, so drift of a
     shared machine hits every case alike."""
-    prompts = {name: torch.randint(1, vocab, (batch, 16), generator=torch.Generator().manual_seed(0)) for name, (_, batch) in cases.items()}
+    prompts = {
+        name: torch.randint(1, vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+        for name, (_, batch) in cases.items()
+    }
     for name, (generate, _) in cases.items():
         generate(prompts[name], 1)  # warm-up
     ttft: dict[str, list[float]] = {name: [] for name in cases}
@@ -212,13 +414,19 @@ def time_in_rounds(cases: dict[str, tuple[Callable, int]], new_tokens: int, repe
     results = {}
     for name, (_, batch) in cases.items():
         tpot = [(t - f) / (new_tokens - 1) for t, f in zip(total[name], ttft[name])]
-        results[name] = {"tok_per_s": stats([batch * new_tokens / t for t in total[name]]), "ttft_s": stats(ttft[name]), "tpot_s": stats(tpot)}
+        results[name] = {
+            "tok_per_s": stats([batch * new_tokens / t for t in total[name]]),
+            "ttft_s": stats(ttft[name]),
+            "tpot_s": stats(tpot),
+        }
     return results
 
 
 def hf_generate(model, names=None):
     def run(prompt, n):  # unpadded prompts: the mask is all ones
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        )
 
     def generate(prompt, n):
         if names is None:
@@ -259,8 +467,15 @@ def eager_deployments(shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict:
         "ours SORA": hf_generate(runtime, ["sora"]),
         **{"ours SORA cayley": hf_generate(runtime, cayley) for _ in cayley},
     }
-    cases = {f"{name} @ batch {batch}": (generate, batch) for name, generate in deployments.items() for batch in plan.eager_batches}
-    cases |= {f"ours SORA, {k} distinct adapters @ batch 16": (hf_generate(runtime, distinct[:k]), 16) for k in plan.eager_distinct}
+    cases = {
+        f"{name} @ batch {batch}": (generate, batch)
+        for name, generate in deployments.items()
+        for batch in plan.eager_batches
+    }
+    cases |= {
+        f"ours SORA, {k} distinct adapters @ batch 16": (hf_generate(runtime, distinct[:k]), 16)
+        for k in plan.eager_distinct
+    }
     return time_in_rounds(cases, plan.eager_tokens, plan.eager_repeats, shape.vocab_size)
 
 
@@ -268,7 +483,11 @@ def onnx_fits(shape: Shape) -> dict:
     """Whether exporting (fp32, ~7 bytes per parameter at peak: 4.6 GB measured for 0.67B) and
     running two sessions (merged + switchable, 4 bytes per parameter each) fit in the memory
     available now, with a quarter left for the rest of the machine."""
-    available = next(int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable"))
+    available = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable")
+    )
     need = max(7, 2 * 4) * shape.parameters()
     return {"need_gib": need / 2**30, "available_gib": available / 2**30, "fits": need < 0.75 * available}
 
@@ -278,7 +497,10 @@ def onnx_exports(base: Path, dirs: dict) -> tuple[Path, Path]:
     from sora_serve.converters.onnx_export import export_onnx
 
     key = "-".join(Path(dirs[n]).name.rsplit("-", 1)[1] for n in KINDS)  # the adapters' cache keys
-    merged, switchable = cache_dir() / f"onnx-merged-{base.name}-{key}", cache_dir() / f"onnx-switchable-{base.name}-{key}"
+    merged, switchable = (
+        cache_dir() / f"onnx-merged-{base.name}-{key}",
+        cache_dir() / f"onnx-switchable-{base.name}-{key}",
+    )
     if not (merged / "model.onnx").is_file():
         export_onnx(merged_sora(base, dirs), merged, verify=False)
     if not (switchable / "model.onnx").is_file():
@@ -294,7 +516,10 @@ def onnx_deployments(shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict:
     cases = {}
     for batch in plan.eager_batches:
         cases[f"ONNX merged SORA @ batch {batch}"] = (lambda p, n: merged.generate(p.numpy(), n), batch)
-        cases[f"ONNX switchable, SORA active @ batch {batch}"] = (lambda p, n: switchable.generate(p.numpy(), n, adapter=Path(dirs["sora"]).name), batch)
+        cases[f"ONNX switchable, SORA active @ batch {batch}"] = (
+            lambda p, n: switchable.generate(p.numpy(), n, adapter=Path(dirs["sora"]).name),
+            batch,
+        )
     return time_in_rounds(cases, plan.eager_tokens, plan.eager_repeats, shape.vocab_size)
 
 
@@ -340,7 +565,18 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
         sections = [
             ("vLLM engines", lambda: offline_engines(root, model, base, dirs, plan)),
             ("scale engines", lambda: scale_engines(root, model, base, dirs, plan)),
-            ("online load", lambda: online_load.run_online(base, {s: {n: dirs[n] for n in names} for s, names in ONLINE_SETS.items()}, plan.online, max_loras=4, dtype=model.dtype, vocab=model.vocab_size, log_dir=root)),
+            (
+                "online load",
+                lambda: online_load.run_online(
+                    base,
+                    {s: {n: dirs[n] for n in names} for s, names in ONLINE_SETS.items()},
+                    plan.online,
+                    max_loras=4,
+                    dtype=model.dtype,
+                    vocab=model.vocab_size,
+                    log_dir=root,
+                ),
+            ),
             ("eager", lambda: eager_deployments(model, base, dirs, plan)),
             ("onnx", lambda: onnx_section(model, base, dirs, plan)),
         ]
@@ -352,7 +588,9 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
             timings[f"{name}_s"] = time.perf_counter() - start
             saved.write_text(json.dumps({"plan": asdict(plan), "results": results, "timings": timings}, default=str))
             gc.collect()
-    timings["total_s"] = sum(timings.values())  # build + every section (a resumed run counts its reused sections' times)
+    timings["total_s"] = sum(
+        timings.values()
+    )  # build + every section (a resumed run counts its reused sections' times)
     return report(plan, model, results, timings, out_dir)
 
 
@@ -398,40 +636,136 @@ def middle_sora(plan: Plan) -> int:
     return counts[-2] if len(counts) > 1 else counts[-1]
 
 
-def ratio_rows(plan: Plan, shape: Shape, v: dict, e: dict, o: dict, onnx_shape: Shape) -> list[tuple[str, float | None, float]]:
+def ratio_rows(
+    plan: Plan, shape: Shape, v: dict, e: dict, o: dict, onnx_shape: Shape
+) -> list[tuple[str, float | None, float]]:
     """(ratio, measured, physical limit): decode limits from bytes read per step, prefill limits
     from multiply-adds per token (benchmarks.shapes)."""
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     b = plan.scale.distinct_batch
-    v = {**v, **{f"{prefix} @ batch {b}": v[f"{prefix.replace(':', '')}: 1 distinct"] for prefix in ("plugin: LoRA", "plugin: SORA", "stock: LoRA") if f"{prefix.replace(':', '')}: 1 distinct" in v}}
+    v = {
+        **v,
+        **{
+            f"{prefix} @ batch {b}": v[f"{prefix.replace(':', '')}: 1 distinct"]
+            for prefix in ("plugin: LoRA", "plugin: SORA", "stock: LoRA")
+            if f"{prefix.replace(':', '')}: 1 distinct" in v
+        },
+    }
     lora1, sora1 = v.get("plugin LoRA: 1 distinct"), v.get("plugin SORA: 1 distinct")
     most_lora, mid_sora = max(plan.scale.distinct), middle_sora(plan)
     dl = lambda num, den: decode_limit(shape, num, den)  # noqa: E731
     return [
         ("eager merged SORA / base decode (batch 8)", ratio(e["merged SORA @ batch 8"], e["base @ batch 8"]), 1.0),
-        ("vLLM plugin SORA / plugin LoRA decode (batch 8)", ratio(v["plugin: SORA @ batch 8"], v["plugin: LoRA @ batch 8"]), dl(["sora"], ["lora"])),
-        ("vLLM plugin SORA cayley / plugin LoRA decode", ratio(v["plugin: SORA cayley"], v["plugin: LoRA @ batch 8"]), dl(["sora"], ["lora"])),
-        ("vLLM plugin Pre-Diag / plugin LoRA decode", ratio(v["plugin: Pre-Diag"], v["plugin: LoRA @ batch 8"]), dl(["prediag"], ["lora"])),
-        ("vLLM plugin DoRA / plugin LoRA decode", ratio(v["plugin: DoRA"], v["plugin: LoRA @ batch 8"]), dl(["dora"], ["lora"])),
-        ("vLLM plugin LoRA / LoRA-disabled engine decode (batch 8)", ratio(v["plugin: LoRA @ batch 8"], v["no-lora engine @ batch 8"]), dl(["lora"], [])),
-        ("vLLM stock LoRA / LoRA-disabled engine decode (batch 8)", ratio(v["stock: LoRA @ batch 8"], v["no-lora engine @ batch 8"]), dl(["lora"], [])),
-        ("vLLM plugin SORA / LoRA-disabled engine decode (batch 8)", ratio(v["plugin: SORA @ batch 8"], v["no-lora engine @ batch 8"]), dl(["sora"], [])),
-        ("vLLM plugin LoRA / stock LoRA decode (batch 8)", ratio(v["plugin: LoRA @ batch 8"], v["stock: LoRA @ batch 8"]), 1.0),
-        ("vLLM plugin LoRA prefill / LoRA-disabled engine prefill", ratio(v["plugin: LoRA prefill"], v["no-lora engine prefill"]), prefill_limit(shape, "lora", None)),
-        ("vLLM stock LoRA prefill / LoRA-disabled engine prefill", ratio(v["stock: LoRA prefill"], v["no-lora engine prefill"]), prefill_limit(shape, "lora", None)),
-        ("vLLM plugin SORA prefill / LoRA-disabled engine prefill", ratio(v["plugin: SORA prefill"], v["no-lora engine prefill"]), prefill_limit(shape, "sora", None)),
+        (
+            "vLLM plugin SORA / plugin LoRA decode (batch 8)",
+            ratio(v["plugin: SORA @ batch 8"], v["plugin: LoRA @ batch 8"]),
+            dl(["sora"], ["lora"]),
+        ),
+        (
+            "vLLM plugin SORA cayley / plugin LoRA decode",
+            ratio(v["plugin: SORA cayley"], v["plugin: LoRA @ batch 8"]),
+            dl(["sora"], ["lora"]),
+        ),
+        (
+            "vLLM plugin Pre-Diag / plugin LoRA decode",
+            ratio(v["plugin: Pre-Diag"], v["plugin: LoRA @ batch 8"]),
+            dl(["prediag"], ["lora"]),
+        ),
+        (
+            "vLLM plugin DoRA / plugin LoRA decode",
+            ratio(v["plugin: DoRA"], v["plugin: LoRA @ batch 8"]),
+            dl(["dora"], ["lora"]),
+        ),
+        (
+            "vLLM plugin LoRA / LoRA-disabled engine decode (batch 8)",
+            ratio(v["plugin: LoRA @ batch 8"], v["no-lora engine @ batch 8"]),
+            dl(["lora"], []),
+        ),
+        (
+            "vLLM stock LoRA / LoRA-disabled engine decode (batch 8)",
+            ratio(v["stock: LoRA @ batch 8"], v["no-lora engine @ batch 8"]),
+            dl(["lora"], []),
+        ),
+        (
+            "vLLM plugin SORA / LoRA-disabled engine decode (batch 8)",
+            ratio(v["plugin: SORA @ batch 8"], v["no-lora engine @ batch 8"]),
+            dl(["sora"], []),
+        ),
+        (
+            "vLLM plugin LoRA / stock LoRA decode (batch 8)",
+            ratio(v["plugin: LoRA @ batch 8"], v["stock: LoRA @ batch 8"]),
+            1.0,
+        ),
+        (
+            "vLLM plugin LoRA prefill / LoRA-disabled engine prefill",
+            ratio(v["plugin: LoRA prefill"], v["no-lora engine prefill"]),
+            prefill_limit(shape, "lora", None),
+        ),
+        (
+            "vLLM stock LoRA prefill / LoRA-disabled engine prefill",
+            ratio(v["stock: LoRA prefill"], v["no-lora engine prefill"]),
+            prefill_limit(shape, "lora", None),
+        ),
+        (
+            "vLLM plugin SORA prefill / LoRA-disabled engine prefill",
+            ratio(v["plugin: SORA prefill"], v["no-lora engine prefill"]),
+            prefill_limit(shape, "sora", None),
+        ),
         ("vLLM plugin LoRA / stock LoRA prefill", ratio(v["plugin: LoRA prefill"], v["stock: LoRA prefill"]), 1.0),
-        ("vLLM base requests (adapters loaded) / LoRA-disabled engine", ratio(v["plugin: base requests"], v["no-lora engine @ batch 8"]), 1.0),
-        (f"vLLM {most_lora} distinct LoRA / 1 LoRA (plugin, batch {b})", ratio(v.get(f"plugin LoRA: {most_lora} distinct"), lora1), dl(["lora"] * most_lora, ["lora"])),
-        (f"vLLM {most_lora} distinct LoRA / 1 LoRA (stock, batch {b})", ratio(v.get(f"stock LoRA: {most_lora} distinct"), v.get("stock LoRA: 1 distinct")), dl(["lora"] * most_lora, ["lora"])),
-        (f"vLLM {mid_sora} distinct SORA / 1 SORA (plugin, batch {b})", ratio(v.get(f"plugin SORA: {mid_sora} distinct"), sora1), dl(["sora"] * mid_sora, ["sora"])),
+        (
+            "vLLM base requests (adapters loaded) / LoRA-disabled engine",
+            ratio(v["plugin: base requests"], v["no-lora engine @ batch 8"]),
+            1.0,
+        ),
+        (
+            f"vLLM {most_lora} distinct LoRA / 1 LoRA (plugin, batch {b})",
+            ratio(v.get(f"plugin LoRA: {most_lora} distinct"), lora1),
+            dl(["lora"] * most_lora, ["lora"]),
+        ),
+        (
+            f"vLLM {most_lora} distinct LoRA / 1 LoRA (stock, batch {b})",
+            ratio(v.get(f"stock LoRA: {most_lora} distinct"), v.get("stock LoRA: 1 distinct")),
+            dl(["lora"] * most_lora, ["lora"]),
+        ),
+        (
+            f"vLLM {mid_sora} distinct SORA / 1 SORA (plugin, batch {b})",
+            ratio(v.get(f"plugin SORA: {mid_sora} distinct"), sora1),
+            dl(["sora"] * mid_sora, ["sora"]),
+        ),
         *punica_rows(plan, shape, v),
-        ("eager ours SORA / PEFT LoRA (batch 8)", ratio(e["ours SORA @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]), dl(["sora"], ["lora"])),
-        ("eager ours Pre-Diag / PEFT LoRA (batch 8)", ratio(e["ours Pre-Diag @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]), dl(["prediag"], ["lora"])),
-        (f"eager {max(plan.eager_distinct)} adapters / 1 adapter (batch 16)", ratio(e[f"ours SORA, {max(plan.eager_distinct)} distinct adapters @ batch 16"], e["ours SORA, 1 distinct adapters @ batch 16"]), dl(["sora"] * max(plan.eager_distinct), ["sora"])),
-        ("ONNX switchable / ONNX merged (batch 8)", ratio(o["ONNX switchable, SORA active @ batch 8"], o["ONNX merged SORA @ batch 8"]), decode_limit(replace(onnx_shape, dtype="float32"), ["sora"], [])),
-        ("ONNX merged SORA / vLLM LoRA-disabled engine (batch 8)", ratio(o["ONNX merged SORA @ batch 8"], v["no-lora engine @ batch 8"]), None),
-        ("ONNX switchable SORA / vLLM plugin SORA (batch 8)", ratio(o["ONNX switchable, SORA active @ batch 8"], v["plugin: SORA @ batch 8"]), None),
+        (
+            "eager ours SORA / PEFT LoRA (batch 8)",
+            ratio(e["ours SORA @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]),
+            dl(["sora"], ["lora"]),
+        ),
+        (
+            "eager ours Pre-Diag / PEFT LoRA (batch 8)",
+            ratio(e["ours Pre-Diag @ batch 8"], e["PEFT LoRA (unmerged) @ batch 8"]),
+            dl(["prediag"], ["lora"]),
+        ),
+        (
+            f"eager {max(plan.eager_distinct)} adapters / 1 adapter (batch 16)",
+            ratio(
+                e[f"ours SORA, {max(plan.eager_distinct)} distinct adapters @ batch 16"],
+                e["ours SORA, 1 distinct adapters @ batch 16"],
+            ),
+            dl(["sora"] * max(plan.eager_distinct), ["sora"]),
+        ),
+        (
+            "ONNX switchable / ONNX merged (batch 8)",
+            ratio(o["ONNX switchable, SORA active @ batch 8"], o["ONNX merged SORA @ batch 8"]),
+            decode_limit(replace(onnx_shape, dtype="float32"), ["sora"], []),
+        ),
+        (
+            "ONNX merged SORA / vLLM LoRA-disabled engine (batch 8)",
+            ratio(o["ONNX merged SORA @ batch 8"], v["no-lora engine @ batch 8"]),
+            None,
+        ),
+        (
+            "ONNX switchable SORA / vLLM plugin SORA (batch 8)",
+            ratio(o["ONNX switchable, SORA active @ batch 8"], v["plugin: SORA @ batch 8"]),
+            None,
+        ),
     ]
 
 
@@ -441,23 +775,65 @@ def punica_rows(plan: Plan, shape: Shape, v: dict) -> list[tuple[str, float | No
     b, most_lora, mid_sora = plan.scale.distinct_batch, max(plan.scale.distinct), middle_sora(plan)
     dl = lambda num, den: decode_limit(shape, num, den)  # noqa: E731
     return [
-        ("vLLM punica backend LoRA / grouped LoRA decode (batch 8)", ratio(v.get("punica: LoRA @ batch 8"), v["plugin: LoRA @ batch 8"]), 1.0),
-        ("vLLM punica backend SORA / grouped SORA decode (batch 8)", ratio(v.get("punica: SORA @ batch 8"), v["plugin: SORA @ batch 8"]), 1.0),
-        ("vLLM punica backend SORA / punica LoRA decode (batch 8)", ratio(v.get("punica: SORA @ batch 8"), v.get("punica: LoRA @ batch 8")), dl(["sora"], ["lora"])),
-        ("vLLM punica backend SORA cayley / punica LoRA decode", ratio(v.get("punica: SORA cayley"), v.get("punica: LoRA @ batch 8")), dl(["sora"], ["lora"])),
-        ("vLLM punica backend LoRA / stock LoRA decode (batch 8)", ratio(v.get("punica: LoRA @ batch 8"), v["stock: LoRA @ batch 8"]), 1.0),
-        ("vLLM punica backend LoRA prefill / LoRA-disabled engine prefill", ratio(v.get("punica: LoRA prefill"), v["no-lora engine prefill"]), prefill_limit(shape, "lora", None)),
-        ("vLLM punica backend SORA prefill / LoRA-disabled engine prefill", ratio(v.get("punica: SORA prefill"), v["no-lora engine prefill"]), prefill_limit(shape, "sora", None)),
-        (f"vLLM {most_lora} distinct LoRA / 1 LoRA (punica backend, batch {b})", ratio(v.get(f"punica LoRA: {most_lora} distinct"), v.get("punica LoRA: 1 distinct")), dl(["lora"] * most_lora, ["lora"])),
-        (f"vLLM {mid_sora} distinct SORA / 1 SORA (punica backend, batch {b})", ratio(v.get(f"punica SORA: {mid_sora} distinct"), v.get("punica SORA: 1 distinct")), dl(["sora"] * mid_sora, ["sora"])),
+        (
+            "vLLM punica backend LoRA / grouped LoRA decode (batch 8)",
+            ratio(v.get("punica: LoRA @ batch 8"), v["plugin: LoRA @ batch 8"]),
+            1.0,
+        ),
+        (
+            "vLLM punica backend SORA / grouped SORA decode (batch 8)",
+            ratio(v.get("punica: SORA @ batch 8"), v["plugin: SORA @ batch 8"]),
+            1.0,
+        ),
+        (
+            "vLLM punica backend SORA / punica LoRA decode (batch 8)",
+            ratio(v.get("punica: SORA @ batch 8"), v.get("punica: LoRA @ batch 8")),
+            dl(["sora"], ["lora"]),
+        ),
+        (
+            "vLLM punica backend SORA cayley / punica LoRA decode",
+            ratio(v.get("punica: SORA cayley"), v.get("punica: LoRA @ batch 8")),
+            dl(["sora"], ["lora"]),
+        ),
+        (
+            "vLLM punica backend LoRA / stock LoRA decode (batch 8)",
+            ratio(v.get("punica: LoRA @ batch 8"), v["stock: LoRA @ batch 8"]),
+            1.0,
+        ),
+        (
+            "vLLM punica backend LoRA prefill / LoRA-disabled engine prefill",
+            ratio(v.get("punica: LoRA prefill"), v["no-lora engine prefill"]),
+            prefill_limit(shape, "lora", None),
+        ),
+        (
+            "vLLM punica backend SORA prefill / LoRA-disabled engine prefill",
+            ratio(v.get("punica: SORA prefill"), v["no-lora engine prefill"]),
+            prefill_limit(shape, "sora", None),
+        ),
+        (
+            f"vLLM {most_lora} distinct LoRA / 1 LoRA (punica backend, batch {b})",
+            ratio(v.get(f"punica LoRA: {most_lora} distinct"), v.get("punica LoRA: 1 distinct")),
+            dl(["lora"] * most_lora, ["lora"]),
+        ),
+        (
+            f"vLLM {mid_sora} distinct SORA / 1 SORA (punica backend, batch {b})",
+            ratio(v.get(f"punica SORA: {mid_sora} distinct"), v.get("punica SORA: 1 distinct")),
+            dl(["sora"] * mid_sora, ["sora"]),
+        ),
     ]
 
 
-def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, dict]) -> tuple[dict, dict, dict, dict, dict]:
+def curves(
+    plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, dict]
+) -> tuple[dict, dict, dict, dict, dict]:
     """The three scale curves as {label: {x: median}} (plus raw rotation rows and first-request tables)."""
     distinct, limits = {}, {}
     for label, kind in (("plugin LoRA", "lora"), ("stock LoRA", "lora"), ("plugin SORA", "sora")):
-        rows = {len(r["adapters"]): r for r in vllm if r["name"].startswith(f"{label}: ") and r["name"].endswith(" distinct")}
+        rows = {
+            len(r["adapters"]): r
+            for r in vllm
+            if r["name"].startswith(f"{label}: ") and r["name"].endswith(" distinct")
+        }
         if rows:
             distinct[label] = {k: r["tok_per_s"]["median"] for k, r in rows.items()}
             limits[label] = {k: decode_limit(shape, [kind] * k, [kind]) for k in rows}
@@ -466,7 +842,10 @@ def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, 
         rows = [r for r in engine["results"] if r["kind"] == "rotation"]
         if rows:
             for r in rows:
-                r["stats"], r["limit"] = r["tok_per_s"], scale.rotation_limit(shape, r)  # tok_per_s: stats over the waves (vllm_engine)
+                r["stats"], r["limit"] = (
+                    r["tok_per_s"],
+                    scale.rotation_limit(shape, r),
+                )  # tok_per_s: stats over the waves (vllm_engine)
             rotation[label] = {r["adapters"]: r["stats"]["median"] for r in rows}
             rotation_raw[label] = rows
     first = {}
@@ -479,7 +858,9 @@ def curves(plan: Plan, shape: Shape, vllm: list[dict], scale_results: dict[str, 
 
 
 def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> Path:
-    engines, scale_results, online, eager, onnx = (results[k] for k in ("vLLM engines", "scale engines", "online load", "eager", "onnx"))
+    engines, scale_results, online, eager, onnx = (
+        results[k] for k in ("vLLM engines", "scale engines", "online load", "eager", "onnx")
+    )
     vllm = [row for engine in engines.values() for row in engine["results"]]
     onnx_shape = resolve_dtype(SHAPES[onnx["shape"]])
     v = {row["name"]: row["tok_per_s"]["median"] for row in vllm}
@@ -496,53 +877,127 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         Target("vLLM Pre-Diag / LoRA decode (plugin)", ratios["vLLM plugin Pre-Diag / plugin LoRA decode"], 0.95),
         Target("vLLM plugin LoRA / stock LoRA decode", ratios["vLLM plugin LoRA / stock LoRA decode (batch 8)"], 1.3),
         Target("vLLM plugin LoRA / stock LoRA prefill", ratios["vLLM plugin LoRA / stock LoRA prefill"], 3.0),
-        Target("vLLM base requests with adapters / LoRA disabled", ratios["vLLM base requests (adapters loaded) / LoRA-disabled engine"], 0.95),
-        Target(f"vLLM {most_sora} SORA adapters / 1 adapter (batch {plan.scale.distinct_batch})", ratios[f"vLLM {most_sora} distinct SORA / 1 SORA (plugin, batch {plan.scale.distinct_batch})"], 0.8,
-               note="issue 5's 16-adapter target, read from the distinct-adapter curve"),
+        Target(
+            "vLLM base requests with adapters / LoRA disabled",
+            ratios["vLLM base requests (adapters loaded) / LoRA-disabled engine"],
+            0.95,
+        ),
+        Target(
+            f"vLLM {most_sora} SORA adapters / 1 adapter (batch {plan.scale.distinct_batch})",
+            ratios[f"vLLM {most_sora} distinct SORA / 1 SORA (plugin, batch {plan.scale.distinct_batch})"],
+            0.8,
+            note="issue 5's 16-adapter target, read from the distinct-adapter curve",
+        ),
         *scale.targets(distinct, rotation, first, first_shapes, plan.scale.slots),
     ]
     online_errors = sum(r["errors"] for s in online["results"].values() for r in s["rates"])
-    targets.append(Target("online load: failed requests (all sets, all rates)", online_errors, 0, higher_is_better=False))
+    targets.append(
+        Target("online load: failed requests (all sets, all rates)", online_errors, 0, higher_is_better=False)
+    )
     m = resolve_dtype(shape)
-    md = [f"Shape `{plan.shape}`: Llama, hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads / {m.num_key_value_heads} KV heads, "
-          f"intermediate {m.intermediate_size}, vocab {m.vocab_size} ({m.parameters() / 1e9:.2f}B parameters, random weights), {m.dtype} "
-          f"(CPU bf16 flags: {', '.join(bf16_flags()) or 'none'}); "
-          f"r = {RANK} on all 7 projections, SORA r_p = {R_P}; {'quick' if plan.quick else 'full'} mode, {plan.repeats} interleaved repeats. "
-          f"Run time {timings['total_s'] / 60:.1f} min (" + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items() if k != "total_s") + "); "
-          "engine starts: " + ", ".join(f"{k} {e['engine_start_s']:.0f} s" for k, e in {**engines, **scale_results}.items()) + ".", "",
-          "## Ratios (one run) and their physical limit", "",
-          "The limit is the ratio the extra bytes (bandwidth-bound decode: base weights + adapter factors read per step) or multiply-adds "
-          "(compute-bound prefill) of the adapter terms allow, from the shapes and ranks; `of limit` = measured / limit.", "",
-          "| ratio | measured | limit | of limit |", "| --- | --- | --- | --- |"]
+    md = [
+        f"Shape `{plan.shape}`: Llama, hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads / {m.num_key_value_heads} KV heads, "
+        f"intermediate {m.intermediate_size}, vocab {m.vocab_size} ({m.parameters() / 1e9:.2f}B parameters, random weights), {m.dtype} "
+        f"(CPU bf16 flags: {', '.join(bf16_flags()) or 'none'}); "
+        f"r = {RANK} on all 7 projections, SORA r_p = {R_P}; {'quick' if plan.quick else 'full'} mode, {plan.repeats} interleaved repeats. "
+        f"Run time {timings['total_s'] / 60:.1f} min ("
+        + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items() if k != "total_s")
+        + "); "
+        "engine starts: "
+        + ", ".join(f"{k} {e['engine_start_s']:.0f} s" for k, e in {**engines, **scale_results}.items())
+        + ".",
+        "",
+        "## Ratios (one run) and their physical limit",
+        "",
+        "The limit is the ratio the extra bytes (bandwidth-bound decode: base weights + adapter factors read per step) or multiply-adds "
+        "(compute-bound prefill) of the adapter terms allow, from the shapes and ranks; `of limit` = measured / limit.",
+        "",
+        "| ratio | measured | limit | of limit |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, value, limit in rows:
-        md.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {'–' if limit is None else f'{limit:.3f}'} | {'–' if value is None or limit is None else f'{value / limit:.2f}'} |")
-    md += ["", "## Targets (issues 5, 12, 13)", "", markdown_targets(targets), "", *online_load.markdown(online), "",
-           *scale.markdown(distinct, distinct_limits, rotation, rotation_raw, first, first_shapes, plan.scale), "", "## vLLM", "",
-           "Decode: prompts of 16 tokens; TTFT is the same batch asked for one token, TPOT the rest of the time per further token.", "",
-           "| scenario | batch | tok/s median [p10, p90] | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |", "| --- | --- | --- | --- | --- |"]
-    md += [f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row.get('ttft_s'))} | {_ms(row.get('tpot_s'), 2)} |" for row in vllm]
+        md.append(
+            f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {'–' if limit is None else f'{limit:.3f}'} | {'–' if value is None or limit is None else f'{value / limit:.2f}'} |"
+        )
+    md += [
+        "",
+        "## Targets (issues 5, 12, 13)",
+        "",
+        markdown_targets(targets),
+        "",
+        *online_load.markdown(online),
+        "",
+        *scale.markdown(distinct, distinct_limits, rotation, rotation_raw, first, first_shapes, plan.scale),
+        "",
+        "## vLLM",
+        "",
+        "Decode: prompts of 16 tokens; TTFT is the same batch asked for one token, TPOT the rest of the time per further token.",
+        "",
+        "| scenario | batch | tok/s median [p10, p90] | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row.get('ttft_s'))} | {_ms(row.get('tpot_s'), 2)} |"
+        for row in vllm
+    ]
     fit = onnx["fit"]
-    md += ["", "## Eager Hugging Face and ONNX Runtime", "",
-           f"Eager runs in {m.dtype}{' (SORA cayley left out: its eager forward calls torch.linalg.solve, which has no bf16 CPU kernel)' if m.dtype == 'bfloat16' else ''}; ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
-           f"(export + two sessions need ~{fit['need_gib']:.1f} GiB, {fit['available_gib']:.1f} GiB available at the start of the section).", "",
-           "| deployment | tok/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |", "| --- | --- | --- | --- |"]
+    md += [
+        "",
+        "## Eager Hugging Face and ONNX Runtime",
+        "",
+        f"Eager runs in {m.dtype}{' (SORA cayley left out: its eager forward calls torch.linalg.solve, which has no bf16 CPU kernel)' if m.dtype == 'bfloat16' else ''}; ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
+        f"(export + two sessions need ~{fit['need_gib']:.1f} GiB, {fit['available_gib']:.1f} GiB available at the start of the section).",
+        "",
+        "| deployment | tok/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, r in {**eager, **onnx["results"]}.items():
-        md.append(f"| {name} | {r['tok_per_s']['median']:.0f} | {1e3 * r['ttft_s']['median']:.1f} / {1e3 * r['ttft_s']['p90']:.1f} | {1e3 * r['tpot_s']['median']:.2f} / {1e3 * r['tpot_s']['p90']:.2f} |")
+        md.append(
+            f"| {name} | {r['tok_per_s']['median']:.0f} | {1e3 * r['ttft_s']['median']:.1f} / {1e3 * r['ttft_s']['p90']:.1f} | {1e3 * r['tpot_s']['median']:.2f} / {1e3 * r['tpot_s']['p90']:.2f} |"
+        )
     figures = {
-        "vllm": bar_chart("vLLM CPU decode/prefill throughput", [r["name"] for r in vllm], [r["tok_per_s"]["median"] for r in vllm],
-                          ([r["tok_per_s"]["median"] - r["tok_per_s"]["p10"] for r in vllm], [r["tok_per_s"]["p90"] - r["tok_per_s"]["median"] for r in vllm]), "tokens / s"),
+        "vllm": bar_chart(
+            "vLLM CPU decode/prefill throughput",
+            [r["name"] for r in vllm],
+            [r["tok_per_s"]["median"] for r in vllm],
+            (
+                [r["tok_per_s"]["median"] - r["tok_per_s"]["p10"] for r in vllm],
+                [r["tok_per_s"]["p90"] - r["tok_per_s"]["median"] for r in vllm],
+            ),
+            "tokens / s",
+        ),
         "vllm-batch": batch_curves(vllm, plan.scale.distinct_batch),
-        "eager": bar_chart("Eager HF and ONNX Runtime greedy decode", list({**eager, **onnx["results"]}), [r["tok_per_s"]["median"] for r in {**eager, **onnx["results"]}.values()], None, "tokens / s"),
+        "eager": bar_chart(
+            "Eager HF and ONNX Runtime greedy decode",
+            list({**eager, **onnx["results"]}),
+            [r["tok_per_s"]["median"] for r in {**eager, **onnx["results"]}.values()],
+            None,
+            "tokens / s",
+        ),
         "online-latency": online_load.latency_plot(online),
         "scale-distinct": scale.distinct_plot(distinct, distinct_limits, plan.scale.distinct_batch),
         "scale-rotation": scale.rotation_plot(rotation, plan.scale.slots, plan.scale.small_cache),
         "scale-first-request": scale.first_request_plot(first, first_shapes),
     }
     payload = {
-        "quick": plan.quick, "shape": plan.shape, "settings": {"plan": asdict(plan), "model": asdict(m), "rank": RANK, "r_p": R_P, "kinds": KINDS},
-        "timings_s": timings, "engine_start_s": {k: e["engine_start_s"] for k, e in {**engines, **scale_results}.items()},
-        "vllm": vllm, "scale": {"distinct": distinct, "distinct_limits": distinct_limits, "rotation": rotation_raw, "first_request": first, "raw": scale_results},
-        "online": online, "eager": eager, "onnx": onnx, "ratios": ratios, "limits": {name: limit for name, _, limit in rows},
+        "quick": plan.quick,
+        "shape": plan.shape,
+        "settings": {"plan": asdict(plan), "model": asdict(m), "rank": RANK, "r_p": R_P, "kinds": KINDS},
+        "timings_s": timings,
+        "engine_start_s": {k: e["engine_start_s"] for k, e in {**engines, **scale_results}.items()},
+        "vllm": vllm,
+        "scale": {
+            "distinct": distinct,
+            "distinct_limits": distinct_limits,
+            "rotation": rotation_raw,
+            "first_request": first,
+            "raw": scale_results,
+        },
+        "online": online,
+        "eager": eager,
+        "onnx": onnx,
+        "ratios": ratios,
+        "limits": {name: limit for name, _, limit in rows},
         "targets": [t.__dict__ | {"met": t.met} for t in targets],
     }
     return save_suite("serving", payload, "\n".join(md), figures, out_dir)

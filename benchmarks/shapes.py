@@ -51,11 +51,23 @@ class Shape:
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each adapted projection of one layer."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def parameters(self) -> int:
         linear = sum(i * o for i, o in self.projections().values())
-        return self.num_layers * (linear + 2 * self.hidden_size) + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+        return (
+            self.num_layers * (linear + 2 * self.hidden_size)
+            + 2 * self.vocab_size * self.hidden_size
+            + self.hidden_size
+        )
 
     @property
     def bytes_per_value(self) -> int:
@@ -80,7 +92,20 @@ SHAPES = {
 def bf16_flags() -> list[str]:
     """This CPU's native bf16 instruction sets (from /proc/cpuinfo)."""
     cpuinfo = Path("/proc/cpuinfo")
-    flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.read_text().splitlines() if l.startswith("flags")), [])) if cpuinfo.is_file() else set()
+    flags = (
+        set(
+            next(
+                (
+                    line.split(":", 1)[1].split()
+                    for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("flags")
+                ),
+                [],
+            )
+        )
+        if cpuinfo.is_file()
+        else set()
+    )
     return sorted(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -143,7 +168,12 @@ def adapter_dirs(base: Path, specs: dict[str, dict]) -> dict[str, str]:
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()  # adapters are saved in fp32
         for name in missing:
-            ss.attach(model, ss.AdapterConfig(**{"r": RANK, "target_modules": list(PROJECTIONS), **specs[name]}), "a", verbose=False)
+            ss.attach(
+                model,
+                ss.AdapterConfig(**{"r": RANK, "target_modules": list(PROJECTIONS), **specs[name]}),
+                "a",
+                verbose=False,
+            )
             seed = int(_key(name), 16) % 2**31
             with torch.no_grad():
                 for _, layer in ss.adapted_layers(model):

@@ -29,7 +29,9 @@ class Requests:
 
 
 def prompts(batch: int, prompt_len: int, offset: int = 0) -> list[dict]:
-    return [{"prompt_token_ids": [(7 * (i + offset) + 13 * j) % 500 + 1 for j in range(prompt_len)]} for i in range(batch)]
+    return [
+        {"prompt_token_ids": [(7 * (i + offset) + 13 * j) % 500 + 1 for j in range(prompt_len)]} for i in range(batch)
+    ]
 
 
 def sampling(max_tokens: int):
@@ -72,7 +74,17 @@ def measure(llm, scenario: dict, prepared: dict, result: dict) -> None:
 def run_batches(llm, scenarios: list[dict], requests: Requests, repeats: int) -> list[dict]:
     """Repeats run in rounds over all scenarios, so drift of a shared machine hits each alike."""
     prepared = [prepare(s, requests) for s in scenarios]
-    results = [{"name": s["name"], "kind": s["kind"], "tok_per_s": [], "ttft_s": [], "tpot_s": [], **{k: s[k] for k in ("batch", "prompt_len", "max_tokens", "adapters")}} for s in scenarios]
+    results = [
+        {
+            "name": s["name"],
+            "kind": s["kind"],
+            "tok_per_s": [],
+            "ttft_s": [],
+            "tpot_s": [],
+            **{k: s[k] for k in ("batch", "prompt_len", "max_tokens", "adapters")},
+        }
+        for s in scenarios
+    ]
     for p in prepared:  # warm-up: first loads, allocations
         timed_generate(llm, p["prompts"], 2, p["requests"])
     for _ in tqdm(range(repeats), desc="vLLM rounds", leave=False):
@@ -95,12 +107,19 @@ def run_rotation(llm, scenario: dict, requests: Requests) -> dict:
 
     def wave(w: int) -> float:
         wave_names = [names[(w * per_wave + i) % len(names)] for i in range(per_wave)]
-        return timed_generate(llm, wave_prompts, scenario["max_tokens"], [requests[wave_names[i % per_wave]] for i in range(batch)])
+        return timed_generate(
+            llm, wave_prompts, scenario["max_tokens"], [requests[wave_names[i % per_wave]] for i in range(batch)]
+        )
 
     wave(-1)  # untimed: with as many adapters as slots, the first wave is the only one that fills them
     elapsed = [wave(w) for w in range(waves)]
     tokens = batch * scenario["max_tokens"]
-    return {**{k: v for k, v in scenario.items() if k != "adapters"}, "adapters": len(names), "wave_s": elapsed, "tok_per_s": [tokens / t for t in elapsed]}
+    return {
+        **{k: v for k, v in scenario.items() if k != "adapters"},
+        "adapters": len(names),
+        "wave_s": elapsed,
+        "tok_per_s": [tokens / t for t in elapsed],
+    }
 
 
 def run_first_requests(llm, scenario: dict, requests: Requests) -> dict:
@@ -110,7 +129,9 @@ def run_first_requests(llm, scenario: dict, requests: Requests) -> dict:
     vLLM's CPU cache, not in a slot). `filler` adapters take the slots."""
     one = prompts(1, scenario["prompt_len"])
     fillers = [requests[n] for n in scenario["fillers"]]
-    timed_generate(llm, prompts(len(fillers), scenario["prompt_len"]), 1, fillers)  # untimed: the engine's first adapter load pays one-off costs
+    timed_generate(
+        llm, prompts(len(fillers), scenario["prompt_len"]), 1, fillers
+    )  # untimed: the engine's first adapter load pays one-off costs
     samples = []
     for name in scenario["adapters"]:
         cold = timed_generate(llm, one, 1, [requests[name]])
@@ -123,7 +144,9 @@ def run_first_requests(llm, scenario: dict, requests: Requests) -> dict:
 
 def run_scenarios(llm, scenarios: list[dict], adapter_dirs: dict[str, str], repeats: int) -> list[dict]:
     requests = Requests(adapter_dirs)
-    results = [run_first_requests(llm, s, requests) for s in scenarios if s["kind"] == "first_request"]  # before anything fills the cache
+    results = [
+        run_first_requests(llm, s, requests) for s in scenarios if s["kind"] == "first_request"
+    ]  # before anything fills the cache
     results += run_batches(llm, [s for s in scenarios if s["kind"] in ("decode", "prefill")], requests, repeats)
     results += [run_rotation(llm, s, requests) for s in scenarios if s["kind"] == "rotation"]
     return results
@@ -135,7 +158,13 @@ if __name__ == "__main__":
 
     engine = {k: config[k] for k in ("dtype", "max_cpu_loras", "max_num_seqs", "max_model_len") if k in config}
     start = time.perf_counter()
-    llm = make_llm(config["model"], enable_lora=config["enable_lora"], max_loras=config.get("max_loras", 4), max_lora_rank=config.get("max_lora_rank", 16), **{"max_model_len": 512, "max_num_seqs": 64, **engine})
+    llm = make_llm(
+        config["model"],
+        enable_lora=config["enable_lora"],
+        max_loras=config.get("max_loras", 4),
+        max_lora_rank=config.get("max_lora_rank", 16),
+        **{"max_model_len": 512, "max_num_seqs": 64, **engine},
+    )
     started = time.perf_counter() - start
     results = run_scenarios(llm, config["scenarios"], config["adapters"], config["repeats"])
     print("RESULT " + json.dumps({"engine_start_s": started, "results": results}), flush=True)

@@ -33,16 +33,27 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype names (the header's "dtype" field).
 DTYPE_NAMES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
 class Checkpoint:
     def __init__(self, directory: str | Path):
         self.directory = readable_dir(directory, "model directory")
-        config_file = readable_file(self.directory / "config.json", "model config (not a Hugging Face checkpoint directory?)")
+        config_file = readable_file(
+            self.directory / "config.json", "model config (not a Hugging Face checkpoint directory?)"
+        )
         try:
             self.config_dict = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -61,7 +72,9 @@ class Checkpoint:
                 raise AdapterError(f"bad safetensors index ({exc})", file=index, field="weight_map") from exc
         single = self.directory / SINGLE_FILE
         if not single.is_file():
-            raise AdapterError(f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)", file=self.directory)
+            raise AdapterError(
+                f"no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)", file=self.directory
+            )
         return {key: SINGLE_FILE for key in self._keys(single)}
 
     @staticmethod
@@ -102,7 +115,9 @@ class Checkpoint:
                 present = set(f.keys())
             missing = sorted(k for k, s in self.weight_map.items() if s == shard and k not in present)
             if missing:
-                raise AdapterError(f"the index puts {missing[:3]} in this shard but it lacks them", file=self.directory / shard)
+                raise AdapterError(
+                    f"the index puts {missing[:3]} in this shard but it lacks them", file=self.directory / shard
+                )
 
     def read_entries(self, key: str, rows: list[int], cols: list[int]) -> torch.Tensor:
         """tensor[rows[k], cols[k]] for every k, each read alone from the (memory-mapped) file."""
@@ -177,7 +192,13 @@ def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bo
         check_stored_shape(checkpoint, key, tuple(module.weight.shape), path)
         out_f, in_f = weight_out_in(module).shape
         norm = checkpoint.get_tensor(key).double().norm().item() if norms else None
-        layers[path] = BaseLayer(int(out_f), int(in_f), checkpoint.tensor_key(path, "bias") is not None, norm, _entry_reader(checkpoint, key, module))
+        layers[path] = BaseLayer(
+            int(out_f),
+            int(in_f),
+            checkpoint.tensor_key(path, "bias") is not None,
+            norm,
+            _entry_reader(checkpoint, key, module),
+        )
     return layers
 
 
@@ -222,6 +243,8 @@ def write_safetensors(
         for key, dtype, shape in entries:
             tensor = produce(key)
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}")
+                raise RuntimeError(
+                    f"{key}: produced {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}"
+                )
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return offset

@@ -26,7 +26,16 @@ import sora_serve as ss
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import CONFIG_FILE, FILE_NAMES, PEFT_PREFIX, REFERENCE_NAMES, REFERENCE_S0, WEIGHTS_FILE, AdapterFile, our_config_json
+from sora_serve.io import (
+    CONFIG_FILE,
+    FILE_NAMES,
+    PEFT_PREFIX,
+    REFERENCE_NAMES,
+    REFERENCE_S0,
+    WEIGHTS_FILE,
+    AdapterFile,
+    our_config_json,
+)
 from sora_serve.methods import rotation_factors
 
 from .checkpoint import Checkpoint, checkpoint_layers
@@ -35,7 +44,13 @@ TARGETS = ("sora", "reference")
 
 
 def convert(
-    in_dir: str | Path, out_dir: str | Path, to: str, *, base_dir: str | Path | None = None, allow_approx: bool = False, force: bool = False
+    in_dir: str | Path,
+    out_dir: str | Path,
+    to: str,
+    *,
+    base_dir: str | Path | None = None,
+    allow_approx: bool = False,
+    force: bool = False,
 ) -> dict:
     """Write `in_dir` in the format `to` ("sora" or "reference") to `out_dir`, whole or not at all.
 
@@ -46,19 +61,27 @@ def convert(
     is_reference = adapter.file_names is REFERENCE_NAMES
     if to == "sora":
         if not is_reference:
-            raise AdapterError("not a MaeChd/SORA dir (no lora_C/lora_D/lora_Diag tensors): nothing to convert", file=adapter.weights_file)
+            raise AdapterError(
+                "not a MaeChd/SORA dir (no lora_C/lora_D/lora_Diag tensors): nothing to convert",
+                file=adapter.weights_file,
+            )
         with atomic_output_dir(out_dir, force=force) as tmp:
             write_ours(adapter, tmp, _fingerprint(adapter, base_dir))
         return {"out_dir": str(out_dir), "exact": True, "rotation_errors": {}}
     if is_reference or adapter.method != "sora":
-        what = "already in the reference format" if is_reference else f"a {adapter.method} adapter; only SORA has a reference form"
+        what = (
+            "already in the reference format"
+            if is_reference
+            else f"a {adapter.method} adapter; only SORA has a reference form"
+        )
         raise AdapterError(what, file=adapter.config_file, field="peft_type")
     errors = {} if adapter.config.rotation == "first_order" else cayley_errors(adapter)
     if errors and not allow_approx:
         raise AdapterError(
             f"rotation 'cayley' is not the reference's forward (y = z + K z): the same C, D give a rotation differing by up to "
             f"{max(errors.values()):.3g} (relative Frobenius); pass --allow-approx to write it anyway",
-            file=adapter.config_file, field="rotation",
+            file=adapter.config_file,
+            field="rotation",
         )
     with atomic_output_dir(out_dir, force=force) as tmp:
         write_reference(adapter, tmp)
@@ -98,19 +121,26 @@ def write_reference_config(adapter: AdapterFile, directory: Path) -> None:
 
     config = adapter.config
     LoraConfig(
-        r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules, lora_dropout=config.lora_dropout,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        lora_dropout=config.lora_dropout,
         base_model_name_or_path=adapter.base_model_name_or_path,
     ).save_pretrained(str(directory))
     if config.s0 != REFERENCE_S0:
         path = directory / CONFIG_FILE
-        path.write_text(json.dumps({**json.loads(path.read_text()), "initial_s_p": config.s0}, indent=2, sort_keys=True) + "\n")
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "initial_s_p": config.s0}, indent=2, sort_keys=True) + "\n"
+        )
 
 
 def _save(adapter: AdapterFile, path: Path, names: dict[str, str], diagonal) -> None:
     tensors = {}
     for module_path, params in adapter.tensors.items():
         for param, tensor in params.items():
-            tensors[f"{PEFT_PREFIX}{module_path}.{names[param]}"] = (diagonal(tensor) if param == "d" else tensor).contiguous()
+            tensors[f"{PEFT_PREFIX}{module_path}.{names[param]}"] = (
+                diagonal(tensor) if param == "d" else tensor
+            ).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -133,17 +163,33 @@ def cayley_errors(adapter: AdapterFile) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN", help="adapter directory to convert")
     parser.add_argument("output", metavar="OUT", help="directory to write")
-    parser.add_argument("--to", required=True, choices=TARGETS, help="sora: our format, from a MaeChd/SORA dir; reference: the paper's format, from ours")
-    parser.add_argument("--base", help="with --to sora: base checkpoint whose fingerprint the output records (checked first)")
-    parser.add_argument("--allow-approx", action="store_true", help="with --to reference: write a Cayley SORA with the same C, D (reports the error)")
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=TARGETS,
+        help="sora: our format, from a MaeChd/SORA dir; reference: the paper's format, from ours",
+    )
+    parser.add_argument(
+        "--base", help="with --to sora: base checkpoint whose fingerprint the output records (checked first)"
+    )
+    parser.add_argument(
+        "--allow-approx",
+        action="store_true",
+        help="with --to reference: write a Cayley SORA with the same C, D (reports the error)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument(
-        "--reference-s0", type=float, metavar="S", help="s_p numerator of a reference IN whose run set initial_s_p (default 1.0); kept in OUT"
+        "--reference-s0",
+        type=float,
+        metavar="S",
+        help="s_p numerator of a reference IN whose run set initial_s_p (default 1.0); kept in OUT",
     )
 
 
 def run(args: argparse.Namespace) -> None:
-    result = convert(args.input, args.output, args.to, base_dir=args.base, allow_approx=args.allow_approx, force=args.force)
+    result = convert(
+        args.input, args.output, args.to, base_dir=args.base, allow_approx=args.allow_approx, force=args.force
+    )
     for module_path, error in result["rotation_errors"].items():
         print(f"  {module_path}: rotation relative Frobenius error {error:.3g}")
     print(f"wrote {'an exact' if result['exact'] else 'an approximate'} {args.to} adapter to {result['out_dir']}")

@@ -63,7 +63,9 @@ class LayerFolder:
         module = adapter_from_tensors(self.adapter.module_configs[path], self.adapter.tensors[path], weight)
         merged_w, merged_b = module.serving_factors(weight, bias, self.math_dtype).dense(weight, bias)
         if bias is None and merged_b is not None:
-            raise AdapterError(f"the merged layer '{path}' needs a bias the base layer does not have", field=f"{path}.bias")
+            raise AdapterError(
+                f"the merged layer '{path}' needs a bias the base layer does not have", field=f"{path}.bias"
+            )
         weight_key = f"{path}.weight" if path in self.new_heads else self.weight_keys[path]
         merged = {weight_key: (merged_w.T if self.transposed[path] else merged_w).contiguous()}
         return merged if bias_key is None else merged | {bias_key: merged_b}
@@ -103,9 +105,16 @@ def fold_adapter(
         copy_side_files(checkpoint, tmp, untie=bool(folder.untied), dtype=dtype)
         write_shards(checkpoint, folder, tmp, out_dtype, progress)
     if folder.untied:
-        print(f"untied {sorted(folder.untied)} from {sorted(set(folder.untied.values()))}: the adapter changes the output head")
+        print(
+            f"untied {sorted(folder.untied)} from {sorted(set(folder.untied.values()))}: the adapter changes the output head"
+        )
         warn_if_vllm_ties_the_head(checkpoint.config_dict)
-    result = {"out_dir": str(out_dir), "layers": len(adapter.tensors), "shards": len(checkpoint.shards), "untied": sorted(folder.untied)}
+    result = {
+        "out_dir": str(out_dir),
+        "layers": len(adapter.tensors),
+        "shards": len(checkpoint.shards),
+        "untied": sorted(folder.untied),
+    }
     if verify:
         result["max_abs_error"] = verify_fold(base_dir, adapter_dir, out_dir, **overrides)
         print(f"verified: max |merged - runtime adapter| logit error = {result['max_abs_error']:.3e}")
@@ -125,7 +134,9 @@ def copy_side_files(checkpoint: Checkpoint, out: Path, *, untie: bool, dtype: st
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_shards(checkpoint: Checkpoint, folder: LayerFolder, out: Path, out_dtype: torch.dtype | None, progress: bool) -> None:
+def write_shards(
+    checkpoint: Checkpoint, folder: LayerFolder, out: Path, out_dtype: torch.dtype | None, progress: bool
+) -> None:
     """Each shard rewritten under its name, tensor by tensor, adapted ones replaced; index kept.
 
     A layer is folded once, when the first of its tensors comes up; the other one (bias or
@@ -133,7 +144,9 @@ def write_shards(checkpoint: Checkpoint, folder: LayerFolder, out: Path, out_dty
     """
     owners = folder.keys_to_layers()
     new_heads = {f"{path}.weight": path for path in folder.new_heads}
-    weight_map = dict(checkpoint.weight_map) | {key: checkpoint.weight_map[folder.new_heads[p]] for key, p in new_heads.items()}
+    weight_map = dict(checkpoint.weight_map) | {
+        key: checkpoint.weight_map[folder.new_heads[p]] for key, p in new_heads.items()
+    }
     pending: dict[str, torch.Tensor] = {}
 
     def produce(f, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -150,7 +163,9 @@ def write_shards(checkpoint: Checkpoint, folder: LayerFolder, out: Path, out_dty
             specs |= {key: specs[folder.new_heads[p]] for key, p in new_heads.items() if folder.new_heads[p] in specs}
             entries = [(key, _output_dtype(dtype, out_dtype), shape) for key, (dtype, shape) in specs.items()]
             dtypes = {key: dtype for key, dtype, _ in entries}
-            total_size += write_safetensors(out / shard, entries, lambda key: produce(f, key, dtypes[key]), f.metadata() or {"format": "pt"})
+            total_size += write_safetensors(
+                out / shard, entries, lambda key: produce(f, key, dtypes[key]), f.metadata() or {"format": "pt"}
+            )
     if checkpoint.is_sharded:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -200,15 +215,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (ours, or PEFT LoRA/DoRA)")
     parser.add_argument("--out", required=True, help="merged checkpoint directory to write")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="output dtype (default: the base's)")
-    parser.add_argument("--math-dtype", default="float32", choices=["float32", "float64"], help="dtype of the fold math")
+    parser.add_argument(
+        "--math-dtype", default="float32", choices=["float32", "float64"], help="dtype of the fold math"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-verify", action="store_true", help="skip the logit check (it loads base and merged models)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the logit check (it loads base and merged models)"
+    )
     add_override_flags(parser)
 
 
 def run(args: argparse.Namespace) -> None:
     result = fold_adapter(
-        args.base, args.adapter, args.out, dtype=args.dtype, math_dtype=args.math_dtype, force=args.force,
-        verify=not args.no_verify, **override_kwargs(args),
+        args.base,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        math_dtype=args.math_dtype,
+        force=args.force,
+        verify=not args.no_verify,
+        **override_kwargs(args),
     )
     print(f"wrote {result['out_dir']}: {result['layers']} layers folded across {result['shards']} shard(s)")

@@ -72,7 +72,13 @@ class DecoderWithCache(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
@@ -84,14 +90,20 @@ class SwitchableFactors(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.shapes = {
-            "scale": (out_features,), "bias_shift": (out_features,), "lora_A": (rank, in_features),
-            "lora_B": (out_features, rank), "rot_U": (out_features, rot_rank), "rot_V": (out_features, rot_rank),
+            "scale": (out_features,),
+            "bias_shift": (out_features,),
+            "lora_A": (rank, in_features),
+            "lora_B": (out_features, rank),
+            "rot_U": (out_features, rot_rank),
+            "rot_V": (out_features, rot_rank),
         }
         self.factors: dict[str, torch.Tensor] = self.identity()
 
     def identity(self) -> dict[str, torch.Tensor]:
         """The defaults: scale 1, everything else 0, so the layer is its base layer."""
-        return {name: torch.ones(shape) if name == "scale" else torch.zeros(shape) for name, shape in self.shapes.items()}
+        return {
+            name: torch.ones(shape) if name == "scale" else torch.zeros(shape) for name, shape in self.shapes.items()
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ServingFactors(**self.factors).apply(x, self.base_layer(x))
@@ -99,14 +111,18 @@ class SwitchableFactors(nn.Module):
 
 def padded_factors(factors: ServingFactors, rank: int, rot_rank: int) -> dict[str, np.ndarray]:
     """The six tensors of one layer, missing parts as identity, ranks zero-padded."""
-    out_f, in_f = factors.lora_B.shape[0], factors.lora_A.shape[1]
+    out_f = factors.lora_B.shape[0]
     full = {
         "scale": torch.ones(out_f, dtype=torch.float64) if factors.scale is None else factors.scale,
         "bias_shift": torch.zeros(out_f, dtype=torch.float64) if factors.bias_shift is None else factors.bias_shift,
         "lora_A": _pad(factors.lora_A, 0, rank),
         "lora_B": _pad(factors.lora_B, 1, rank),
-        "rot_U": _pad(factors.rot_U if factors.rot_U is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank),
-        "rot_V": _pad(factors.rot_V if factors.rot_V is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank),
+        "rot_U": _pad(
+            factors.rot_U if factors.rot_U is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank
+        ),
+        "rot_V": _pad(
+            factors.rot_V if factors.rot_V is not None else torch.zeros(out_f, 0, dtype=torch.float64), 1, rot_rank
+        ),
     }
     return {k: v.float().numpy() for k, v in full.items()}
 
@@ -117,7 +133,9 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def adapter_factors(model: nn.Module, adapters: list, **overrides: bool | None) -> dict[str, dict[str, dict[str, ServingFactors]]]:
+def adapter_factors(
+    model: nn.Module, adapters: list, **overrides: bool | None
+) -> dict[str, dict[str, dict[str, ServingFactors]]]:
     """adapter name -> module path -> ServingFactors (float64), computed from the base weights.
 
     Each adapter is checked against the model first (`check_base`, with `overrides`)."""
@@ -136,7 +154,9 @@ def adapter_factors(model: nn.Module, adapters: list, **overrides: bool | None) 
     return result
 
 
-def install_switchable_layers(model: nn.Module, factors: dict[str, dict[str, ServingFactors]]) -> dict[str, SwitchableFactors]:
+def install_switchable_layers(
+    model: nn.Module, factors: dict[str, dict[str, ServingFactors]]
+) -> dict[str, SwitchableFactors]:
     """Replace every adapted layer with SwitchableFactors sized for the largest ranks; return them by path."""
     ranks: dict[str, tuple[int, int]] = {}
     for per_layer in factors.values():
@@ -152,7 +172,9 @@ def install_switchable_layers(model: nn.Module, factors: dict[str, dict[str, Ser
     return {path: model.get_submodule(path) for path in ranks}
 
 
-def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str, SwitchableFactors], exporter: str) -> None:
+def export_graph(
+    model: nn.Module, path: Path, opset: int, switchable: dict[str, SwitchableFactors], exporter: str
+) -> None:
     """Trace the decoder with a non-empty cache and dynamic batch/sequence/past axes."""
     layers = model.config.num_hidden_layers
     kv_heads, head_dim = kv_shape(model.config)
@@ -163,17 +185,31 @@ def export_graph(model: nn.Module, path: Path, opset: int, switchable: dict[str,
     present_names = [n.replace("past_key_values", "present") for n in past_names]
     factor_names = [f"{p}.{name}" for p in switchable for name in FACTOR_NAMES]
     defaults = [t for layer in switchable.values() for t in layer.identity().values()]
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"}, "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
     axes.update({n: {0: "batch", 2: "past"} for n in past_names})
     axes.update({n: {0: "batch", 2: "total"} for n in present_names})
-    dynamic = {"dynamic_axes": axes} if exporter == "torchscript" else {"dynamic_shapes": export_dims(len(past), len(defaults))}
+    dynamic = (
+        {"dynamic_axes": axes}
+        if exporter == "torchscript"
+        else {"dynamic_shapes": export_dims(len(past), len(defaults))}
+    )
     with torch.no_grad(), warnings.catch_warnings():
         # Constants that transformers creates (the empty cache, the mask's fill value) are meant to be constant.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            DecoderWithCache(model, switchable), (ids, mask, positions, *past, *defaults), str(path),
+            DecoderWithCache(model, switchable),
+            (ids, mask, positions, *past, *defaults),
+            str(path),
             input_names=["input_ids", "attention_mask", "position_ids", *past_names, *factor_names],
-            output_names=["logits", *present_names], opset_version=opset, dynamo=exporter == "dynamo", **dynamic,
+            output_names=["logits", *present_names],
+            opset_version=opset,
+            dynamo=exporter == "dynamo",
+            **dynamic,
         )
     if switchable:
         add_identity_defaults(path, dict(zip(factor_names, defaults)))
@@ -202,8 +238,17 @@ def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None
 
 
 def export_onnx(
-    model_dir, out_dir, adapters=None, force: bool = False, *, opset: int = 18, exporter: str = "torchscript",
-    output_format: str = "onnxruntime", verify: bool = True, allow_large_updates: bool | None = None, allow_other_base: bool | None = None,
+    model_dir,
+    out_dir,
+    adapters=None,
+    force: bool = False,
+    *,
+    opset: int = 18,
+    exporter: str = "torchscript",
+    output_format: str = "onnxruntime",
+    verify: bool = True,
+    allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
 ) -> dict:
     """Export `model_dir` (merged if no adapters, else switchable); return the measured errors.
 
@@ -220,7 +265,9 @@ def export_onnx(
     adapter_files = [ss.read_adapter(a, allow_large_updates=allow_large_updates) for a in adapters or []]
     names = [a.directory.name for a in adapter_files]
     if len(set(names)) != len(names):
-        raise AdapterError(f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters")
+        raise AdapterError(
+            f"adapter directory names must be unique (they name the .onnx_adapter files): {names}", field="adapters"
+        )
     if exporter not in EXPORTERS:
         raise AdapterError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}", field="exporter")
     if output_format not in FORMATS:
@@ -233,14 +280,26 @@ def export_onnx(
     result = {"out_dir": str(out_dir), "mode": manifest["mode"], "format": output_format, "adapters": names}
     if verify:
         result.update(verify_export(model_dir, out_dir, adapters or [], genai=genai, overrides=overrides))
-        for key, label in (("max_abs_error", "ONNX Runtime"), ("genai_max_abs_error", "onnxruntime-genai (next token)")):
+        for key, label in (
+            ("max_abs_error", "ONNX Runtime"),
+            ("genai_max_abs_error", "onnxruntime-genai (next token)"),
+        ):
             if key in result:
-                print(f"verified {label} vs PyTorch max |logit error|: " + ", ".join(f"{k}: {v:.2e}" for k, v in result[key].items()))
+                print(
+                    f"verified {label} vs PyTorch max |logit error|: "
+                    + ", ".join(f"{k}: {v:.2e}" for k, v in result[key].items())
+                )
     return result
 
 
 def write_export(
-    model_dir: Path, out: Path, adapter_files: list, opset: int, exporter: str, genai: bool = False, overrides: dict | None = None
+    model_dir: Path,
+    out: Path,
+    adapter_files: list,
+    opset: int,
+    exporter: str,
+    genai: bool = False,
+    overrides: dict | None = None,
 ) -> dict:
     """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files, the manifest (and genai_config.json); returns the manifest."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
@@ -251,17 +310,28 @@ def write_export(
     for name, per_layer in tqdm(factors.items(), desc="onnx adapters", disable=not factors):
         write_onnx_adapter(out / "adapters" / f"{name}.onnx_adapter", per_layer, switchable)
     for side in model_dir.iterdir():
-        if side.is_file() and (side.name.startswith("tokenizer") or side.name in ("config.json", "generation_config.json", "special_tokens_map.json")):
+        if side.is_file() and (
+            side.name.startswith("tokenizer")
+            or side.name in ("config.json", "generation_config.json", "special_tokens_map.json")
+        ):
             shutil.copy2(side, out / side.name)
     kv_heads, head_dim = kv_shape(model.config)
-    manifest = {"num_layers": model.config.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim, "adapters": list(factors), "mode": "adapters" if switchable else "merged"}
+    manifest = {
+        "num_layers": model.config.num_hidden_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "adapters": list(factors),
+        "mode": "adapters" if switchable else "merged",
+    }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if genai:
         write_genai_config(out, model.config, model_dir, manifest)
     return manifest
 
 
-def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switchable: dict[str, SwitchableFactors]) -> None:
+def write_onnx_adapter(
+    path: Path, per_layer: dict[str, ServingFactors], switchable: dict[str, SwitchableFactors]
+) -> None:
     """One adapter's padded tensors, named like the graph inputs they override."""
     import onnxruntime as ort
 
@@ -278,7 +348,9 @@ def write_onnx_adapter(path: Path, per_layer: dict[str, ServingFactors], switcha
 
 
 @torch.no_grad()
-def reference_logits(model_dir, adapters: list, seed: int = 0, **overrides: bool | None) -> tuple[np.ndarray, dict[str | None, np.ndarray]]:
+def reference_logits(
+    model_dir, adapters: list, seed: int = 0, **overrides: bool | None
+) -> tuple[np.ndarray, dict[str | None, np.ndarray]]:
     """Random ids and the PyTorch runtime's logits for them: the base (key None) and each adapter."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.randint(1, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
@@ -301,11 +373,17 @@ def verify_export(
 
     ids, expected = reference_logits(model_dir, adapters, seed, **(overrides or {}))
     onnx_lm = OnnxCausalLM(out_dir)
-    errors = {"max_abs_error": {name or "base": float(np.abs(onnx_lm.logits(ids, adapter=name) - ref).max()) for name, ref in expected.items()}}
+    errors = {
+        "max_abs_error": {
+            name or "base": float(np.abs(onnx_lm.logits(ids, adapter=name) - ref).max())
+            for name, ref in expected.items()
+        }
+    }
     if genai:
         genai_lm = GenaiCausalLM(out_dir)
         errors["genai_max_abs_error"] = {
-            name or "base": float(np.abs(genai_lm.next_token_logits(ids, adapter=name) - ref[:, -1]).max()) for name, ref in expected.items()
+            name or "base": float(np.abs(genai_lm.next_token_logits(ids, adapter=name) - ref[:, -1]).max())
+            for name, ref in expected.items()
         }
     return errors
 
@@ -313,12 +391,23 @@ def verify_export(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint (a base or a folded model)")
     parser.add_argument("--out", required=True, help="output folder (model.onnx, adapters/, tokenizer)")
-    parser.add_argument("--adapters", nargs="+", default=[], metavar="DIR", help="adapter directories for --mode adapters")
-    parser.add_argument("--mode", choices=["merged", "adapters"], default="merged", help="merged: the checkpoint as is; adapters: switchable inputs")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx exporter (docs/ONNX.md)")
     parser.add_argument(
-        "--format", choices=FORMATS, default="onnxruntime",
+        "--adapters", nargs="+", default=[], metavar="DIR", help="adapter directories for --mode adapters"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["merged", "adapters"],
+        default="merged",
+        help="merged: the checkpoint as is; adapters: switchable inputs",
+    )
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument(
+        "--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx exporter (docs/ONNX.md)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnxruntime",
         help="genai: also write genai_config.json, so onnxruntime-genai's og.Model opens the folder (needs sora-serve[genai] to verify)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -328,10 +417,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if (args.mode == "adapters") != bool(args.adapters):
-        raise AdapterError("--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters")
+        raise AdapterError(
+            "--mode adapters needs --adapters DIR [...], and --adapters needs --mode adapters", field="adapters"
+        )
     result = export_onnx(
-        args.model, args.out, args.adapters, force=args.force, opset=args.opset, exporter=args.exporter,
-        output_format=args.format, verify=not args.no_verify, **override_kwargs(args),
+        args.model,
+        args.out,
+        args.adapters,
+        force=args.force,
+        opset=args.opset,
+        exporter=args.exporter,
+        output_format=args.format,
+        verify=not args.no_verify,
+        **override_kwargs(args),
     )
     adapters = ": " + ", ".join(result["adapters"]) if result["adapters"] else ""
     print(f"wrote {result['out_dir']} ({result['format']}, {result['mode']}{adapters})")

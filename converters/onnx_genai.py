@@ -50,7 +50,10 @@ def genai_config(config: PretrainedConfig, generation_config: dict, manifest: di
     Special token ids come from generation_config.json when it has them, as transformers'
     `generate` reads them; pad falls back to eos (genai pads batch rows with it).
     """
-    tokens = {key: generation_config.get(key, getattr(config, key, None)) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tokens = {
+        key: generation_config.get(key, getattr(config, key, None))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
     if tokens["pad_token_id"] is None:
         tokens["pad_token_id"] = tokens["eos_token_id"]
     context = int(config.max_position_embeddings)
@@ -62,16 +65,38 @@ def genai_config(config: PretrainedConfig, generation_config: dict, manifest: di
         "num_attention_heads": int(config.num_attention_heads),
         "num_hidden_layers": manifest["num_layers"],
         "num_key_value_heads": manifest["kv_heads"],
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids", **PAST_NAMES},
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            **PAST_NAMES,
+        },
         "outputs": {"logits": "logits", **PRESENT_NAMES},
     }
     model_type = config.model_type if config.model_type in GENAI_NAMED_TYPES else "decoder"
     search = {
-        "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context, "min_length": 0,
-        "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
-        "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "max_length": context,
+        "min_length": 0,
+        "past_present_share_buffer": False,
+        "temperature": 1.0,
+        "top_k": 1,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "diversity_penalty": 0.0,
+        "early_stopping": True,
     }
-    model = {**tokens, "context_length": context, "vocab_size": int(config.vocab_size), "type": model_type, "decoder": decoder}
+    model = {
+        **tokens,
+        "context_length": context,
+        "vocab_size": int(config.vocab_size),
+        "type": model_type,
+        "decoder": decoder,
+    }
     return {"model": model, "search": search}
 
 
@@ -86,7 +111,9 @@ def import_genai():
     try:
         import onnxruntime_genai
     except ImportError as exc:
-        raise AdapterError(f"onnxruntime-genai is not installed ({exc}); pip install 'sora-serve[genai]'", field="format") from None
+        raise AdapterError(
+            f"onnxruntime-genai is not installed ({exc}); pip install 'sora-serve[genai]'", field="format"
+        ) from None
     return onnxruntime_genai
 
 
@@ -115,7 +142,9 @@ class GenaiCausalLM:
         if adapter is not None and adapter not in self.adapter_names:
             raise AdapterError(f"unknown adapter {adapter!r}; exported: {self.adapter_names}", field="adapter")
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, batch_size=ids.shape[0], max_length=max_length, min_length=max_length)
+        params.set_search_options(
+            do_sample=False, batch_size=ids.shape[0], max_length=max_length, min_length=max_length
+        )
         generator = self.og.Generator(self.model, params)
         if adapter is not None:
             generator.set_active_adapter(self.adapters, adapter)

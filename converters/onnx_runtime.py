@@ -42,16 +42,22 @@ class OnnxCausalLM:
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         m = self.manifest
-        return [np.zeros((batch, m["kv_heads"], 0, m["head_dim"]), dtype=np.float32) for _ in range(2 * m["num_layers"])]
+        return [
+            np.zeros((batch, m["kv_heads"], 0, m["head_dim"]), dtype=np.float32) for _ in range(2 * m["num_layers"])
+        ]
 
-    def _step(self, ids: np.ndarray, past: list[np.ndarray], mask: np.ndarray, options: ort.RunOptions) -> list[np.ndarray]:
+    def _step(
+        self, ids: np.ndarray, past: list[np.ndarray], mask: np.ndarray, options: ort.RunOptions
+    ) -> list[np.ndarray]:
         """One graph run; `mask` covers past + new tokens. Positions count real tokens only (left padding)."""
         positions = np.maximum(mask.cumsum(-1) - 1, 0)[:, -ids.shape[1] :]
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
         feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p for i, p in enumerate(past)})
         return self.session.run(None, feeds, options)
 
-    def logits(self, ids: np.ndarray, adapter: str | None = None, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def logits(
+        self, ids: np.ndarray, adapter: str | None = None, attention_mask: np.ndarray | None = None
+    ) -> np.ndarray:
         mask = _full_mask(ids) if attention_mask is None else attention_mask.astype(np.int64)
         return self._step(ids, self._empty_past(ids.shape[0]), mask, self._run_options(adapter))[0]
 

@@ -27,7 +27,14 @@ from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import PEFT_PREFIX, WEIGHTS_FILE, AdapterFile, adapter_from_tensors, check_against_base, write_side_fingerprint
+from sora_serve.io import (
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    AdapterFile,
+    adapter_from_tensors,
+    check_against_base,
+    write_side_fingerprint,
+)
 from sora_serve.methods import ServingFactors
 
 from .checkpoint import Checkpoint, checkpoint_layers
@@ -103,13 +110,21 @@ def to_lora(
     adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     layers = checkpoint_layers(checkpoint, adapter.base_paths)
     model_type = checkpoint.config_dict.get("model_type")
-    check_against_base(adapter, layers, model_type=model_type, allow_large_updates=allow_large_updates, allow_other_base=allow_other_base)
+    check_against_base(
+        adapter,
+        layers,
+        model_type=model_type,
+        allow_large_updates=allow_large_updates,
+        allow_other_base=allow_other_base,
+    )
     modules = dict(checkpoint.meta_model.named_modules())
     tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):
         weight, bias, factors = layer_factors(checkpoint, adapter, path, isinstance(modules[path], Conv1D))
         if changes_bias(factors, bias, weight.shape[0]):
-            raise AdapterError(f"layer '{path}': the adapter changes its bias, which a LoRA cannot express", file=adapter.directory)
+            raise AdapterError(
+                f"layer '{path}': the adapter changes its bias, which a LoRA cannot express", file=adapter.directory
+            )
         if allow_approx:
             a, b, residual, norm = svd_factors(factors.dense(weight, bias)[0] - weight, rank)
             errors[path] = residual / max(norm, 1e-300)
@@ -130,7 +145,9 @@ def to_lora(
         b_key = a_key.replace("lora_A", "lora_B")
         tensors[a_key], tensors[b_key] = _pad_rank(tensors[a_key], tensors[b_key], out_rank)
     config = LoraConfig(
-        r=out_rank, lora_alpha=out_rank, target_modules=sorted(adapter.tensors),  # s = 1: B A is the update itself
+        r=out_rank,
+        lora_alpha=out_rank,
+        target_modules=sorted(adapter.tensors),  # s = 1: B A is the update itself
         fan_in_fan_out=any(isinstance(modules[p], Conv1D) for p in adapter.tensors),
         base_model_name_or_path=adapter.base_model_name_or_path,
     )
@@ -139,7 +156,13 @@ def to_lora(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_side_fingerprint(tmp, base_fingerprint({p: layers[p] for p in adapter.tensors}, model_type))
     overall = (residual_sq / max(delta_sq, 1e-300)) ** 0.5 if allow_approx else 0.0
-    return {"exact": not allow_approx, "rank": out_rank, "layer_errors": errors, "overall_error": overall, "out_dir": str(out_dir)}
+    return {
+        "exact": not allow_approx,
+        "rank": out_rank,
+        "layer_errors": errors,
+        "overall_error": overall,
+        "out_dir": str(out_dir),
+    }
 
 
 def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base Hugging Face checkpoint directory")
     parser.add_argument("--adapter", required=True, help="adapter directory")
     parser.add_argument("--out", required=True, help="PEFT LoRA directory to write")
-    parser.add_argument("--allow-approx", action="store_true", help="write the best rank-K fit (truncated SVD of each layer's update) instead of the exact form")
+    parser.add_argument(
+        "--allow-approx",
+        action="store_true",
+        help="write the best rank-K fit (truncated SVD of each layer's update) instead of the exact form",
+    )
     parser.add_argument("--rank", type=int, help="rank of the approximation (with --allow-approx)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     add_override_flags(parser)
@@ -161,7 +188,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     result = to_lora(
-        args.base, args.adapter, args.out, allow_approx=args.allow_approx, rank=args.rank, force=args.force,
+        args.base,
+        args.adapter,
+        args.out,
+        allow_approx=args.allow_approx,
+        rank=args.rank,
+        force=args.force,
         **override_kwargs(args),
     )
     if result["exact"]:
@@ -169,4 +201,6 @@ def run(args: argparse.Namespace) -> None:
         return
     for path, error in result["layer_errors"].items():
         print(f"  {path}: relative Frobenius error {error:.4f}")
-    print(f"wrote a rank-{result['rank']} approximation to {args.out}: overall relative Frobenius error {result['overall_error']:.4f}")
+    print(
+        f"wrote a rank-{result['rank']} approximation to {args.out}: overall relative Frobenius error {result['overall_error']:.4f}"
+    )

@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sora_serve.training.cli", "train a LoRA / DoRA / Pre-Diag / SORA adapter on local data"),
     "fold": ("sora_serve.converters.fold", "fold an adapter exactly into the base weights; write a merged checkpoint"),
     "to-lora": ("sora_serve.converters.to_lora", "convert an adapter to a plain PEFT LoRA directory (exact or SVD)"),
-    "convert": ("sora_serve.converters.convert", "convert between our SORA format and the paper's (MaeChd/SORA) format"),
+    "convert": (
+        "sora_serve.converters.convert",
+        "convert between our SORA format and the paper's (MaeChd/SORA) format",
+    ),
     "export-onnx": ("sora_serve.converters.onnx_export", "export a model to ONNX, merged or with switchable adapters"),
     "serve": ("sora_serve.vllm_plugin.server", "serve a model and adapters with vLLM's OpenAI-compatible server"),
 }
@@ -28,16 +31,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def add_override_flags(parser: argparse.ArgumentParser) -> None:
     """The validator's two overrides, shared by fold, to-lora, export-onnx and serve."""
     parser.add_argument(
-        "--allow-large-updates", action="store_true",
+        "--allow-large-updates",
+        action="store_true",
         help="accept adapters whose update exceeds the magnitude bounds (docs/VLLM.md, 'What is validated'); NaN/inf are always refused",
     )
     parser.add_argument(
-        "--allow-other-base", action="store_true",
+        "--allow-other-base",
+        action="store_true",
         help="accept adapters whose recorded base weights differ from this base's (another model of the same shapes); "
         "shapes are always checked (docs/VLLM.md, 'Security')",
     )
     parser.add_argument(
-        "--reference-s0", type=float, metavar="S",
+        "--reference-s0",
+        type=float,
+        metavar="S",
         help="s_p numerator of adapters saved by the paper's code (MaeChd/SORA) whose run set initial_s_p (default 1.0; docs/FORMAT.md)",
     )
 

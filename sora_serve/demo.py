@@ -60,13 +60,21 @@ def new_table(title: str, console: Console) -> Table:
 def train_all(base: Path, root: Path, console: Console) -> dict[str, dict]:
     results = {}
     for name, kwargs in RUNS.items():
-        cfg = TrainConfig(model=base, data=BUILTIN_TEXT * 8, out=root / name, steps=40, lr=3e-3, r=8, force=True, **kwargs)
+        cfg = TrainConfig(
+            model=base, data=BUILTIN_TEXT * 8, out=root / name, steps=40, lr=3e-3, r=8, force=True, **kwargs
+        )
         results[name] = train_adapter(cfg)
     table = new_table("trained adapters (tiny Llama, built-in text, 40 steps each)", console)
     for column in ("adapter", "trainable params", "eval loss before", "eval loss after", "ms / step"):
         table.add_column(column, justify="right")
     for name, m in results.items():
-        table.add_row(name, f"{m['trainable_params']:,}", f"{m['eval_before']['loss']:.4f}", f"{m['eval_after']['loss']:.4f}", f"{1000 * m['mean_step_time_s']:.1f}")
+        table.add_row(
+            name,
+            f"{m['trainable_params']:,}",
+            f"{m['eval_before']['loss']:.4f}",
+            f"{m['eval_after']['loss']:.4f}",
+            f"{1000 * m['mean_step_time_s']:.1f}",
+        )
     console.print(table)
     return results
 
@@ -93,14 +101,20 @@ def main() -> None:
     console = make_console(sys.stdout)
     root = Path(os.environ.get("SORA_DEMO_DIR", "out/demo")).absolute()
     start = time.perf_counter()
-    base = make_tiny_checkpoint("llama", root / "base", max_shard_size="1MB", hidden_size=256, intermediate_size=512, num_layers=4)
+    base = make_tiny_checkpoint(
+        "llama", root / "base", max_shard_size="1MB", hidden_size=256, intermediate_size=512, num_layers=4
+    )
     console.print(f"built a 4-layer Llama (hidden 256) with a local tokenizer at {base}")
     train_all(base, root / "adapters", console)
     mixed_batch_check(base, root / "adapters", console)
     folded = fold_adapter(base, root / "adapters" / "sora", root / "merged-sora", force=True)
-    console.print(f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} shards, max logit error {folded['max_abs_error']:.2e}")
+    console.print(
+        f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} shards, max logit error {folded['max_abs_error']:.2e}"
+    )
     merged_onnx = export_onnx(root / "merged-sora", root / "onnx-merged", force=True)
-    console.print(f"ONNX (merged SORA, KV cache): max logit error vs PyTorch {merged_onnx['max_abs_error']['base']:.2e}")
+    console.print(
+        f"ONNX (merged SORA, KV cache): max logit error vs PyTorch {merged_onnx['max_abs_error']['base']:.2e}"
+    )
     switchable = export_onnx(base, root / "onnx-adapters", [root / "adapters" / n for n in RUNS], force=True)
     errors = ", ".join(f"{k} {v:.1e}" for k, v in switchable["max_abs_error"].items())
     console.print(f"ONNX (one graph, .onnx_adapter per adapter): max logit error vs PyTorch: {errors}")
@@ -128,7 +142,9 @@ def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
         ss.load_adapter(model, adapters / name, name=name)
     with torch.no_grad(), ss.use_adapters(model, rows):
         ids = torch.tensor([prompt] * len(rows))
-        eager = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)[:, len(prompt) :]
+        eager = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )[:, len(prompt) :]
     table = new_table("vLLM (one engine, one mixed batch, sora-serve plugin) vs eager runtime", console)
     for column in ("request", "vLLM tokens", "same as eager"):
         table.add_column(column)
@@ -142,7 +158,12 @@ def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
 def exact_lora_rewrite(base: Path, root: Path, console: Console) -> dict:
     """Pre-Diag/SORA with d = 1 on a base without biases is exactly a LoRA of rank r + 2 r_p."""
     model = AutoModelForCausalLM.from_pretrained(base)
-    ss.attach(model, ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=4, target_modules=["q_proj", "v_proj"]), "d1", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=4, target_modules=["q_proj", "v_proj"]),
+        "d1",
+        verbose=False,
+    )
     with torch.no_grad():
         for _, layer in ss.adapted_layers(model):
             layer.adapters["d1"].lora_B.normal_(0, 0.02)

@@ -82,7 +82,9 @@ def model_layers(model: nn.Module, paths: Iterable[str], *, norms: bool = True) 
         has_weights = not weight.is_meta
         norm = weight.double().norm().item() if has_weights and norms else None
         reader = (lambda rows, cols, w=weight: w[rows, cols]) if has_weights else None
-        layers[path] = BaseLayer(int(weight.shape[0]), int(weight.shape[1]), getattr(base, "bias", None) is not None, norm, reader)
+        layers[path] = BaseLayer(
+            int(weight.shape[0]), int(weight.shape[1]), getattr(base, "bias", None) is not None, norm, reader
+        )
     return layers
 
 
@@ -91,7 +93,12 @@ def base_fingerprint(layers: Mapping[str, BaseLayer], model_type: str | None) ->
     paths = sorted(layers, key=natural_key)
     shapes = {p: [layers[p].out_features, layers[p].in_features, layers[p].has_bias] for p in paths}
     digest = hashlib.sha256(json.dumps([model_type, shapes], sort_keys=True).encode()).hexdigest()[:16]
-    return {"model_type": model_type, "modules": shapes, "sha256": digest, "weights": {p: sample_weights(layers[p]) for p in paths}}
+    return {
+        "model_type": model_type,
+        "modules": shapes,
+        "sha256": digest,
+        "weights": {p: sample_weights(layers[p]) for p in paths},
+    }
 
 
 def sample_weights(layer: BaseLayer) -> list[list]:
@@ -120,14 +127,27 @@ def parse_fingerprint(fingerprint: Any, path: Path) -> dict:
         raise AdapterError("expected an object with 'modules'", file=path, field="base_fingerprint")
     model_type = fingerprint.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise AdapterError(f"expected a string or null, got {model_type!r}", file=path, field="base_fingerprint.model_type")
+        raise AdapterError(
+            f"expected a string or null, got {model_type!r}", file=path, field="base_fingerprint.model_type"
+        )
     for module_path, entry in modules.items():
-        ok = isinstance(entry, list) and len(entry) == 3 and all(_is_index(x) and x > 0 for x in entry[:2]) and isinstance(entry[2], bool)
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and all(_is_index(x) and x > 0 for x in entry[:2])
+            and isinstance(entry[2], bool)
+        )
         if not ok:
-            raise AdapterError(f"expected [out, in, has_bias], got {entry!r}", file=path, field=f"base_fingerprint.modules.{module_path}")
+            raise AdapterError(
+                f"expected [out, in, has_bias], got {entry!r}",
+                file=path,
+                field=f"base_fingerprint.modules.{module_path}",
+            )
     weights = fingerprint.get("weights", {})
     if not isinstance(weights, dict):
-        raise AdapterError("expected an object {module path: [[row, col, value], ...]}", file=path, field="base_fingerprint.weights")
+        raise AdapterError(
+            "expected an object {module path: [[row, col, value], ...]}", file=path, field="base_fingerprint.weights"
+        )
     for module_path, samples in weights.items():
         _check_samples(samples, modules.get(module_path), path, f"base_fingerprint.weights.{module_path}")
     return fingerprint
@@ -141,13 +161,26 @@ def _check_samples(samples: Any, shape: list | None, path: Path, field_name: str
     if shape is None:
         raise AdapterError("no entry for this module under base_fingerprint.modules", file=path, field=field_name)
     out_f, in_f = shape[:2]
-    valid = isinstance(samples, list) and bool(samples) and all(
-        isinstance(s, list) and len(s) == 3 and _is_index(s[0]) and s[0] < out_f and _is_index(s[1]) and s[1] < in_f
-        and isinstance(s[2], (int, float)) and not isinstance(s[2], bool) and math.isfinite(s[2])
-        for s in samples
+    valid = (
+        isinstance(samples, list)
+        and bool(samples)
+        and all(
+            isinstance(s, list)
+            and len(s) == 3
+            and _is_index(s[0])
+            and s[0] < out_f
+            and _is_index(s[1])
+            and s[1] < in_f
+            and isinstance(s[2], (int, float))
+            and not isinstance(s[2], bool)
+            and math.isfinite(s[2])
+            for s in samples
+        )
     )
     if not valid:
-        raise AdapterError(f"expected a non-empty list of [row < {out_f}, col < {in_f}, finite value]", file=path, field=field_name)
+        raise AdapterError(
+            f"expected a non-empty list of [row < {out_f}, col < {in_f}, finite value]", file=path, field=field_name
+        )
 
 
 # ---------------------------------------------------------------- checking
@@ -161,7 +194,12 @@ def other_base_allowed(allow: bool | None = None) -> bool:
 
 
 def check_fingerprint(
-    fingerprint: dict | None, file: Path, layers: Mapping[str, BaseLayer], model_type: str | None, *, allow_other_base: bool | None = None
+    fingerprint: dict | None,
+    file: Path,
+    layers: Mapping[str, BaseLayer],
+    model_type: str | None,
+    *,
+    allow_other_base: bool | None = None,
 ) -> None:
     """Refuse a base that is not the one the fingerprint (read from `file`) was taken on.
 
@@ -174,7 +212,8 @@ def check_fingerprint(
     if model_type is not None and expected_type is not None and model_type != expected_type:
         raise AdapterError(
             f"the base is a {model_type!r} model but the adapter was trained on a {expected_type!r} one: adapter for a different base",
-            file=file, field="base_fingerprint.model_type",
+            file=file,
+            field="base_fingerprint.model_type",
         )
     for module_path, expected in fingerprint["modules"].items():
         layer = layers.get(module_path)
@@ -183,10 +222,13 @@ def check_fingerprint(
             raise AdapterError(
                 f"module '{module_path}': base layer is {ours} (out, in, has_bias) but the adapter was trained on {expected}: "
                 "adapter for a different base",
-                file=file, field="base_fingerprint",
+                file=file,
+                field="base_fingerprint",
             )
     if "weights" not in fingerprint:
-        _note_no_fingerprint(file.parent, "its base_fingerprint records no weights (an older sora-serve, or `convert` without --base)")
+        _note_no_fingerprint(
+            file.parent, "its base_fingerprint records no weights (an older sora-serve, or `convert` without --base)"
+        )
     elif not other_base_allowed(allow_other_base):
         _check_weights(fingerprint["weights"], file, layers)
 
@@ -207,7 +249,8 @@ def _check_weights(weights: dict, file: Path, layers: Mapping[str, BaseLayer]) -
                 f"(relative RMS difference {_relative_rms(recorded, base):.2g}; a bf16/fp16 cast stays within 2^-7 of each entry). "
                 f"Adapter for another base of the same shapes (another fine-tune, an Instruct variant?); "
                 f"if intended, pass --allow-other-base (allow_other_base=True, {ALLOW_OTHER_BASE_ENV}=1)",
-                file=file, field=f"base_fingerprint.weights.{module_path}",
+                file=file,
+                field=f"base_fingerprint.weights.{module_path}",
             )
 
 

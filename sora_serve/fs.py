@@ -15,7 +15,10 @@ from .errors import AdapterError
 def os_error(exc: OSError, path: str | Path) -> AdapterError:
     """An OSError as a one-line AdapterError naming `path`: a permission problem is called one."""
     if isinstance(exc, PermissionError):
-        return AdapterError("permission denied: this user cannot read it (check the permissions of the file and its directories)", file=path)
+        return AdapterError(
+            "permission denied: this user cannot read it (check the permissions of the file and its directories)",
+            file=path,
+        )
     if isinstance(exc, FileNotFoundError):
         return AdapterError("missing", file=path)
     return AdapterError(f"cannot read it ({exc.strerror or exc})", file=path)
@@ -23,15 +26,29 @@ def os_error(exc: OSError, path: str | Path) -> AdapterError:
 
 def readable_dir(path: str | Path, what: str) -> Path:
     """`path` if it is a directory this process can list; else an AdapterError saying why (missing, not a dir, permission)."""
-    return _probe(Path(path), lambda p: os.scandir(p).close(), f"{what} not found", NotADirectoryError, f"{what} is not a directory")
+    return _probe(
+        Path(path),
+        lambda p: os.scandir(p).close(),
+        f"{what} not found",
+        NotADirectoryError,
+        f"{what} is not a directory",
+    )
 
 
 def readable_file(path: str | Path, what: str) -> Path:
     """`path` if it is a file this process can open for reading; else an AdapterError saying why."""
-    return _probe(Path(path), lambda p: open(p, "rb").close(), f"missing {what}", IsADirectoryError, f"{what} is a directory, expected a file")
+    return _probe(
+        Path(path),
+        lambda p: open(p, "rb").close(),
+        f"missing {what}",
+        IsADirectoryError,
+        f"{what} is a directory, expected a file",
+    )
 
 
-def _probe(path: Path, probe: Callable[[Path], None], missing: str, wrong_kind: type[OSError], wrong_kind_message: str) -> Path:
+def _probe(
+    path: Path, probe: Callable[[Path], None], missing: str, wrong_kind: type[OSError], wrong_kind_message: str
+) -> Path:
     """Run `probe(path)` (open and close it); its OSError becomes a one-line AdapterError naming `path`."""
     try:
         probe(path)

@@ -179,10 +179,14 @@ TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "optional str": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "targets": (_is_targets, "a module name or a non-empty list of module names"),
-    "rank pattern": (lambda v: v is None or (isinstance(v, dict) and all(TYPES["positive int"][0](x) for x in v.values())),
-                     "an object mapping module patterns to positive integers"),
-    "alpha pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values())),
-                      "an object mapping module patterns to positive numbers"),
+    "rank pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(TYPES["positive int"][0](x) for x in v.values())),
+        "an object mapping module patterns to positive integers",
+    ),
+    "alpha pattern": (
+        lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) and x > 0 for x in v.values())),
+        "an object mapping module patterns to positive numbers",
+    ),
     "init": (lambda v: isinstance(v, (bool, str)), "true, false or an init name"),
 }
 
@@ -207,13 +211,37 @@ def _field(raw: dict, key: str, path: Path, kind: str, default: Any = _REQUIRED)
 #   ignored - no effect on inference outputs (bookkeeping, training-only, or which modules were
 #             targeted: the tensors in the file say that);
 #   refused - changes the outputs in a way we do not implement (value -> why), refused when set.
-PEFT_READ = {"peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "use_dora", "fan_in_fan_out",
-             "rank_pattern", "alpha_pattern", "bias", "init_lora_weights", "base_model_name_or_path"}
+PEFT_READ = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "bias",
+    "init_lora_weights",
+    "base_model_name_or_path",
+}
 PEFT_IGNORED = {
-    "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "runtime_config",
-    "exclude_modules", "layers_to_transform", "layers_pattern",  # targeting: the file's tensors are the truth
-    "megatron_config", "megatron_core",  # training-time parallel layers; same tensors
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # init-time only (the inits that move W0 are refused below)
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "revision",
+    "inference_mode",
+    "runtime_config",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",  # targeting: the file's tensors are the truth
+    "megatron_config",
+    "megatron_core",  # training-time parallel layers; same tensors
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",  # init-time only (the inits that move W0 are refused below)
     "velora_config",  # VeLoRA changes only the backward pass; the forward is plain LoRA
     "qalora_group_size",  # only read with use_qalora (refused)
     "ensure_weight_tying",  # ties adapters of tied layers at training; each module's tensors are in the file
@@ -289,24 +317,39 @@ def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = No
         fan_in_fan_out = False
     elif peft_type == "LORA":
         config, module_config = _parse_peft_config(raw, config_path)
-        fingerprint, fan_in_fan_out = _read_side_fingerprint(directory), _field(raw, "fan_in_fan_out", config_path, "bool", False)
+        fingerprint, fan_in_fan_out = (
+            _read_side_fingerprint(directory),
+            _field(raw, "fan_in_fan_out", config_path, "bool", False),
+        )
     else:
-        raise AdapterError(f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=config_path, field="peft_type")
+        raise AdapterError(
+            f"unknown peft_type {peft_type!r}; expected PREDIAG, SORA or LORA", file=config_path, field="peft_type"
+        )
     weights_path = directory / WEIGHTS_FILE
     flat, names = _load_weights(weights_path), FILE_NAMES
     if peft_type == "LORA" and _is_reference_layout(flat):
         config, module_config = _reference_config(raw, config_path, config, module_config, flat, weights_path)
         names = REFERENCE_NAMES
     elif "initial_s_p" in raw:
-        raise AdapterError("initial_s_p is the paper's SORA option, but this dir has no lora_C/lora_D/lora_Diag tensors", file=config_path, field="initial_s_p")
+        raise AdapterError(
+            "initial_s_p is the paper's SORA option, but this dir has no lora_C/lora_D/lora_Diag tensors",
+            file=config_path,
+            field="initial_s_p",
+        )
     tensors = _group_tensors(flat, weights_path, config.method, names)
     module_configs = {path: module_config(path) for path in tensors}
     for path, t in tensors.items():
         _check_shapes(weights_path, path, t, module_configs[path], names, peft=peft_type == "LORA")
     adapter = AdapterFile(
-        directory, config, module_configs, tensors, fingerprint,
-        _field(raw, "base_model_name_or_path", config_path, "optional str", None), fan_in_fan_out,
-        updates={path: update_size(module_configs[path], t) for path, t in tensors.items()}, file_names=names,
+        directory,
+        config,
+        module_configs,
+        tensors,
+        fingerprint,
+        _field(raw, "base_model_name_or_path", config_path, "optional str", None),
+        fan_in_fan_out,
+        updates={path: update_size(module_configs[path], t) for path, t in tensors.items()},
+        file_names=names,
     )
     check_update_bounds(adapter, allow_large_updates=allow_large_updates)
     return adapter
@@ -340,7 +383,9 @@ def _config_or_error(path: Path, **kwargs) -> AdapterConfig:
 def _parse_our_config(raw: dict, path: Path) -> tuple[AdapterConfig, dict]:
     version = _field(raw, "format_version", path, "positive int")
     if version != FORMAT_VERSION:
-        raise AdapterError(f"format_version {version!r} is not supported (this is {FORMAT_VERSION})", file=path, field="format_version")
+        raise AdapterError(
+            f"format_version {version!r} is not supported (this is {FORMAT_VERSION})", file=path, field="format_version"
+        )
     if _field(raw, "bias", path, "str", "none") != "none":
         raise AdapterError(f"expected 'none', got {raw['bias']!r}", file=path, field="bias")
     config = _config_or_error(
@@ -371,8 +416,12 @@ def _parse_peft_config(raw: dict, path: Path) -> tuple[AdapterConfig, Callable[[
         lora_dropout=_field(raw, "lora_dropout", path, "fraction", 0.0),
         use_rslora=_field(raw, "use_rslora", path, "bool", False),
     )
-    rank_pattern = _compiled_patterns(_field(raw, "rank_pattern", path, "rank pattern", None) or {}, path, "rank_pattern")
-    alpha_pattern = _compiled_patterns(_field(raw, "alpha_pattern", path, "alpha pattern", None) or {}, path, "alpha_pattern")
+    rank_pattern = _compiled_patterns(
+        _field(raw, "rank_pattern", path, "rank pattern", None) or {}, path, "rank_pattern"
+    )
+    alpha_pattern = _compiled_patterns(
+        _field(raw, "alpha_pattern", path, "alpha pattern", None) or {}, path, "alpha_pattern"
+    )
 
     def module_config(module_path: str) -> AdapterConfig:
         r = _pattern_value(rank_pattern, module_path, config.r)
@@ -385,17 +434,33 @@ def _parse_peft_config(raw: dict, path: Path) -> tuple[AdapterConfig, Callable[[
 def _refuse_peft_options(raw: dict, path: Path) -> None:
     for key, value in raw.items():
         if key in PEFT_REFUSED and value:
-            raise AdapterError(f"PEFT option {key}={value!r} is not supported: it {PEFT_REFUSED[key]}", file=path, field=key)
-        if key not in PEFT_READ | PEFT_IGNORED | PEFT_REFUSED.keys() | {"initial_s_p"} and value not in (None, False, [], {}):
-            raise AdapterError(f"unknown LoraConfig option {key}={value!r} (not in PEFT 0.21): it may change the outputs", file=path, field=key)
+            raise AdapterError(
+                f"PEFT option {key}={value!r} is not supported: it {PEFT_REFUSED[key]}", file=path, field=key
+            )
+        if key not in PEFT_READ | PEFT_IGNORED | PEFT_REFUSED.keys() | {"initial_s_p"} and value not in (
+            None,
+            False,
+            [],
+            {},
+        ):
+            raise AdapterError(
+                f"unknown LoraConfig option {key}={value!r} (not in PEFT 0.21): it may change the outputs",
+                file=path,
+                field=key,
+            )
     if _field(raw, "bias", path, "str", "none") != "none":
-        raise AdapterError(f"PEFT option bias={raw['bias']!r} is not supported: it trains the base layers' biases", file=path, field="bias")
+        raise AdapterError(
+            f"PEFT option bias={raw['bias']!r} is not supported: it trains the base layers' biases",
+            file=path,
+            field="bias",
+        )
     init = _field(raw, "init_lora_weights", path, "init", True)
     if isinstance(init, str) and init.startswith(BASE_MOVING_INITS):
         raise AdapterError(
             f"init_lora_weights={init!r} moved the base weights at init, so this adapter is only right on that residual base; "
             "convert it with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) to a plain LoRA",
-            file=path, field="init_lora_weights",
+            file=path,
+            field="init_lora_weights",
         )
 
 
@@ -406,7 +471,9 @@ def _compiled_patterns(pattern: dict, path: Path, name: str) -> list[tuple[re.Pa
         try:
             compiled.append((re.compile(rf"(.*\.)?({key})$"), value))
         except re.error as exc:
-            raise AdapterError(f"pattern {key!r} is not a valid regular expression ({exc})", file=path, field=name) from exc
+            raise AdapterError(
+                f"pattern {key!r} is not a valid regular expression ({exc})", file=path, field=name
+            ) from exc
     return compiled
 
 
@@ -430,12 +497,21 @@ def _is_reference_layout(flat: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _reference_config(
-    raw: dict, path: Path, config: AdapterConfig, module_config: Callable[[str], AdapterConfig], flat: Mapping[str, torch.Tensor], weights: Path
+    raw: dict,
+    path: Path,
+    config: AdapterConfig,
+    module_config: Callable[[str], AdapterConfig],
+    flat: Mapping[str, torch.Tensor],
+    weights: Path,
 ) -> tuple[AdapterConfig, Callable[[str], AdapterConfig]]:
     """The reference dir's PEFT config as first-order SORA: r_p from its C tensors, s0 from
     `initial_s_p` (config or SORA_SERVE_REFERENCE_S0), else the reference's default 1.0."""
     if config.method == "dora":
-        raise AdapterError("use_dora=true with the paper's SORA tensors (lora_C/lora_D/lora_Diag): no such adapter exists", file=path, field="use_dora")
+        raise AdapterError(
+            "use_dora=true with the paper's SORA tensors (lora_C/lora_D/lora_Diag): no such adapter exists",
+            file=path,
+            field="use_dora",
+        )
     c_key = next((k for k in flat if k.endswith(f".{REFERENCE_NAMES['sora_C']}")), None)
     if c_key is None:
         raise AdapterError(f"a MaeChd/SORA adapter without any {REFERENCE_NAMES['sora_C']} tensor", file=weights)
@@ -454,11 +530,15 @@ def _reference_s0_from_environment() -> float:
     except ValueError:
         s0 = math.nan
     if not (math.isfinite(s0) and s0 > 0):
-        raise AdapterError(f"{REFERENCE_S0_ENV} (--reference-s0) must be a positive number, got {text!r}", field="reference_s0")
+        raise AdapterError(
+            f"{REFERENCE_S0_ENV} (--reference-s0) must be a positive number, got {text!r}", field="reference_s0"
+        )
     return s0
 
 
-def _group_tensors(flat: Mapping[str, torch.Tensor], path: Path, method: str, names: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+def _group_tensors(
+    flat: Mapping[str, torch.Tensor], path: Path, method: str, names: Mapping[str, str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """module path -> parameter -> tensor; every tensor known, floating point and finite, none missing."""
     suffix_to_param = {suffix: param for param, suffix in names.items()}
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -472,7 +552,9 @@ def _group_tensors(flat: Mapping[str, torch.Tensor], path: Path, method: str, na
             raise AdapterError(f"module '{module_path}': contains NaN or infinite values", file=path, field=key)
         if names is REFERENCE_NAMES and param == "d":  # the reference's diagonal is an (out x 1) nn.Linear weight
             if tensor.ndim != 2 or tensor.shape[1] != 1:
-                raise AdapterError(f"module '{module_path}': expected shape (out, 1), got {tuple(tensor.shape)}", file=path, field=key)
+                raise AdapterError(
+                    f"module '{module_path}': expected shape (out, 1), got {tuple(tensor.shape)}", file=path, field=key
+                )
             tensor = tensor[:, 0]
         modules.setdefault(module_path, {})[param] = tensor
     if not modules:
@@ -493,7 +575,15 @@ def _split_key(key: str, suffix_to_param: dict[str, str]) -> tuple[str, str | No
     return body, None
 
 
-def _check_shapes(path: Path, module_path: str, t: dict[str, torch.Tensor], config: AdapterConfig, names: Mapping[str, str], *, peft: bool) -> None:
+def _check_shapes(
+    path: Path,
+    module_path: str,
+    t: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    names: Mapping[str, str],
+    *,
+    peft: bool,
+) -> None:
     """Every tensor's shape from the config's ranks: the config's r is the rank (as PEFT and vLLM read it)."""
     out_f, in_f = t["lora_B"].shape[0], t["lora_A"].shape[-1]
     expected = {
@@ -525,27 +615,40 @@ def check_update_bounds(adapter: AdapterFile, *, allow_large_updates: bool | Non
         if not all(math.isfinite(v) for v in values) or size.largest_factor > FLOAT32_MAX:
             raise AdapterError(
                 f"module '{module_path}': the serving factors overflow float32 (largest |entry| {size.largest_factor:.3g})",
-                file=adapter.weights_file, field=key,
+                file=adapter.weights_file,
+                field=key,
             )
         if allowed:
             continue
         checks = [
             (size.entry_rms(size.lowrank), UPDATE_RMS_MAX, "lora_B", "the low-rank update s B A has entry RMS"),
-            (size.scale_rotation, RELATIVE_UPDATE_MAX, "d" if size.scale_max >= size.rotation else "sora_C",  # the larger culprit
-             "the output scale and rotation change the layer by up to (||R diag(d) - I||_2 <=)"),
+            (
+                size.scale_rotation,
+                RELATIVE_UPDATE_MAX,
+                "d" if size.scale_max >= size.rotation else "sora_C",  # the larger culprit
+                "the output scale and rotation change the layer by up to (||R diag(d) - I||_2 <=)",
+            ),
         ]
         if size.magnitude is not None:
-            checks.append((size.entry_rms(size.magnitude), UPDATE_RMS_MAX, "magnitude", "DoRA's adapted weight has entry RMS"))
+            checks.append(
+                (size.entry_rms(size.magnitude), UPDATE_RMS_MAX, "magnitude", "DoRA's adapted weight has entry RMS")
+            )
         for value, bound, param, what in checks:
             if value > bound:
-                raise _too_large(adapter.weights_file, f"{key}.{adapter.file_names[param]}", module_path, f"{what} {value:.3g} > {bound:g}")
+                raise _too_large(
+                    adapter.weights_file,
+                    f"{key}.{adapter.file_names[param]}",
+                    module_path,
+                    f"{what} {value:.3g} > {bound:g}",
+                )
 
 
 def _too_large(file: Path, field_name: str, module_path: str, what: str) -> AdapterError:
     return AdapterError(
         f"module '{module_path}': {what}, far beyond what training produces; if intended, set "
         f"{ALLOW_LARGE_UPDATES_ENV}=1 (or pass allow_large_updates=True / --allow-large-updates)",
-        file=file, field=field_name,
+        file=file,
+        field=field_name,
     )
 
 
@@ -570,31 +673,49 @@ def check_against_base(
         key = f"{PEFT_PREFIX}{module_path}"
         layer = layers.get(module_path)
         if layer is None:
-            raise AdapterError(f"module '{module_path}' not found in the base model (or not a linear layer there): adapter for a different base?", file=adapter.weights_file, field=key)
+            raise AdapterError(
+                f"module '{module_path}' not found in the base model (or not a linear layer there): adapter for a different base?",
+                file=adapter.weights_file,
+                field=key,
+            )
         got = (int(t["lora_B"].shape[0]), int(t["lora_A"].shape[1]))
         if got != (layer.out_features, layer.in_features):
             raise AdapterError(
                 f"module '{module_path}': adapter is {got[0]}x{got[1]} but the base layer is "
                 f"{layer.out_features}x{layer.in_features} (out x in): adapter for a different base?",
-                file=adapter.weights_file, field=key,
+                file=adapter.weights_file,
+                field=key,
             )
-    check_fingerprint(adapter.fingerprint, adapter.fingerprint_file, layers, model_type, allow_other_base=allow_other_base)
+    check_fingerprint(
+        adapter.fingerprint, adapter.fingerprint_file, layers, model_type, allow_other_base=allow_other_base
+    )
     if large_updates_allowed(allow_large_updates):
         return
     for module_path, size in adapter.updates.items():
         norm = layers[module_path].weight_norm
         if norm is not None and (bound := size.relative_bound(norm)) > RELATIVE_UPDATE_MAX:
             raise _too_large(
-                adapter.weights_file, f"{PEFT_PREFIX}{module_path}", module_path,
+                adapter.weights_file,
+                f"{PEFT_PREFIX}{module_path}",
+                module_path,
                 f"the update can be {bound:.3g}x the base layer's norm (||W - W0||_F / ||W0||_F <= {bound:.3g} > {RELATIVE_UPDATE_MAX:g})",
             )
 
 
-def check_base(adapter: AdapterFile, model: nn.Module, *, allow_large_updates: bool | None = None, allow_other_base: bool | None = None) -> None:
+def check_base(
+    adapter: AdapterFile,
+    model: nn.Module,
+    *,
+    allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
+) -> None:
     """`check_against_base` with the base read from `model` (an nn.Module, weights or meta)."""
     check_against_base(
-        adapter, model_layers(model, adapter.base_paths), model_type=_model_type(model),
-        allow_large_updates=allow_large_updates, allow_other_base=allow_other_base,
+        adapter,
+        model_layers(model, adapter.base_paths),
+        model_type=_model_type(model),
+        allow_large_updates=allow_large_updates,
+        allow_other_base=allow_other_base,
     )
 
 
@@ -651,7 +772,12 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(
-    model: nn.Module, out_dir: str | Path, name: str = "default", *, base_model_name_or_path: str | None = None, force: bool = False
+    model: nn.Module,
+    out_dir: str | Path,
+    name: str = "default",
+    *,
+    base_model_name_or_path: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write adapter `name` as a directory (whole or not at all): ours for Pre-Diag/SORA, PEFT's for LoRA/DoRA."""
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -659,7 +785,9 @@ def save_adapter(
     return Path(out_dir)
 
 
-def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_model_name_or_path: str | None = None) -> None:
+def write_adapter_files(
+    model: nn.Module, directory: Path, name: str, *, base_model_name_or_path: str | None = None
+) -> None:
     """Write the config and weights of adapter `name` into an existing (temporary) directory."""
     if name not in adapter_configs(model):
         raise AdapterError(f"no adapter named '{name}'; attached: {sorted(adapter_configs(model))}", field="name")
@@ -670,7 +798,9 @@ def write_adapter_files(model: nn.Module, directory: Path, name: str, *, base_mo
             raise AdapterError("adapter weights contain NaN or infinite values; refusing to save", field=key)
     module_paths = [p for p, layer in adapted_layers(model) if name in layer.adapters]
     base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
-    fingerprint = base_fingerprint(model_layers(model, module_paths, norms=False), _model_type(model))  # samples only: no pass over W0
+    fingerprint = base_fingerprint(
+        model_layers(model, module_paths, norms=False), _model_type(model)
+    )  # samples only: no pass over W0
     if config.method in ("lora", "dora"):
         fan_in_fan_out = any(layer.fan_in_fan_out for _, layer in adapted_layers(model) if name in layer.adapters)
         _peft_lora_config(config, base_name, fan_in_fan_out).save_pretrained(str(directory))

@@ -1,9 +1,9 @@
 """Attach adapters to any Hugging Face model and pick which one runs.
 
-    model = attach(model, AdapterConfig(method="sora", target_modules=["q_proj", "v_proj"]), "a")
-    set_active_adapter(model, "a")
-    with use_adapters(model, ["a", None, "b"]):      # one name (or None = base) per batch row
-        logits = model(input_ids).logits               # works for generate() too
+model = attach(model, AdapterConfig(method="sora", target_modules=["q_proj", "v_proj"]), "a")
+set_active_adapter(model, "a")
+with use_adapters(model, ["a", None, "b"]):      # one name (or None = base) per batch row
+    logits = model(input_ids).logits               # works for generate() too
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ve
     set_active_adapter(model, name)
     if verbose:
         trainable, total = count_parameters(model)
-        print(f"attached {config.method} adapter '{name}' to {len(targets)} layers: "
-              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        print(
+            f"attached {config.method} adapter '{name}' to {len(targets)} layers: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        )
     return model
 
 

@@ -32,9 +32,15 @@ BUILTIN_TEXT = [
 ]
 
 ARCHITECTURES = {
-    "llama": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+    "llama": dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "mistral": dict(
+        model_type="mistral", hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=128, n_head=4, n_positions=256),
 }
 
@@ -55,14 +61,18 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model(arch: str = "llama", *, num_layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides) -> PreTrainedModel:
+def make_tiny_model(
+    arch: str = "llama", *, num_layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides
+) -> PreTrainedModel:
     """A randomly initialised causal LM of `arch`, float32, in eval mode."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     spec = dict(ARCHITECTURES[arch])
     model_type = spec.pop("model_type")
     layers_key = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
-    spec.update({layers_key: num_layers, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0})
+    spec.update(
+        {layers_key: num_layers, "vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    )
     if model_type != "gpt2":
         spec.setdefault("max_position_embeddings", 256)
         spec.setdefault("tie_word_embeddings", False)

@@ -62,7 +62,15 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def write_random_adapter(out_dir: Path, config: ss.AdapterConfig, *, seed: int, scale: float = 0.1, arch: str = "qwen2", factor_scale: float = 1.0) -> Path:
+def write_random_adapter(
+    out_dir: Path,
+    config: ss.AdapterConfig,
+    *,
+    seed: int,
+    scale: float = 0.1,
+    arch: str = "qwen2",
+    factor_scale: float = 1.0,
+) -> Path:
     """An adapter for `make_tiny_checkpoint(arch)` with random factors, saved to `out_dir` (nothing trained).
     `factor_scale` multiplies lora_B afterwards (e.g. 1e30: finite factors built to overflow)."""
     model = make_tiny_model(arch)
@@ -78,7 +86,9 @@ def write_random_adapter(out_dir: Path, config: ss.AdapterConfig, *, seed: int, 
 REFERENCE_R, REFERENCE_R_P, REFERENCE_ALPHA = 4, 3, 8
 
 
-def write_reference_dir(base: Path, out: Path, targets: list[str], seed: int = 0, initial_s_p: float | None = None) -> Path:
+def write_reference_dir(
+    base: Path, out: Path, targets: list[str], seed: int = 0, initial_s_p: float | None = None
+) -> Path:
     """An adapter as the paper's code (MaeChd/SORA) saves it: PEFT's LoRA dir (PEFT writes the
     config and A/B) plus, per module, the nn.Linear weights of C, D (out x r_p) and the diagonal
     (out x 1); all random, B != 0, C != D, d != 1. Conv1D bases get fan_in_fan_out as in PEFT."""
@@ -201,7 +211,11 @@ def running_server(arguments: list[str], log_path: Path) -> Iterator[tuple[str, 
     # Own process group: teardown stops the API server, its engine core and workers together.
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            start_new_session=True,
         )
     try:
         yield wait_healthy(process, f"http://127.0.0.1:{port}", log_path), process
@@ -209,9 +223,18 @@ def running_server(arguments: list[str], log_path: Path) -> Iterator[tuple[str, 
         stop_group(process)
 
 
-def complete(url: str, model: str, prompt: str | list[int], max_tokens: int = 6, timeout: float = 120) -> tuple[int, dict | str]:
+def complete(
+    url: str, model: str, prompt: str | list[int], max_tokens: int = 6, timeout: float = 120
+) -> tuple[int, dict | str]:
     """Greedy /v1/completions (EOS ignored), the generated token ids in the body."""
-    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    payload = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     return post(f"{url}/v1/completions", payload, timeout=timeout)
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sora_serve.converters.fold import fold_adapter
-from sora_serve.converters.onnx_export import export_onnx
-from sora_serve.converters.to_lora import to_lora
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
 from sora_serve.cli import main as cli_main
+from sora_serve.converters.fold import fold_adapter
+from sora_serve.converters.onnx_export import export_onnx
+from sora_serve.converters.to_lora import to_lora
 from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV, CAST_RTOL, SAMPLES
 from sora_serve.io import FINGERPRINT_FILE
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
@@ -53,12 +53,18 @@ def bases(request, tmp_path_factory):
 def entries(tmp: Path) -> dict:
     """Every entry that has the base's weights, as (base dir, adapter dir, **overrides) -> None or AdapterError."""
     return {
-        "load_adapter": lambda base, adapter, **o: ss.load_adapter(AutoModelForCausalLM.from_pretrained(base), adapter, **o),
-        "fold": lambda base, adapter, **o: fold_adapter(base, adapter, tmp / f"fold-{base.name}", verify=False, progress=False, force=True, **o),
+        "load_adapter": lambda base, adapter, **o: ss.load_adapter(
+            AutoModelForCausalLM.from_pretrained(base), adapter, **o
+        ),
+        "fold": lambda base, adapter, **o: fold_adapter(
+            base, adapter, tmp / f"fold-{base.name}", verify=False, progress=False, force=True, **o
+        ),
         "to_lora": lambda base, adapter, **o: to_lora(
             base, adapter, tmp / f"lora-{base.name}", allow_approx=True, rank=4, progress=False, force=True, **o
         ),
-        "export_onnx": lambda base, adapter, **o: export_onnx(base, tmp / f"onnx-{base.name}", [adapter], force=True, verify=False, **o),
+        "export_onnx": lambda base, adapter, **o: export_onnx(
+            base, tmp / f"onnx-{base.name}", [adapter], force=True, verify=False, **o
+        ),
     }
 
 
@@ -69,7 +75,10 @@ def test_every_entry_refuses_another_base_of_the_same_shapes_and_accepts_a_cast(
     if entry == "to_lora" and kind == "sora" and paths["base"].parent.name.startswith("fingerprint-gpt2"):
         pytest.skip("GPT-2's layers have biases, which SORA changes and no LoRA can (test_to_lora.py)")
     run = entries(tmp_path)[entry]
-    with pytest.raises(ss.AdapterError, match=r"field 'base_fingerprint\.weights\.[\w.]+': module '[\w.]+': the base's weights are not the ones") as refused:
+    with pytest.raises(
+        ss.AdapterError,
+        match=r"field 'base_fingerprint\.weights\.[\w.]+': module '[\w.]+': the base's weights are not the ones",
+    ) as refused:
         run(paths["other"], adapters[kind])
     file = FINGERPRINT_FILE if kind == "lora" else "adapter_config.json"
     assert f"{adapters[kind] / file}" in str(refused.value) and f"of {SAMPLES} sampled entries" in str(refused.value)
@@ -94,7 +103,11 @@ def test_cli_flag_and_environment_lift_the_weight_check(bases, tmp_path, monkeyp
 
 def test_shapes_are_checked_whatever_the_override(bases, tmp_path):
     _, adapters = bases
-    wider = save_base_copy(make_tiny_model("llama", intermediate_size=192), tmp_path / "wider", make_tiny_checkpoint("llama", tmp_path / "tok"))
+    wider = save_base_copy(
+        make_tiny_model("llama", intermediate_size=192),
+        tmp_path / "wider",
+        make_tiny_checkpoint("llama", tmp_path / "tok"),
+    )
     with pytest.raises(ss.AdapterError, match="different base"):
         ss.load_adapter(AutoModelForCausalLM.from_pretrained(wider), adapters["sora"], allow_other_base=True)
 
@@ -118,11 +131,21 @@ def test_fine_tune_sized_moves_are_caught_and_casts_are_not(tmp_path, relative):
         ss.load_adapter(fine_tuned_like(make_tiny_model("llama"), relative, seed=5), adapter)
     for dtype in (torch.bfloat16, torch.float16):
         ss.load_adapter(make_tiny_model("llama").to(dtype), adapter)
-        recorded_on_cast = save_trained(make_tiny_model("llama").to(dtype).float(), tmp_path / f"from-{str(dtype).removeprefix('torch.')}", KINDS["sora"])
+        recorded_on_cast = save_trained(
+            make_tiny_model("llama").to(dtype).float(),
+            tmp_path / f"from-{str(dtype).removeprefix('torch.')}",
+            KINDS["sora"],
+        )
         ss.load_adapter(make_tiny_model("llama"), recorded_on_cast)
-    values = [v for samples in json.loads((adapter / "adapter_config.json").read_text())["base_fingerprint"]["weights"].values() for *_, v in samples]
+    values = [
+        v
+        for samples in json.loads((adapter / "adapter_config.json").read_text())["base_fingerprint"]["weights"].values()
+        for *_, v in samples
+    ]
     as_bf16 = torch.tensor(values, dtype=torch.float64).to(torch.bfloat16).double()
-    assert ((as_bf16 - torch.tensor(values)).abs() <= CAST_RTOL / 2 * as_bf16.abs()).all()  # the margin the tolerance leaves
+    assert (
+        (as_bf16 - torch.tensor(values)).abs() <= CAST_RTOL / 2 * as_bf16.abs()
+    ).all()  # the margin the tolerance leaves
 
 
 def test_dirs_without_sampled_weights_are_checked_by_shape_with_a_warning(tmp_path, caplog):
@@ -142,8 +165,14 @@ def test_dirs_without_sampled_weights_are_checked_by_shape_with_a_warning(tmp_pa
 @pytest.mark.parametrize(
     "weights,field",
     [
-        ({"model.layers.0.self_attn.q_proj": [[128, 0, 0.1]]}, "base_fingerprint.weights.model.layers.0.self_attn.q_proj"),  # row out of range
-        ({"model.layers.0.self_attn.q_proj": [[0, 0, "0.1"]]}, "base_fingerprint.weights.model.layers.0.self_attn.q_proj"),
+        (
+            {"model.layers.0.self_attn.q_proj": [[128, 0, 0.1]]},
+            "base_fingerprint.weights.model.layers.0.self_attn.q_proj",
+        ),  # row out of range
+        (
+            {"model.layers.0.self_attn.q_proj": [[0, 0, "0.1"]]},
+            "base_fingerprint.weights.model.layers.0.self_attn.q_proj",
+        ),
         ({"model.layers.0.self_attn.q_proj": []}, "base_fingerprint.weights.model.layers.0.self_attn.q_proj"),
         ({"model.layers.0.self_attn.nope": [[0, 0, 0.1]]}, "base_fingerprint.weights.model.layers.0.self_attn.nope"),
         ([1, 2], "base_fingerprint.weights"),

@@ -15,7 +15,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_suite(suite: str, out) -> dict:
-    subprocess.run([sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(out)], check=True, capture_output=True, text=True, timeout=1200)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     data = json.loads((out / f"{suite}-latest.json").read_text())
     assert data["suite"] == suite and data["machine"]["cores"] >= 1 and data["machine"]["versions"]["torch"]
     assert (out / f"{suite}-latest.md").read_text().startswith(f"# {suite} benchmark")
@@ -27,7 +33,15 @@ def run_suite(suite: str, out) -> dict:
 @pytest.mark.slow
 def test_training_suite(tmp_path):
     data = run_suite("training", tmp_path)
-    assert set(data["results"]) == {"lora", "dora", "prediag", "sora", "sora_cayley", "prediag_recompute", "sora_recompute"}
+    assert set(data["results"]) == {
+        "lora",
+        "dora",
+        "prediag",
+        "sora",
+        "sora_cayley",
+        "prediag_recompute",
+        "sora_recompute",
+    }
     assert all(r["step_time_s"]["samples"] and r["peak_rss_mib"] > 0 for r in data["results"].values())
     assert {t["name"] for t in data["targets"]} >= {"Pre-Diag / LoRA step time", "SORA / LoRA step time"}
 
@@ -42,7 +56,9 @@ def test_quality_suite(tmp_path, sst2_dir):
         assert len({runs[0]["trainable_params"] for runs in task["runs"].values()}) == 1  # matched budgets
         assert all(0.0 <= s["mean"] <= 1.0 for s in task["summary"].values())
         assert all(runs[0]["diagnostics"] for runs in task["runs"].values())
-    assert data["pooled_paired"]["sora_cayley - lora"]["wins"] + data["pooled_paired"]["sora_cayley - lora"]["losses"] <= 6
+    assert (
+        data["pooled_paired"]["sora_cayley - lora"]["wins"] + data["pooled_paired"]["sora_cayley - lora"]["losses"] <= 6
+    )
     assert all(d["predictions_equal"] for d in data["serving"]["domains"].values()) and data["serving"]["adapters"] == 2
     assert not (tmp_path / "quality-partial.json").exists()  # removed once the run is complete
     assert sorted(p.name for p in (tmp_path / "quality-adapters").iterdir()) == ["airline", "books"]
@@ -50,14 +66,24 @@ def test_quality_suite(tmp_path, sst2_dir):
 
 @pytest.mark.slow
 def test_quality_stability_suite_and_the_quality_suite_reading_its_grid(tmp_path, sst2_dir):
-    subprocess.run([sys.executable, "-m", "benchmarks.quality_stability", "--quick", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality_stability", "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     data = json.loads((tmp_path / "quality-stability-latest.json").read_text())
     assert {(e["method"], e["seed"]) for e in data["grid"]} == {(m, s) for m in METHODS for s in (100, 101)}
     assert all(set(e) >= {"method", "lr", "seed", "accuracy", "majority_share"} for e in data["grid"])
     cayley = [e for e in data["recipe_sweep"] if e["method"] == "sora_cayley"]
-    assert {e["scale"] for e in cayley} == {1.0, 0.1} and all(e["orth_error_max"] < 1e-9 and e["K_norm_max"] > 0 for e in cayley)
+    assert {e["scale"] for e in cayley} == {1.0, 0.1} and all(
+        e["orth_error_max"] < 1e-9 and e["K_norm_max"] > 0 for e in cayley
+    )
     lrs = {e["scale"]: {g["role"]: g["lr"] for g in e["param_groups"]} for e in cayley}
-    assert lrs[1.0]["rotation"] == lrs[1.0]["lowrank"] and lrs[0.1]["rotation"] == pytest.approx(0.1 * lrs[0.1]["lowrank"])
+    assert lrs[1.0]["rotation"] == lrs[1.0]["lowrank"] and lrs[0.1]["rotation"] == pytest.approx(
+        0.1 * lrs[0.1]["lowrank"]
+    )
     assert data["recipe_choice"]["scale"] in (1.0, 0.1) and set(data["best_lr"]) == set(METHODS)
     assert (tmp_path / "quality-stability-latest-grid.png").stat().st_size > 0
     with pytest.raises(AdapterError, match="settings.sst2_steps"):  # the quick grid is not the full suite's protocol
@@ -69,8 +95,12 @@ def test_serving_suite(tmp_path):
     data = run_suite("serving", tmp_path)
     assert data["shape"] == "small" and data["settings"]["model"]["hidden_size"] == 512
     assert all(value is not None for value in data["ratios"].values()), data["ratios"]
-    assert set(data["limits"]) == set(data["ratios"]) and all(0 < v <= 1 for v in data["limits"].values() if v is not None)
-    assert all(t["met"] in (True, False) for t in data["targets"]) and len(data["targets"]) == 10  # quick: no second hidden size, no first-request targets
+    assert set(data["limits"]) == set(data["ratios"]) and all(
+        0 < v <= 1 for v in data["limits"].values() if v is not None
+    )
+    assert (
+        all(t["met"] in (True, False) for t in data["targets"]) and len(data["targets"]) == 10
+    )  # quick: no second hidden size, no first-request targets
     assert all(row["tok_per_s"]["samples"] for row in data["vllm"] if row["kind"] in ("decode", "prefill"))
     # online load: every request streamed its tokens, at every rate, for every adapter set
     for result in data["online"]["results"].values():
@@ -78,7 +108,14 @@ def test_serving_suite(tmp_path):
         assert all(r["errors"] == 0 and r["ttft_s"]["p50"] > 0 for r in result["rates"]), result
     # scale curves: every point measured, first requests for every kind
     assert set(data["scale"]["distinct"]) == {"plugin LoRA", "stock LoRA", "plugin SORA"}
-    assert [r["adapters"] for r in data["scale"]["rotation"]["plugin, cache holds all"]] == data["settings"]["plan"]["scale"]["rotation"]
+    assert [r["adapters"] for r in data["scale"]["rotation"]["plugin, cache holds all"]] == data["settings"]["plan"][
+        "scale"
+    ]["rotation"]
     assert set(data["scale"]["first_request"]["small"]) == {"lora", "dora", "prediag", "sora"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks", "readme", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "readme", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "vLLM plugin LoRA / stock LoRA decode" in out.stdout and "physical limit" in out.stdout

@@ -43,8 +43,19 @@ def test_forward_and_factors_on_cuda_match_dense_reference(kind, bias, method, r
 @pytest.mark.parametrize("method", ["sora", "prediag"])
 def test_adapter_trained_on_cuda_serves_on_cpu(tiny_checkpoints, tmp_path, method):
     base = tiny_checkpoints["llama"]
-    metrics = train_adapter(TrainConfig(model=base, data=BUILTIN_TEXT * 4, method=method, rotation="cayley", steps=20, lr=5e-3,
-                                        out=tmp_path / "a", device="cuda", progress=False))
+    metrics = train_adapter(
+        TrainConfig(
+            model=base,
+            data=BUILTIN_TEXT * 4,
+            method=method,
+            rotation="cayley",
+            steps=20,
+            lr=5e-3,
+            out=tmp_path / "a",
+            device="cuda",
+            progress=False,
+        )
+    )
     assert metrics["device"].startswith("cuda") and metrics["peak_device_memory_mib"] > 0
     assert metrics["eval_after"]["loss"] < metrics["eval_before"]["loss"]
 

@@ -15,19 +15,30 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
-from sora_serve.converters.fold import fold_adapter
 from sora_serve.cli import main as cli_main
+from sora_serve.converters.fold import fold_adapter
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
 from .helpers import max_abs, perturb_adapter, random_ids
 
 FOLD_TOL = 1e-4  # fp32 logits, merged vs runtime adapter
-KINDS = [("lora", "first_order"), ("dora", "first_order"), ("prediag", "first_order"), ("sora", "first_order"), ("sora", "cayley")]
+KINDS = [
+    ("lora", "first_order"),
+    ("dora", "first_order"),
+    ("prediag", "first_order"),
+    ("sora", "first_order"),
+    ("sora", "cayley"),
+]
 
 
 def make_adapter(arch: str, method: str, rotation: str, out, targets="all-linear", **overrides):
     model = make_tiny_model(arch, **overrides)
-    ss.attach(model, ss.AdapterConfig(method=method, rotation=rotation, r=4, r_p=2, target_modules=targets), "a", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(method=method, rotation=rotation, r=4, r_p=2, target_modules=targets),
+        "a",
+        verbose=False,
+    )
     perturb_adapter(model, "a", scale=0.1)
     return ss.save_adapter(model, out, "a")
 
@@ -35,7 +46,14 @@ def make_adapter(arch: str, method: str, rotation: str, out, targets="all-linear
 def peft_adapter(arch: str, out, *, use_dora: bool):
     """A LoRA/DoRA dir written by PEFT itself, with random B and magnitudes (so g != 1)."""
     targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora, init_lora_weights=False, fan_in_fan_out=arch == "gpt2")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        use_dora=use_dora,
+        init_lora_weights=False,
+        fan_in_fan_out=arch == "gpt2",
+    )
     model = get_peft_model(make_tiny_model(arch), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +76,9 @@ def logits(model_dir, ids, adapter=None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def sharded_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
-    return {arch: make_tiny_checkpoint(arch, root / arch, max_shard_size="300KB") for arch in ("llama", "qwen2", "gpt2")}
+    return {
+        arch: make_tiny_checkpoint(arch, root / arch, max_shard_size="300KB") for arch in ("llama", "qwen2", "gpt2")
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -122,12 +142,36 @@ def test_prefixless_keys_bfloat16_output_and_cli(tmp_path, capsys):
     """Old GPT-2 files name tensors without `transformer.`; the fold keeps their names. Via the CLI."""
     base = make_tiny_checkpoint("gpt2", tmp_path / "base")
     weights = load_file(base / "model.safetensors")
-    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in weights.items()},
+        base / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     adapter = make_adapter("gpt2", "sora", "cayley", tmp_path / "adapter")
     out = tmp_path / "merged"
-    assert cli_main(["fold", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--dtype", "bfloat16", "--math-dtype", "float64"]) == 0
+    assert (
+        cli_main(
+            [
+                "fold",
+                "--base",
+                str(base),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(out),
+                "--dtype",
+                "bfloat16",
+                "--math-dtype",
+                "float64",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "verified: max |merged - runtime adapter| logit error" in printed and "8 layers folded across 1 shard(s)" in printed
+    assert (
+        "verified: max |merged - runtime adapter| logit error" in printed
+        and "8 layers folded across 1 shard(s)" in printed
+    )
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == {k.removeprefix("transformer.") for k in weights}
         assert f.get_tensor("h.0.attn.c_attn.weight").dtype == torch.bfloat16
@@ -171,13 +215,20 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     base = make_tiny_checkpoint("llama", tmp_path / "base", max_shard_size="40MB", **big)
     shard_bytes = [p.stat().st_size for p in base.glob("*.safetensors")]
     adapter = make_adapter("llama", "sora", "cayley", tmp_path / "adapter", **big)
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(base), str(adapter), str(tmp_path / "m")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(base), str(adapter), str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     growth, model_bytes = int(out.stdout.split()[-1]), sum(shard_bytes)
     assert len(shard_bytes) >= 5 and model_bytes > 200e6
     # RSS sampled every 2 ms: the shard being read (mapped) plus a few layer-sized temporaries
     # (measured 85-118 MB for 38 MB shards of a 260 MB model, the high end inside the full suite
     # on 2 cores); the whole model never.
-    assert growth < min(4 * max(shard_bytes), 0.5 * model_bytes), f"RSS grew {growth / 1e6:.0f} MB folding a {model_bytes / 1e6:.0f} MB model"
+    assert growth < min(4 * max(shard_bytes), 0.5 * model_bytes), (
+        f"RSS grew {growth / 1e6:.0f} MB folding a {model_bytes / 1e6:.0f} MB model"
+    )
 
 
 def test_bad_input_is_refused_without_leftovers(sharded_bases, tmp_path):
@@ -208,13 +259,20 @@ def test_bad_input_is_refused_without_leftovers(sharded_bases, tmp_path):
     index["weight_map"]["model.norm.weight"] = "model-00001-of-00007.safetensors"  # not in that shard
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     (broken / "model-00001-of-00007.safetensors").write_bytes((base / "model-00001-of-00007.safetensors").read_bytes())
-    with pytest.raises(ss.AdapterError, match=r"00001-of-00007.safetensors: the index puts \['model.norm.weight'\] in this shard"):
+    with pytest.raises(
+        ss.AdapterError, match=r"00001-of-00007.safetensors: the index puts \['model.norm.weight'\] in this shard"
+    ):
         fold_adapter(broken, adapter, out, progress=False)
     single = make_tiny_checkpoint("llama", tmp_path / "single")  # weights that disagree with config.json
     weights = load_file(single / "model.safetensors")
-    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:, :64].contiguous()
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][
+        :, :64
+    ].contiguous()
     save_file(weights, single / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ss.AdapterError, match=r"'model.layers.0.self_attn.q_proj.weight' is \[128, 64\] but config.json makes .* \[128, 128\]"):
+    with pytest.raises(
+        ss.AdapterError,
+        match=r"'model.layers.0.self_attn.q_proj.weight' is \[128, 64\] but config.json makes .* \[128, 128\]",
+    ):
         fold_adapter(single, adapter, out, progress=False)
     assert not out.exists()
     out.mkdir()
@@ -225,5 +283,13 @@ def test_bad_input_is_refused_without_leftovers(sharded_bases, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ss.AdapterError, match="blocker/out: cannot write output"):
         fold_adapter(base, adapter, blocker / "out", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "blocker", "broken", "nocfg", "out", "qwen-adapter", "single"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter",
+        "blocker",
+        "broken",
+        "nocfg",
+        "out",
+        "qwen-adapter",
+        "single",
+    ]
     assert list(out.iterdir()) == []

@@ -38,7 +38,17 @@ def genai_export(request, tiny_checkpoints, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(f"genai-{arch}")
     adapters = [
-        save_random_adapter(arch, root / name, method, r, r_p=r_p, rotation=rotation, targets=MLP[arch] if other else None, seed=seed, scale=0.05)
+        save_random_adapter(
+            arch,
+            root / name,
+            method,
+            r,
+            r_p=r_p,
+            rotation=rotation,
+            targets=MLP[arch] if other else None,
+            seed=seed,
+            scale=0.05,
+        )
         for seed, (name, (method, r, r_p, rotation, other)) in enumerate(KINDS.items(), start=1)
     ]
     result = export_onnx(tiny_checkpoints[arch], root / "genai", adapters, output_format="genai")
@@ -73,7 +83,9 @@ def test_every_adapter_kind_generates_the_runtime_tokens(genai_export):
             next_logits = runtime(prompt).logits[:, -1].numpy()
         genai_logits = lm.next_token_logits(prompt.numpy(), adapter=adapter.name)
         assert np.abs(genai_logits - next_logits).max() <= ONNX_TOL, adapter.name
-        assert np.abs(genai_logits - lm.next_token_logits(prompt.numpy())).max() > 1e-3, f"{adapter.name} is not applied"
+        assert np.abs(genai_logits - lm.next_token_logits(prompt.numpy())).max() > 1e-3, (
+            f"{adapter.name} is not applied"
+        )
         assert np.array_equal(lm.generate(prompt.numpy(), NEW_TOKENS, adapter=adapter.name), expected), adapter.name
     # The adapter is chosen per generator: a generator without one is the base again.
     assert np.array_equal(lm.generate(prompt.numpy(), NEW_TOKENS), base_tokens)

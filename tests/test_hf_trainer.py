@@ -24,7 +24,9 @@ LOAD_TOL = 1e-6  # fp32: the same tensors and ops, saved and loaded
 FOLD_TOL = 1e-4  # fp32 merged weights (folded in float64) vs the runtime adapter
 SAME_TRAINING_TOL = 1e-5  # fp32: checkpointed runs recompute the same GEMMs
 CONFIGS = {
-    "sora": ss.AdapterConfig(method="sora", r=4, r_p=2, rotation="cayley", target_modules=["q_proj", "v_proj", "down_proj"]),
+    "sora": ss.AdapterConfig(
+        method="sora", r=4, r_p=2, rotation="cayley", target_modules=["q_proj", "v_proj", "down_proj"]
+    ),
     "dora": ss.AdapterConfig(method="dora", r=4, target_modules=["q_proj", "v_proj", "up_proj"]),
 }
 
@@ -46,12 +48,32 @@ def train(base, out, method: str, *, checkpointing: bool = False, resume: Path |
     if checkpointing:
         use_recompute_base(model)
     args = TrainingArguments(
-        str(out), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=4, learning_rate=1e-2,
-        gradient_checkpointing=checkpointing, use_cpu=True, report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
+        str(out),
+        max_steps=STEPS,
+        save_steps=SAVE_EVERY,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        gradient_checkpointing=checkpointing,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[SaveAdapterCallback(base_model_name_or_path=str(base))])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_dataset(),
+        callbacks=[SaveAdapterCallback(base_model_name_or_path=str(base))],
+    )
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
-    return {"model": model.eval(), "base_before": base_before, "adapter_init": adapter_init, "trainer": trainer, "out": out}
+    return {
+        "model": model.eval(),
+        "base_before": base_before,
+        "adapter_init": adapter_init,
+        "trainer": trainer,
+        "out": out,
+    }
 
 
 def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -67,7 +89,10 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def trained(tiny_checkpoints, tmp_path_factory) -> dict[str, dict]:
     """SORA (Cayley) with gradient checkpointing + recompute-base, DoRA without; trained once per module."""
     base = tiny_checkpoints["llama"]
-    return {method: train(base, tmp_path_factory.mktemp(f"trainer-{method}"), method, checkpointing=method == "sora") for method in CONFIGS}
+    return {
+        method: train(base, tmp_path_factory.mktemp(f"trainer-{method}"), method, checkpointing=method == "sora")
+        for method in CONFIGS
+    }
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
@@ -85,7 +110,9 @@ def test_only_adapter_parameters_train(trained, method):
 
 def test_checkpointing_and_recompute_base_train_the_same(trained, tiny_checkpoints, tmp_path):
     checkpointed = trained["sora"]["model"]
-    assert checkpointed.is_gradient_checkpointing and all(layer.recompute_base for _, layer in ss.adapted_layers(checkpointed))
+    assert checkpointed.is_gradient_checkpointing and all(
+        layer.recompute_base for _, layer in ss.adapted_layers(checkpointed)
+    )
     plain = train(tiny_checkpoints["llama"], tmp_path, "sora")["model"]
     assert not plain.is_gradient_checkpointing
     reference = adapter_parameters(plain)
@@ -113,7 +140,9 @@ def test_saved_adapters_reproduce_the_trained_model(trained, tiny_checkpoints, m
 def test_trainer_checkpoint_resumes_the_same_training(trained, tiny_checkpoints, tmp_path):
     """Trainer's own checkpoint (whole model state, adapter included) resumes to the same weights."""
     run = trained["sora"]
-    resumed = train(tiny_checkpoints["llama"], tmp_path, "sora", checkpointing=True, resume=run["out"] / f"checkpoint-{SAVE_EVERY}")["model"]
+    resumed = train(
+        tiny_checkpoints["llama"], tmp_path, "sora", checkpointing=True, resume=run["out"] / f"checkpoint-{SAVE_EVERY}"
+    )["model"]
     reference = adapter_parameters(run["model"])
     for name, p in adapter_parameters(resumed).items():
         assert torch.allclose(p, reference[name], rtol=0, atol=SAME_TRAINING_TOL), name
@@ -126,7 +155,10 @@ def test_bad_use(tiny_checkpoints, tmp_path):
     ss.attach(model, CONFIGS["dora"], "a", verbose=False)
     ss.attach(model, CONFIGS["sora"], "b", verbose=False)
     args = TrainingArguments(str(tmp_path), max_steps=1, use_cpu=True, report_to="none", disable_tqdm=True)
-    for callback, match in [(SaveAdapterCallback(), r"needs one adapter name; attached adapters: \['a', 'b'\]"), (SaveAdapterCallback("c"), "needs 'c'")]:
+    for callback, match in [
+        (SaveAdapterCallback(), r"needs one adapter name; attached adapters: \['a', 'b'\]"),
+        (SaveAdapterCallback("c"), "needs 'c'"),
+    ]:
         with pytest.raises(ss.AdapterError, match=match):
             Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=[callback]).train()
     assert not any(tmp_path.iterdir())  # refused before the first step: nothing saved

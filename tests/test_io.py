@@ -30,13 +30,24 @@ def saved_adapter(tmp_path, arch="llama", method="sora", rotation="cayley", name
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("method,rotation", [("prediag", "first_order"), ("sora", "first_order"), ("sora", "cayley"), ("lora", "first_order"), ("dora", "first_order")])
+@pytest.mark.parametrize(
+    "method,rotation",
+    [
+        ("prediag", "first_order"),
+        ("sora", "first_order"),
+        ("sora", "cayley"),
+        ("lora", "first_order"),
+        ("dora", "first_order"),
+    ],
+)
 def test_save_load_round_trip_is_bit_exact(tmp_path, arch, method, rotation):
     trained, out = saved_adapter(tmp_path, arch, method, rotation)
     fresh = ss.load_adapter(make_tiny_model(arch), out, name="a")
     for (path, a), (path2, b) in zip(ss.adapted_layers(trained), ss.adapted_layers(fresh), strict=True):
         assert path == path2
-        for (k, v), (k2, v2) in zip(a.adapters["a"].state_dict().items(), b.adapters["a"].state_dict().items(), strict=True):
+        for (k, v), (k2, v2) in zip(
+            a.adapters["a"].state_dict().items(), b.adapters["a"].state_dict().items(), strict=True
+        ):
             assert k == k2 and torch.equal(v, v2), (path, k)
     ids = random_ids(trained.config.vocab_size)
     with torch.no_grad():
@@ -118,7 +129,10 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
         ss.load_adapter(make_tiny_model("gpt2"), out)
     # Same shapes, bias differs: only the fingerprint can tell (qwen2 has q/k/v biases).
     _, out_q = saved_adapter(tmp_path, "qwen2")
-    with pytest.raises(ss.AdapterError, match=r"adapter_config.json: field 'base_fingerprint.model_type': the base is a 'llama' model but the adapter was trained on a 'qwen2' one"):
+    with pytest.raises(
+        ss.AdapterError,
+        match=r"adapter_config.json: field 'base_fingerprint.model_type': the base is a 'llama' model but the adapter was trained on a 'qwen2' one",
+    ):
         ss.load_adapter(make_tiny_model("llama"), out_q)
 
 
@@ -126,17 +140,29 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
     "damage,match",
     [
         (lambda out: (out / "adapter_config.json").unlink(), r"adapter_config.json: missing adapter config"),
-        (lambda out: (out / "adapter_model.safetensors").unlink(), r"adapter_model.safetensors: missing adapter weights"),
+        (
+            lambda out: (out / "adapter_model.safetensors").unlink(),
+            r"adapter_model.safetensors: missing adapter weights",
+        ),
         (lambda out: (out / "adapter_config.json").write_text("{not json"), r"adapter_config.json: not valid JSON"),
-        (lambda out: (out / "adapter_model.safetensors").write_bytes(b"\x00" * 40), r"adapter_model.safetensors: corrupt safetensors"),
+        (
+            lambda out: (out / "adapter_model.safetensors").write_bytes(b"\x00" * 40),
+            r"adapter_model.safetensors: corrupt safetensors",
+        ),
         (lambda out: edit_config(out, peft_type="VERA"), r"field 'peft_type': unknown peft_type 'VERA'"),
         (lambda out: edit_config(out, rotation="exp"), r"field 'rotation': unknown rotation"),
-        (lambda out: edit_config(out, r=8), r"field 'base_model.model.*lora_A.weight': module '.*': shape \(4, 128\) does not match the config's r=8"),
+        (
+            lambda out: edit_config(out, r=8),
+            r"field 'base_model.model.*lora_A.weight': module '.*': shape \(4, 128\) does not match the config's r=8",
+        ),
         (lambda out: edit_config(out, r_p=3), r"field 'base_model.model.*sora_C': module '.*': shape"),
         (lambda out: edit_config(out, format_version=99), r"field 'format_version'"),
         (lambda out: edit_config(out, s0=-1), r"field 's0'"),
         (
-            lambda out: edit_tensors(out, lambda t: t.__setitem__(next(k for k in t if k.endswith("sora_d")), torch.full((128,), float("nan")))),
+            lambda out: edit_tensors(
+                out,
+                lambda t: t.__setitem__(next(k for k in t if k.endswith("sora_d")), torch.full((128,), float("nan"))),
+            ),
             r"field 'base_model.model.*sora_d': module '.*': contains NaN",
         ),
         (
@@ -144,7 +170,9 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
             r"missing tensor\(s\) base_model.model.*sora_D",
         ),
         (
-            lambda out: edit_tensors(out, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.magic", torch.ones(2))),
+            lambda out: edit_tensors(
+                out, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.magic", torch.ones(2))
+            ),
             r"field 'base_model.model.model.layers.0.mlp.up_proj.magic': unexpected tensor for a sora adapter",
         ),
     ],

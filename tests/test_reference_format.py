@@ -11,13 +11,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from sora_serve.converters.convert import convert
-from sora_serve.converters.fold import fold_adapter
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
 from sora_serve.cli import main as cli_main
+from sora_serve.converters.convert import convert
+from sora_serve.converters.fold import fold_adapter
 from sora_serve.io import REFERENCE_S0_ENV
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
@@ -36,7 +36,11 @@ class ReferenceSora(nn.Module):
         super().__init__()
         self.base = base
         self.a, self.b = t["lora_A.weight"].double(), t["lora_B.weight"].double()
-        self.c, self.d_rot, self.diag = t["lora_C.weight"].double(), t["lora_D.weight"].double(), t["lora_Diag.weight"].double()[:, 0]
+        self.c, self.d_rot, self.diag = (
+            t["lora_C.weight"].double(),
+            t["lora_D.weight"].double(),
+            t["lora_Diag.weight"].double()[:, 0],
+        )
         self.s_p = min(1.0, s0 / (self.c.norm().item() + self.d_rot.norm().item() + 1e-6))
 
     def forward(self, x):
@@ -67,7 +71,12 @@ def reference(request, tmp_path_factory):
 def test_reads_as_first_order_sora(reference):
     _, _, adapter = reference
     parsed = ss.read_adapter(adapter)
-    assert (parsed.config.method, parsed.config.rotation, parsed.config.r_p, parsed.config.s0) == ("sora", "first_order", R_P, 1.0)
+    assert (parsed.config.method, parsed.config.rotation, parsed.config.r_p, parsed.config.s0) == (
+        "sora",
+        "first_order",
+        R_P,
+        1.0,
+    )
     some = next(iter(parsed.tensors.values()))
     assert some["d"].ndim == 1 and not torch.equal(some["sora_C"], some["sora_D"])
 
@@ -97,7 +106,9 @@ def test_initial_s_p_from_the_config_or_the_environment(reference, tmp_path, mon
     arch, base, _ = reference
     ids = random_ids(512, seed=5)
     for source, s0 in (("config", 0.25), ("environment", 0.5)):
-        adapter = write_reference_dir(base, tmp_path / source, TARGETS[arch], initial_s_p=s0 if source == "config" else None)
+        adapter = write_reference_dir(
+            base, tmp_path / source, TARGETS[arch], initial_s_p=s0 if source == "config" else None
+        )
         if source == "environment":
             monkeypatch.setenv(REFERENCE_S0_ENV, str(s0))
         assert ss.read_adapter(adapter).config.s0 == s0
@@ -137,9 +148,15 @@ def damage(adapter: Path, how: str) -> str:
     return key
 
 
-@pytest.mark.parametrize("how,reason", [
-    ("missing_D", "missing tensor"), ("r_p_mismatch", "does not match"), ("nan_C", "NaN"), ("diag_shape", r"expected shape \(out, 1\)"),
-])
+@pytest.mark.parametrize(
+    "how,reason",
+    [
+        ("missing_D", "missing tensor"),
+        ("r_p_mismatch", "does not match"),
+        ("nan_C", "NaN"),
+        ("diag_shape", r"expected shape \(out, 1\)"),
+    ],
+)
 def test_bad_reference_dirs_are_refused_naming_file_and_tensor(reference, tmp_path, capsys, how, reason):
     arch, base, _ = reference
     adapter = write_reference_dir(base, tmp_path / "bad", TARGETS[arch])
@@ -147,7 +164,12 @@ def test_bad_reference_dirs_are_refused_naming_file_and_tensor(reference, tmp_pa
     with pytest.raises(ss.AdapterError, match=reason) as refused:
         ss.load_adapter(AutoModelForCausalLM.from_pretrained(base), adapter)
     assert "adapter_model.safetensors" in str(refused.value) and key.rsplit(".", 2)[0] in str(refused.value)
-    assert cli_main(["fold", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--no-verify"]) == 1
+    assert (
+        cli_main(
+            ["fold", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--no-verify"]
+        )
+        == 1
+    )
     assert reason.split("\\")[0] in capsys.readouterr().err and not (tmp_path / "merged").exists()
 
 
@@ -167,17 +189,35 @@ def test_round_trip_reference_ours_reference_is_bit_identical(reference, tmp_pat
     assert json.loads((Path(ours) / "adapter_config.json").read_text())["peft_type"] == "SORA"
     ss.load_adapter(AutoModelForCausalLM.from_pretrained(base), ours)  # ours, with the base's fingerprint
     back = convert(ours, tmp_path / "back", "reference")["out_dir"]
-    original, returned = load_file(adapter / "adapter_model.safetensors"), load_file(Path(back) / "adapter_model.safetensors")
+    original, returned = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(Path(back) / "adapter_model.safetensors"),
+    )
     assert original.keys() == returned.keys()
     assert all(original[k].dtype == returned[k].dtype and torch.equal(original[k], returned[k]) for k in original)
-    assert json.loads((adapter / "adapter_config.json").read_text()) == json.loads((Path(back) / "adapter_config.json").read_text())
+    assert json.loads((adapter / "adapter_config.json").read_text()) == json.loads(
+        (Path(back) / "adapter_config.json").read_text()
+    )
 
 
 def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
     """Ours -> reference, read back by the reference forward written here: the same logits; s0 != 1 kept as initial_s_p."""
     base = make_tiny_checkpoint("llama", tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base)
-    ss.attach(model, ss.AdapterConfig(method="sora", rotation="first_order", r=R, lora_alpha=ALPHA, r_p=R_P, s0=0.5, target_modules=["q_proj", "up_proj"]), "a", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(
+            method="sora",
+            rotation="first_order",
+            r=R,
+            lora_alpha=ALPHA,
+            r_p=R_P,
+            s0=0.5,
+            target_modules=["q_proj", "up_proj"],
+        ),
+        "a",
+        verbose=False,
+    )
     perturb_adapter(model, "a", scale=0.2, seed=2)
     ours = ss.save_adapter(model, tmp_path / "ours", "a")
     out = Path(convert(ours, tmp_path / "reference", "reference")["out_dir"])
@@ -190,7 +230,12 @@ def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
 
 def test_cayley_converts_only_approximately_and_says_how_far(tmp_path, capsys):
     model = make_tiny_model("llama")
-    ss.attach(model, ss.AdapterConfig(method="sora", rotation="cayley", r=R, r_p=R_P, target_modules=["q_proj"]), "a", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(method="sora", rotation="cayley", r=R, r_p=R_P, target_modules=["q_proj"]),
+        "a",
+        verbose=False,
+    )
     perturb_adapter(model, "a", scale=0.3, seed=1)
     ours = ss.save_adapter(model, tmp_path / "cayley", "a")
     with pytest.raises(ss.AdapterError, match="field 'rotation': rotation 'cayley' is not the reference's forward"):

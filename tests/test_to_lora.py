@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import sora_serve as ss
-from sora_serve.converters.to_lora import to_lora
 from sora_serve.cli import main
+from sora_serve.converters.to_lora import to_lora
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
 from .helpers import max_abs, perturb_adapter, random_ids
@@ -17,7 +17,12 @@ from .helpers import max_abs, perturb_adapter, random_ids
 def sora_adapter(arch, out, *, keep_d_one: bool, rotation="cayley"):
     model = make_tiny_model(arch)
     targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
-    ss.attach(model, ss.AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation, target_modules=targets), "a", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation, target_modules=targets),
+        "a",
+        verbose=False,
+    )
     perturb_adapter(model, "a", scale=0.1)
     if keep_d_one:
         with torch.no_grad():
@@ -45,7 +50,10 @@ def test_approximation_error_falls_with_rank(tmp_path):
     adapter = sora_adapter("llama", tmp_path / "sora", keep_d_one=False)
     with pytest.raises(ss.AdapterError, match=r"output scale \(d\) != 1 makes the update full rank.*--allow-approx"):
         to_lora(base, adapter, tmp_path / "x", progress=False)
-    errors = [to_lora(base, adapter, tmp_path / f"r{k}", allow_approx=True, rank=k, progress=False)["overall_error"] for k in (4, 16, 64)]
+    errors = [
+        to_lora(base, adapter, tmp_path / f"r{k}", allow_approx=True, rank=k, progress=False)["overall_error"]
+        for k in (4, 16, 64)
+    ]
     assert errors[0] > errors[1] > errors[2] > 0
     assert PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path / "r16") is not None  # loads in PEFT
     assert not (tmp_path / "x").exists()
@@ -66,7 +74,10 @@ def test_peft_lora_on_conv1d_via_cli_is_exact_and_dora_is_refused(tmp_path, caps
     config = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
     original = get_peft_model(make_tiny_model("gpt2"), LoraConfig(**config)).eval()
     original.save_pretrained(tmp_path / "peft")
-    assert main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "lora")]) == 0
+    assert (
+        main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "peft"), "--out", str(tmp_path / "lora")])
+        == 0
+    )
     assert "exact PEFT LoRA of rank 4" in capsys.readouterr().out
     ids = random_ids(512)
     with torch.no_grad():
@@ -75,6 +86,8 @@ def test_peft_lora_on_conv1d_via_cli_is_exact_and_dora_is_refused(tmp_path, caps
         assert max_abs(converted(ids).logits, original(ids).logits) <= 1e-5
 
     get_peft_model(make_tiny_model("gpt2"), LoraConfig(**config, use_dora=True)).save_pretrained(tmp_path / "dora")
-    assert main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "dora"), "--out", str(tmp_path / "x")]) == 1
+    assert (
+        main(["to-lora", "--base", str(base), "--adapter", str(tmp_path / "dora"), "--out", str(tmp_path / "x")]) == 1
+    )
     assert "output scale (DoRA's magnitude g) != 1 makes the update full rank" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

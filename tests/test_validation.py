@@ -26,7 +26,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.converters.checkpoint import Checkpoint, checkpoint_layers
 from sora_serve.converters.fold import fold_adapter
-from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, PEFT_IGNORED, PEFT_READ, PEFT_REFUSED, RELATIVE_UPDATE_MAX, UPDATE_RMS_MAX, BaseLayer
+from sora_serve.io import (
+    ALLOW_LARGE_UPDATES_ENV,
+    PEFT_IGNORED,
+    PEFT_READ,
+    PEFT_REFUSED,
+    RELATIVE_UPDATE_MAX,
+    UPDATE_RMS_MAX,
+    BaseLayer,
+)
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model, randomize_biases
 
 from .helpers import max_abs, perturb_adapter, random_ids
@@ -55,7 +63,12 @@ def peft_dir(tmp_path: Path, name: str = "peft", **config) -> Path:
 
 def sora_dir(tmp_path: Path, name: str = "sora", arch: str = "llama", **model_kw) -> Path:
     model = make_tiny_model(arch, **model_kw)
-    ss.attach(model, ss.AdapterConfig(method="sora", r=4, r_p=2, rotation="cayley", target_modules=["q_proj", "v_proj"]), "a", verbose=False)
+    ss.attach(
+        model,
+        ss.AdapterConfig(method="sora", r=4, r_p=2, rotation="cayley", target_modules=["q_proj", "v_proj"]),
+        "a",
+        verbose=False,
+    )
     perturb_adapter(model, "a")
     return ss.save_adapter(model, tmp_path / name, "a")
 
@@ -95,7 +108,10 @@ def test_finite_x1e30_sora_is_refused_unless_allowed(tmp_path, monkeypatch):
     adapter = sora_dir(tmp_path)
     edit_tensors(adapter, lambda t: t.update({k: v * 1e30 for k, v in t.items()}))
     assert all(torch.isfinite(v).all() for v in load_file(adapter / "adapter_model.safetensors").values())
-    with pytest.raises(ss.AdapterError, match=rf"module '.*': the low-rank update s B A has entry RMS .* > {UPDATE_RMS_MAX:g}.*{ALLOW_LARGE_UPDATES_ENV}=1"):
+    with pytest.raises(
+        ss.AdapterError,
+        match=rf"module '.*': the low-rank update s B A has entry RMS .* > {UPDATE_RMS_MAX:g}.*{ALLOW_LARGE_UPDATES_ENV}=1",
+    ):
         ss.read_adapter(adapter)
     with pytest.raises(ss.AdapterError, match="entry RMS"):
         ss.load_adapter(make_tiny_model("llama"), adapter)
@@ -108,7 +124,9 @@ def test_finite_x1e30_sora_is_refused_unless_allowed(tmp_path, monkeypatch):
 def test_output_scale_alone_out_of_bounds_names_sora_d(tmp_path):
     adapter = sora_dir(tmp_path)
     edit_tensors(adapter, lambda t: t[first_key(t, "sora_d")].mul_(1e30))
-    with pytest.raises(ss.AdapterError, match=r"field '.*sora_d': module '.*': the output scale and rotation change the layer by up to"):
+    with pytest.raises(
+        ss.AdapterError, match=r"field '.*sora_d': module '.*': the output scale and rotation change the layer by up to"
+    ):
         ss.read_adapter(adapter)
 
 
@@ -126,7 +144,10 @@ def test_relative_bound_needs_the_base_and_the_override_lifts_it(tmp_path):
     file = ss.read_adapter(out)  # the file alone: entry RMS below UPDATE_RMS_MAX (a weight of entry RMS 0.02)
     path = next(iter(file.tensors))
     assert file.updates[path].entry_rms(file.updates[path].lowrank) < UPDATE_RMS_MAX
-    with pytest.raises(ss.AdapterError, match=rf"the update can be {re.escape(f'{2 * RELATIVE_UPDATE_MAX:.3g}')}x the base layer's norm .* > {RELATIVE_UPDATE_MAX:g}"):
+    with pytest.raises(
+        ss.AdapterError,
+        match=rf"the update can be {re.escape(f'{2 * RELATIVE_UPDATE_MAX:.3g}')}x the base layer's norm .* > {RELATIVE_UPDATE_MAX:g}",
+    ):
         ss.load_adapter(make_tiny_model("llama"), out)
     ss.load_adapter(make_tiny_model("llama"), out, allow_large_updates=True)
 
@@ -139,7 +160,10 @@ def test_config_rank_must_equal_tensor_rank_as_in_peft(tmp_path):
     edit_config(adapter, r=4)
     with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT's own loader refuses it too
         PeftModel.from_pretrained(make_tiny_model("llama"), adapter)
-    with pytest.raises(ss.AdapterError, match=r"field '.*lora_A.weight': module '.*': shape \(8, 128\) does not match the config's r=4 \(field 'r'"):
+    with pytest.raises(
+        ss.AdapterError,
+        match=r"field '.*lora_A.weight': module '.*': shape \(8, 128\) does not match the config's r=4 \(field 'r'",
+    ):
         ss.read_adapter(adapter)
 
 
@@ -147,19 +171,28 @@ def test_rank_and_alpha_patterns_resolve_as_peft_does(tmp_path):
     """PEFT takes the first pattern key (in file order) matching `(.*\\.)?(key)$`: layer 0's q_proj gets 2, layer 1's 6."""
     patterns = {"rank_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 6}, "alpha_pattern": {"v_proj": 5}}
     peft_model = get_peft_model(
-        make_tiny_model("llama"), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **patterns)
+        make_tiny_model("llama"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **patterns),
     ).eval()
     peft_model.save_pretrained(tmp_path / "p")
     adapter = ss.read_adapter(tmp_path / "p")
     ranks = {p: c.r for p, c in adapter.module_configs.items()}
     assert ranks["model.layers.0.self_attn.q_proj"] == 2 and ranks["model.layers.1.self_attn.q_proj"] == 6
-    assert ranks["model.layers.0.self_attn.v_proj"] == 8 and adapter.module_configs["model.layers.0.self_attn.v_proj"].lora_alpha == 5
+    assert (
+        ranks["model.layers.0.self_attn.v_proj"] == 8
+        and adapter.module_configs["model.layers.0.self_attn.v_proj"].lora_alpha == 5
+    )
     ids = random_ids(peft_model.config.vocab_size)
     with torch.no_grad():
         ours = ss.load_adapter(make_tiny_model("llama"), tmp_path / "p")(ids).logits
         assert max_abs(ours, peft_model(ids).logits) <= PEFT_TOL
-    edit_config(tmp_path / "p", rank_pattern={"q_proj": 6, "layers.0.self_attn.q_proj": 2})  # order flipped: q_proj wins
-    with pytest.raises(ss.AdapterError, match=r"module 'model.layers.0.self_attn.q_proj': shape \(2, 128\) does not match the config's r=6"):
+    edit_config(
+        tmp_path / "p", rank_pattern={"q_proj": 6, "layers.0.self_attn.q_proj": 2}
+    )  # order flipped: q_proj wins
+    with pytest.raises(
+        ss.AdapterError,
+        match=r"module 'model.layers.0.self_attn.q_proj': shape \(2, 128\) does not match the config's r=6",
+    ):
         ss.read_adapter(tmp_path / "p")
 
 
@@ -180,8 +213,11 @@ def test_unknown_peft_type_is_refused(tmp_path):
         ("peft", {"target_modules": 3}, "target_modules"),
         ("sora", {"r": "16"}, "r"),
         ("sora", {"s0": None}, "s0"),
-        ("sora", {"base_fingerprint": {"modules": {"model.layers.0.self_attn.q_proj": [128, "128", False]}}},
-         "base_fingerprint.modules.model.layers.0.self_attn.q_proj"),
+        (
+            "sora",
+            {"base_fingerprint": {"modules": {"model.layers.0.self_attn.q_proj": [128, "128", False]}}},
+            "base_fingerprint.modules.model.layers.0.self_attn.q_proj",
+        ),
     ],
 )
 def test_config_field_types_are_checked_and_named(tmp_path, kind, change, field):
@@ -210,7 +246,9 @@ def test_every_peft_lora_option_is_decided():
 def test_peft_variants_that_change_outputs_are_refused(tmp_path, change, field):
     adapter = peft_dir(tmp_path)
     edit_config(adapter, **change)
-    with pytest.raises(ss.AdapterError, match=rf"field '{field}': .*(not supported|residual base|may change the outputs)"):
+    with pytest.raises(
+        ss.AdapterError, match=rf"field '{field}': .*(not supported|residual base|may change the outputs)"
+    ):
         ss.read_adapter(adapter)
 
 
@@ -224,11 +262,31 @@ def test_check_against_base_names_missing_module_shape_and_fingerprint(tmp_path,
     ss.check_against_base(adapter, layers, model_type="llama")
     q0 = "model.layers.0.self_attn.q_proj"
     cases = [
-        ({p: l for p, l in layers.items() if p != q0}, {}, rf"adapter_model.safetensors: field 'base_model.model.{q0}': module '{q0}' not found in the base"),
-        (layers | {q0: dataclasses.replace(layers[q0], in_features=96)}, {}, rf"field 'base_model.model.{q0}': module '{q0}': adapter is 128x128 but the base layer is 128x96"),
-        (layers | {q0: dataclasses.replace(layers[q0], has_bias=True)}, {}, rf"adapter_config.json: field 'base_fingerprint': module '{q0}': base layer is \[128, 128, True\]"),
-        (layers, {"model_type": "qwen2"}, r"field 'base_fingerprint.model_type': the base is a 'qwen2' model but the adapter was trained on a 'llama' one"),
-        (layers | {q0: dataclasses.replace(layers[q0], weight_norm=1e-6)}, {}, rf"field 'base_model.model.{q0}': module '{q0}': the update can be"),
+        (
+            {p: layer for p, layer in layers.items() if p != q0},
+            {},
+            rf"adapter_model.safetensors: field 'base_model.model.{q0}': module '{q0}' not found in the base",
+        ),
+        (
+            layers | {q0: dataclasses.replace(layers[q0], in_features=96)},
+            {},
+            rf"field 'base_model.model.{q0}': module '{q0}': adapter is 128x128 but the base layer is 128x96",
+        ),
+        (
+            layers | {q0: dataclasses.replace(layers[q0], has_bias=True)},
+            {},
+            rf"adapter_config.json: field 'base_fingerprint': module '{q0}': base layer is \[128, 128, True\]",
+        ),
+        (
+            layers,
+            {"model_type": "qwen2"},
+            r"field 'base_fingerprint.model_type': the base is a 'qwen2' model but the adapter was trained on a 'llama' one",
+        ),
+        (
+            layers | {q0: dataclasses.replace(layers[q0], weight_norm=1e-6)},
+            {},
+            rf"field 'base_model.model.{q0}': module '{q0}': the update can be",
+        ),
     ]
     for broken, kwargs, match in cases:
         with pytest.raises(ss.AdapterError, match=match):
@@ -246,7 +304,9 @@ def unprivileged(command: list[str]) -> list[str]:
         return command
     wrapped = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
     if shutil.which("setpriv") is None or subprocess.run([*wrapped[:3], "true"], capture_output=True).returncode != 0:
-        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv or no CAP_SETPCAP): permissions are not enforced")
+        pytest.skip(
+            "running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv or no CAP_SETPCAP): permissions are not enforced"
+        )
     return wrapped
 
 
@@ -278,12 +338,22 @@ print(json.dumps(results))
 """
 
 
-def run_cli_cases(cases: dict[str, list[str]], *, unprivileged_run: bool = False, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+def run_cli_cases(
+    cases: dict[str, list[str]], *, unprivileged_run: bool = False, timeout: float = 300
+) -> dict[str, subprocess.CompletedProcess]:
     command = [sys.executable, "-c", CLI_CASES, json.dumps(cases)]
-    proc = subprocess.run(unprivileged(command) if unprivileged_run else command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        unprivileged(command) if unprivileged_run else command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # an uncaught exception (a traceback) lands here
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {name: subprocess.CompletedProcess(cases[name], status, "", stderr) for name, (status, stderr) in results.items()}
+    return {
+        name: subprocess.CompletedProcess(cases[name], status, "", stderr) for name, (status, stderr) in results.items()
+    }
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, command: str, match: str) -> None:
@@ -301,7 +371,15 @@ def test_unreadable_adapter_file_and_directory_are_named_as_permission_errors(tm
     cases = {
         "file": ["fold", "--base", str(llama_base), "--adapter", str(unreadable_file), "--out", str(tmp_path / "o")],
         "dir": ["to-lora", "--base", str(llama_base), "--adapter", str(unreadable_dir), "--out", str(tmp_path / "o")],
-        "base config": ["fold", "--base", str(config.parent), "--adapter", str(unreadable_dir), "--out", str(tmp_path / "o")],
+        "base config": [
+            "fold",
+            "--base",
+            str(config.parent),
+            "--adapter",
+            str(unreadable_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ],
     }
     for path in (weights, unreadable_dir, config):
         path.chmod(0)
@@ -327,7 +405,17 @@ def test_missing_weights_are_missing_not_corrupt(tmp_path):
 
 def gptj_checkpoint(path: Path) -> Path:
     """A tiny GPT-J (vLLM 0.32 serves it without LoRA), random non-zero biases."""
-    config = AutoConfig.for_model("gptj", n_embd=64, n_head=2, n_layer=1, vocab_size=128, n_positions=64, rotary_dim=16, bos_token_id=0, eos_token_id=0)
+    config = AutoConfig.for_model(
+        "gptj",
+        n_embd=64,
+        n_head=2,
+        n_layer=1,
+        vocab_size=128,
+        n_positions=64,
+        rotary_dim=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     randomize_biases(model)
@@ -340,8 +428,19 @@ def gemma2_untied(tmp_path_factory) -> tuple[Path, str]:
     """A tiny Gemma2 (head tied to the embeddings) folded with an adapter on lm_head: (merged dir, fold's stderr)."""
     root = tmp_path_factory.mktemp("gemma2")
     config = AutoConfig.for_model(
-        "gemma2", hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        num_hidden_layers=1, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        "gemma2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_hidden_layers=1,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -366,7 +465,9 @@ def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
     from sora_serve.cli import build_parser
     from sora_serve.vllm_plugin.server import ADAPTER_DIR_ENV, server_command, server_env
 
-    args = build_parser("serve").parse_args(["serve", "--model", "m", "--adapter-dir", str(tmp_path), "--allow-large-updates", "--max-loras", "3"])
+    args = build_parser("serve").parse_args(
+        ["serve", "--model", "m", "--adapter-dir", str(tmp_path), "--allow-large-updates", "--max-loras", "3"]
+    )
     env, command = server_env(args), server_command(args)
     assert env[ADAPTER_DIR_ENV] == str(tmp_path.absolute()) and env[ALLOW_LARGE_UPDATES_ENV] == "1"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -396,14 +497,33 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_unt
     assert_one_line_error(missing, "serve", rf"{tmp_path}/nope: field '--model': model directory not found")
     wrong_shape = sora_dir(tmp_path, "wrong", hidden_size=96, num_attention_heads=3, num_key_value_heads=1)
     cases = {
-        "no LoRA in vLLM": (["--model", str(gptj_checkpoint(tmp_path / "gptj"))],
-                            r"gptj/config.json: field 'architectures': vLLM 0.32 serves GPTJForCausalLM without LoRA support.*sora-serve fold"),
-        "shape": (["--model", str(llama_base), "--adapter", f"w={wrong_shape}"],
-                  r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': .*adapter is 96x96 but the base layer is 128x128"),
-        "adapter dir": (["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")], r"none: adapter directory \(--adapter-dir\) not found"),
-        "untied head": (["--model", str(gemma2_untied[0])], r"merged/config.json: field 'tie_word_embeddings': .*Gemma2ForCausalLM always computes logits"),
-        "head size": (["--model", str(make_tiny_checkpoint("llama", tmp_path / "head24", hidden_size=96, num_attention_heads=4, num_key_value_heads=2))],
-                      r"head24/config.json: field 'head_dim': attention head size 24 is not one vLLM CPU's attention runs"),
+        "no LoRA in vLLM": (
+            ["--model", str(gptj_checkpoint(tmp_path / "gptj"))],
+            r"gptj/config.json: field 'architectures': vLLM 0.32 serves GPTJForCausalLM without LoRA support.*sora-serve fold",
+        ),
+        "shape": (
+            ["--model", str(llama_base), "--adapter", f"w={wrong_shape}"],
+            r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': .*adapter is 96x96 but the base layer is 128x128",
+        ),
+        "adapter dir": (
+            ["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")],
+            r"none: adapter directory \(--adapter-dir\) not found",
+        ),
+        "untied head": (
+            ["--model", str(gemma2_untied[0])],
+            r"merged/config.json: field 'tie_word_embeddings': .*Gemma2ForCausalLM always computes logits",
+        ),
+        "head size": (
+            [
+                "--model",
+                str(
+                    make_tiny_checkpoint(
+                        "llama", tmp_path / "head24", hidden_size=96, num_attention_heads=4, num_key_value_heads=2
+                    )
+                ),
+            ],
+            r"head24/config.json: field 'head_dim': attention head size 24 is not one vLLM CPU's attention runs",
+        ),
     }
     results = run_cli_cases({name: ["serve", *args] for name, (args, _) in cases.items()}, timeout=120)
     for name, (_, match) in cases.items():

@@ -21,7 +21,20 @@ import pytest
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint
 
-from .helpers import VLLM_BACKENDS, complete, eager_greedy, eager_model, error_message, new_tokens, off_greedy, post, running_server, set_first_value, vllm_backend, write_random_adapter
+from .helpers import (
+    VLLM_BACKENDS,
+    complete,
+    eager_greedy,
+    eager_model,
+    error_message,
+    new_tokens,
+    off_greedy,
+    post,
+    running_server,
+    set_first_value,
+    vllm_backend,
+    write_random_adapter,
+)
 
 VERSIONS = {  # adapter dirs that names get loaded with; scale 0.05 keeps them inside the validator's bounds
     "lora_a": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -46,19 +59,34 @@ def served(tmp_path_factory, request):
     make_tiny_checkpoint("qwen2", root / "base", max_position_embeddings=STREAM_TOKENS + 64)
     for i, (name, config) in enumerate(VERSIONS.items()):
         write_random_adapter(root / name, config, seed=i, scale=0.05)
-    write_random_adapter(root / STATIC, ss.AdapterConfig(method="sora", rotation="cayley", r=4, r_p=2, target_modules="all-linear"), seed=10, scale=0.05)
+    write_random_adapter(
+        root / STATIC,
+        ss.AdapterConfig(method="sora", rotation="cayley", r=4, r_p=2, target_modules="all-linear"),
+        seed=10,
+        scale=0.05,
+    )
     write_random_adapter(root / "nan_lora", VERSIONS["lora_a"], seed=11, scale=0.05)
     set_first_value(root / "nan_lora", "lora_B.weight", float("nan"))
-    for name, field, value in (("text_rank", "r", "16"), ("foo_type", "peft_type", "FOO")):
+    for name, key, value in (("text_rank", "r", "16"), ("foo_type", "peft_type", "FOO")):
         write_random_adapter(root / name, VERSIONS["lora_a"], seed=13, scale=0.05)
         config = json.loads((root / name / "adapter_config.json").read_text())
-        (root / name / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        (root / name / "adapter_config.json").write_text(json.dumps({**config, key: value}))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SORA_SERVE_ALLOW_LARGE_UPDATES", "1")  # finite, passes the validator only with the override
         write_random_adapter(root / "overflow", VERSIONS["sora_c"], seed=12, scale=0.05, factor_scale=1e30)
     arguments = [
-        "--model", str(root / "base"), "--max-loras", "2", "--adapter", f"{STATIC}={root / STATIC}", "--allow-large-updates", "--allow-load-from", str(root),
-        "--", "--served-model-name", "base",
+        "--model",
+        str(root / "base"),
+        "--max-loras",
+        "2",
+        "--adapter",
+        f"{STATIC}={root / STATIC}",
+        "--allow-large-updates",
+        "--allow-load-from",
+        str(root),
+        "--",
+        "--served-model-name",
+        "base",
     ]
     with vllm_backend(request.param), running_server(arguments, root / "server.log") as (url, process):
         yield url, root, process, request.param
@@ -86,8 +114,18 @@ def assert_alive(url: str, process) -> None:
 
 def stream_tokens(url: str, model: str, prompt: list[int], max_tokens: int, first_chunk: threading.Event) -> dict:
     """A streamed greedy completion: its tokens, finish reason, error (if any) and end time."""
-    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True, "stream": True}
-    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    payload = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
     result = {"tokens": [], "finish_reason": None, "error": None}
     with urllib.request.urlopen(request, timeout=300) as response:
         for line in response:
@@ -126,9 +164,14 @@ def test_reloading_a_name_while_its_stream_runs(served):
         to_x = pool.submit(complete, url, "x", PROMPTS[1], 6)
         first = stream.result(timeout=200)
         (s1_status, s1_body), (x_status, x_body) = to_s1.result(timeout=120), to_x.result(timeout=120)
-    assert first["ended"] > x_sent, "the stream ended before the request to the reloaded x was sent: the race was not exercised"
+    assert first["ended"] > x_sent, (
+        "the stream ended before the request to the reloaded x was sent: the race was not exercised"
+    )
     assert first["error"] is None and first["finish_reason"] == "length", first
-    assert len(first["tokens"]) == STREAM_TOKENS and off_greedy(reference(root, "lora_a"), PROMPTS[0], first["tokens"]) == []
+    assert (
+        len(first["tokens"]) == STREAM_TOKENS
+        and off_greedy(reference(root, "lora_a"), PROMPTS[0], first["tokens"]) == []
+    )
     assert s1_status == 200 and off_greedy(reference(root, STATIC), PROMPTS[1], new_tokens(s1_body)) == [], s1_body
     assert x_status == 200 and off_greedy(reference(root, "prediag_b"), PROMPTS[1], new_tokens(x_body)) == [], x_body
     assert_alive(url, process)
@@ -141,7 +184,9 @@ class NameHistory:
     some moment between sending the call and its reply, so each interval spans both ends."""
 
     versions: list[tuple[str, float, float]] = field(default_factory=list)  # (dir, load sent, unload replied or inf)
-    absent: list[tuple[float, float]] = field(default_factory=lambda: [(float("-inf"), float("inf"))])  # (unload sent, load replied)
+    absent: list[tuple[float, float]] = field(
+        default_factory=lambda: [(float("-inf"), float("inf"))]
+    )  # (unload sent, load replied)
 
     def loaded(self, version: str, sent: float, replied: float) -> None:
         self.absent[-1] = (self.absent[-1][0], replied)
@@ -168,7 +213,10 @@ def test_load_unload_races_under_traffic(served):
     url, root, process, _ = served
     names, n_requests, n_cycles = ["c0", "c1", "c2"], 300, 30
     for prompt in PROMPTS:  # otherwise a wrong version's answer could pass for the right one
-        assert len({tuple(eager_greedy(reference(root, v), prompt, 4)) for v in [*VERSIONS, STATIC, None]}) == len(VERSIONS) + 2
+        assert (
+            len({tuple(eager_greedy(reference(root, v), prompt, 4)) for v in [*VERSIONS, STATIC, None]})
+            == len(VERSIONS) + 2
+        )
     histories = {name: NameHistory() for name in names}
     done = []  # (model, prompt index, status, body, sent, replied)
     lock = threading.Lock()
@@ -196,7 +244,9 @@ def test_load_unload_races_under_traffic(served):
         for _ in range(n_requests // 4):
             model, prompt = rng.choice([*names, *names, STATIC, "base"]), rng.randrange(len(PROMPTS))
             sent = time.monotonic()
-            status, body = complete(url, model, PROMPTS[prompt], rng.choice((4, 16)))  # longer ones stay in flight across reloads
+            status, body = complete(
+                url, model, PROMPTS[prompt], rng.choice((4, 16))
+            )  # longer ones stay in flight across reloads
             with lock:
                 done.append((model, prompt, status, body, sent, time.monotonic()))
 
@@ -239,9 +289,12 @@ def test_bad_adapters_are_refused_at_load_with_400_naming_the_file(served):
     assert status == 400, body
     assert "adapter_model.safetensors" in message and "NaN" in message and "<path>" not in message, message
     assert complete(url, "nan", PROMPTS[0], 4)[0] == 404
-    for name, field in (("text_rank", "'r'"), ("foo_type", "'peft_type'")):  # vLLM's own config parsing never sees them
+    for name, quoted in (
+        ("text_rank", "'r'"),
+        ("foo_type", "'peft_type'"),
+    ):  # vLLM's own config parsing never sees them
         status, body = load(url, name, root / name)
-        assert status == 400 and "adapter_config.json" in error_message(body) and field in error_message(body), body
+        assert status == 400 and "adapter_config.json" in error_message(body) and quoted in error_message(body), body
     status, body = complete(url, STATIC, PROMPTS[0], 4)
     assert status == 200 and off_greedy(reference(root, STATIC), PROMPTS[0], new_tokens(body)) == [], body
     assert_alive(url, process)
@@ -265,10 +318,15 @@ def test_an_overflowing_adapter_fails_alone(served):
             assert failed, f"the overflowing adapter's request did not fail: {body}"
         else:
             assert status == 200, body
-            assert off_greedy(reference(root, None if model == "base" else STATIC), PROMPTS[0], new_tokens(body)) == [], (model, body)
+            assert (
+                off_greedy(reference(root, None if model == "base" else STATIC), PROMPTS[0], new_tokens(body)) == []
+            ), (model, body)
     after = ["base", STATIC] * 4
     for model in after:
         status, body = complete(url, model, PROMPTS[1], 8)
-        assert status == 200 and off_greedy(reference(root, None if model == "base" else STATIC), PROMPTS[1], new_tokens(body)) == [], (model, body)
+        assert (
+            status == 200
+            and off_greedy(reference(root, None if model == "base" else STATIC), PROMPTS[1], new_tokens(body)) == []
+        ), (model, body)
     assert_alive(url, process)
     assert unload(url, "overflow")[0] == 200

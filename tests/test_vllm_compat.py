@@ -25,7 +25,11 @@ def installed() -> Path:
 @pytest.fixture()
 def source_copy(installed, tmp_path) -> Path:
     """vLLM's Python sources (nothing else) copied under tmp_path/vllm."""
-    shutil.copytree(installed, tmp_path / "vllm", ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or (Path(d) / n).is_dir())])
+    shutil.copytree(
+        installed,
+        tmp_path / "vllm",
+        ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or (Path(d) / n).is_dir())],
+    )
     return tmp_path
 
 
@@ -52,7 +56,12 @@ def test_every_patch_is_listed_with_its_reason():
 def test_a_changed_vllm_is_reported_by_symbol(source_copy, capsys):
     # A seam vanishes, a subclass hook gains a required parameter, an attribute read at run time is renamed.
     edit(source_copy, "vllm/lora/utils.py", "_all_lora_classes: tuple", "_lora_classes: tuple")
-    edit(source_copy, "vllm/lora/layers/base_linear.py", "def set_lora(\n        self,", "def set_lora(\n        self,\n        slot_mapping,")
+    edit(
+        source_copy,
+        "vllm/lora/layers/base_linear.py",
+        "def set_lora(\n        self,",
+        "def set_lora(\n        self,\n        slot_mapping,",
+    )
     mentioned = next(s for s in compat.SYMBOLS if s.mentions)
     module_file = source_copy / (mentioned.module.replace(".", "/") + ".py")
     if not module_file.exists():
@@ -61,7 +70,9 @@ def test_a_changed_vllm_is_reported_by_symbol(source_copy, capsys):
 
     issues = {s.target: found for s, found in compat.report(source_copy) if found}
     assert issues["vllm.lora.utils:_all_lora_classes"] == ["vllm.lora.utils:_all_lora_classes is missing"]
-    changed = [t for t, found in issues.items() if t.endswith(".set_lora") and any("parameters changed" in f for f in found)]
+    changed = [
+        t for t, found in issues.items() if t.endswith(".set_lora") and any("parameters changed" in f for f in found)
+    ]
     assert changed, issues  # every plugin class inherits set_lora from base_linear
     assert any(f"no longer mentions '{mentioned.mentions[0]}'" in f for f in issues[mentioned.target]), issues
 

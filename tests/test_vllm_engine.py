@@ -37,7 +37,9 @@ def served(tmp_path_factory, request):
         ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
         perturb_adapter(model, "a", scale=0.1, seed=i)
         ss.save_adapter(model, root / name, "a")
-    write_reference_dir(base, root / "reference", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    write_reference_dir(
+        base, root / "reference", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     from sora_serve.vllm_plugin.engine import make_llm
 
     with vllm_backend(request.param):
@@ -60,7 +62,10 @@ def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], 
     requests = [None if n is None else LoRARequest(n, ids[n], str(root / n)) for n in names]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests, use_tqdm=False)
-    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outputs]
+    return [
+        (list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+        for o in outputs
+    ]
 
 
 @torch.no_grad()
@@ -110,7 +115,14 @@ def test_paper_format_adapter_in_a_mixed_batch_equals_eager(served):
 def test_base_requests_stay_base_with_all_slots_full(served):
     """vLLM CPU's stock ops give base rows the last slot's adapter here (index -1 wraps)."""
     root, llm, _ = served
-    names = ["sora_cay", "dora", None, "prediag", "lora", "sora_cay"]  # 4 adapters in 4 slots: decode runs them padded in one batch
+    names = [
+        "sora_cay",
+        "dora",
+        None,
+        "prediag",
+        "lora",
+        "sora_cay",
+    ]  # 4 adapters in 4 slots: decode runs them padded in one batch
     results = vllm_generate(llm, root, names, [PROMPTS[0]] * len(names))
     assert results[2][0] == eager_reference(root, None, PROMPTS[0])[0]
     for i in (0, 1, 3, 4):
@@ -137,7 +149,9 @@ except ValueError as exc:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,stock_error", [("sora_cay", "is unsupported LoRA weight"), ("dora", "vLLM does not yet support DoRA")])
+@pytest.mark.parametrize(
+    "kind,stock_error", [("sora_cay", "is unsupported LoRA weight"), ("dora", "vLLM does not yet support DoRA")]
+)
 def test_stock_vllm_refuses_what_the_plugin_loads(served, kind, stock_error):
     """Without the plugin, vLLM's own loader refuses our files (it never serves them wrong); with
     it, the model runner builds the plugin's loader, which the mixed-batch test shows serving them."""
@@ -146,7 +160,9 @@ def test_stock_vllm_refuses_what_the_plugin_loads(served, kind, stock_error):
     # VLLM_PLUGINS names the plugins allowed to load: a non-matching name disables ours (stock vLLM).
     for plugins, manager in (("no-such-plugin", "LRUCacheWorkerLoRAManager"), ("sora_serve", "SoraWorkerLoRAManager")):
         env = {**os.environ, "VLLM_PLUGINS": plugins}
-        out = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(root / kind)], capture_output=True, text=True, timeout=300, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", STOCK_LOAD, str(root / kind)], capture_output=True, text=True, timeout=300, env=env
+        )
         assert f"WORKER MANAGER {manager}\n" in out.stdout, out.stdout + out.stderr[-2000:]
         assert "REFUSED" in out.stdout and stock_error in out.stdout, out.stdout + out.stderr[-2000:]
 
@@ -172,8 +188,13 @@ def test_folded_checkpoint_serves_as_a_plain_model(served, tmp_path):
     fold_adapter(root / "base", root / "sora_cay", tmp_path / "merged", verify=False, progress=False)
     script = tmp_path / "merged.py"
     script.write_text(MERGED_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "merged"), str(PROMPTS[0])], capture_output=True, text=True, timeout=600)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT")), None)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "merged"), str(PROMPTS[0])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT")), None)
     assert line is not None, out.stderr[-3000:]
     tokens, logprobs = json.loads(line.split(" ", 1)[1])
     expected_tokens, expected_logprobs = eager_reference(root, "sora_cay", PROMPTS[0])
@@ -188,7 +209,11 @@ def broken_copy(root, defect: str, tmp_path):
     from safetensors.torch import load_file, save_file
 
     target = tmp_path / defect
-    if defect in ("other_base", "same_shape_other_base", "output_head"):  # trained elsewhere; or on a module vLLM cannot adapt
+    if defect in (
+        "other_base",
+        "same_shape_other_base",
+        "output_head",
+    ):  # trained elsewhere; or on a module vLLM cannot adapt
         model = make_tiny_model("qwen2", **({"intermediate_size": 80} if defect == "other_base" else {}))
         if defect == "same_shape_other_base":
             fine_tuned_like(model, 1e-3, seed=13)
@@ -220,8 +245,15 @@ def broken_copy(root, defect: str, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "defect,message",
-    [("rank_mismatch", r"field 'r'|rank"), ("unknown_peft_type", "peft_type"), ("nan", "NaN"), ("other_base", "different base"),
-     ("same_shape_other_base", "base_fingerprint.weights"), ("reference_missing_D", r"missing tensor.*lora_D\.weight"), ("output_head", "output head")],
+    [
+        ("rank_mismatch", r"field 'r'|rank"),
+        ("unknown_peft_type", "peft_type"),
+        ("nan", "NaN"),
+        ("other_base", "different base"),
+        ("same_shape_other_base", "base_fingerprint.weights"),
+        ("reference_missing_D", r"missing tensor.*lora_D\.weight"),
+        ("output_head", "output head"),
+    ],
 )
 def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, message):
     """`vllm.LLM` with a LoRARequest runs the same validator as eager loading: each defect is a
@@ -234,7 +266,12 @@ def test_bad_adapters_are_refused_before_admission(served, tmp_path, defect, mes
     root, llm, _ = served
     path = broken_copy(root, defect, tmp_path)
     with pytest.raises(ValueError, match=message) as refused:
-        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), lora_request=LoRARequest(defect, 900, str(path)), use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": PROMPTS[0]}],
+            SamplingParams(max_tokens=4),
+            lora_request=LoRARequest(defect, 900, str(path)),
+            use_tqdm=False,
+        )
     assert "adapter_config.json" in str(refused.value) or "adapter_model.safetensors" in str(refused.value)
     if defect != "output_head":  # eager serves the head; vLLM cannot
         with pytest.raises(ss.AdapterError, match=message):  # eager agrees on the same file
@@ -289,8 +326,14 @@ def test_each_adapter_is_read_once(served, tmp_path):
     script.write_text(READ_COUNT)
     adapters = [str(root / "sora_cay"), str(root / "lora")]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    out = subprocess.run([sys.executable, str(script), str(root / "base"), *adapters], capture_output=True, text=True, timeout=600, env=env)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("COUNTS")), None)
+    out = subprocess.run(
+        [sys.executable, str(script), str(root / "base"), *adapters],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    line = next((text for text in out.stdout.splitlines() if text.startswith("COUNTS")), None)
     assert line is not None, out.stderr[-3000:]
     counts = json.loads(line.split(" ", 1)[1])
     assert counts["reads"] == {path: 1 for path in adapters}

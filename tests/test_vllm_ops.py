@@ -6,7 +6,6 @@ graph safety of the punica backend, the isolation flags, and vLLM CPU's mended t
 from __future__ import annotations
 
 import threading
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +23,10 @@ FP32_TOL = dict(atol=1e-4, rtol=1e-4)  # float32 GEMMs against float64
 
 def reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """float64 rows weights[i] @ x for i >= 0, zero rows for -1."""
-    rows = [torch.zeros(weights.shape[2], dtype=torch.float64) if i < 0 else weights[i, 0].double() @ xi.double() for xi, i in zip(x, indices.tolist())]
+    rows = [
+        torch.zeros(weights.shape[2], dtype=torch.float64) if i < 0 else weights[i, 0].double() @ xi.double()
+        for xi, i in zip(x, indices.tolist())
+    ]
     return torch.stack(rows)
 
 
@@ -96,8 +98,12 @@ class PlainLinearWithLoRA:
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         in_f, dtype = self._gemm.weight.shape[1], self._gemm.weight.dtype
-        self.lora_a_stacked = tuple(torch.zeros(max_loras, 1, lora_config.max_lora_rank, in_f, dtype=dtype) for _ in self.output_slices)
-        self.lora_b_stacked = tuple(torch.zeros(max_loras, 1, n, lora_config.max_lora_rank, dtype=dtype) for n in self.output_slices)
+        self.lora_a_stacked = tuple(
+            torch.zeros(max_loras, 1, lora_config.max_lora_rank, in_f, dtype=dtype) for _ in self.output_slices
+        )
+        self.lora_b_stacked = tuple(
+            torch.zeros(max_loras, 1, n, lora_config.max_lora_rank, dtype=dtype) for n in self.output_slices
+        )
 
     def reset_lora(self, index: int) -> None:
         for a, b in zip(self.lora_a_stacked, self.lora_b_stacked):
@@ -114,7 +120,9 @@ class PluginLayer(SoraLinearMixin, PlainLinearWithLoRA):
     pass
 
 
-def plugin_layer(sizes=(24, 8, 8), in_f=32, max_rank=16, max_loras=5, dtype=torch.float32, backend="grouped", monkeypatch=None) -> PluginLayer:
+def plugin_layer(
+    sizes=(24, 8, 8), in_f=32, max_rank=16, max_loras=5, dtype=torch.float32, backend="grouped", monkeypatch=None
+) -> PluginLayer:
     """A qkv-like plugin layer (three slices, random non-zero bias) with empty slots."""
     if monkeypatch is not None:
         monkeypatch.setenv("SORA_SERVE_VLLM_BACKEND", backend)
@@ -129,9 +137,12 @@ def random_factors(layer, r: int, k: int, scaled: bool) -> list[ServingFactors]:
     in_f = layer.lora_a_stacked[0].shape[3]
     return [
         ServingFactors(
-            torch.randn(r, in_f), torch.randn(n, r),
-            1 + 0.1 * torch.randn(n) if scaled else None, 0.1 * torch.randn(n) if scaled else None,
-            0.1 * torch.randn(n, k) if k else None, 0.1 * torch.randn(n, k) if k else None,
+            torch.randn(r, in_f),
+            torch.randn(n, r),
+            1 + 0.1 * torch.randn(n) if scaled else None,
+            0.1 * torch.randn(n) if scaled else None,
+            0.1 * torch.randn(n, k) if k else None,
+            0.1 * torch.randn(n, k) if k else None,
         )
         for n in layer.output_slices
     ]
@@ -156,7 +167,13 @@ def per_slot_reference(slot_factors: dict[int, list[ServingFactors]], indices: t
     for slot, factors in slot_factors.items():
         rows = (indices == slot).nonzero().squeeze(1)
         if len(rows):
-            expected[rows] = torch.cat([f.to(torch.float64).apply(x[rows].double(), part) for f, part in zip(factors, base[rows].double().split(sizes, dim=1))], dim=1)
+            expected[rows] = torch.cat(
+                [
+                    f.to(torch.float64).apply(x[rows].double(), part)
+                    for f, part in zip(factors, base[rows].double().split(sizes, dim=1))
+                ],
+                dim=1,
+            )
     return expected
 
 
@@ -174,7 +191,11 @@ SLOT_SPECS = [(4, 0, False), (8, 4, True), (16, 2, True), (2, 0, True), (1, 3, F
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend,prefill", [("grouped", True), ("punica", False), ("punica", True)], ids=["grouped", "punica-decode", "punica-prefill"])
+@pytest.mark.parametrize(
+    "backend,prefill",
+    [("grouped", True), ("punica", False), ("punica", True)],
+    ids=["grouped", "punica-decode", "punica-prefill"],
+)
 def test_backend_gives_every_token_its_slot(layout, backend, prefill, monkeypatch):
     """Both backends give each row its own slot's ServingFactors.apply (the base output includes the
     bias), slot -1 rows untouched; the punica backend through vLLM's decode (bgmv) and prefill
@@ -191,12 +212,16 @@ def test_backend_gives_every_token_its_slot(layout, backend, prefill, monkeypatc
     grouped.new_step()
     if backend == "grouped":
         plan = grouped.step_plan(layer.punica_wrapper, len(indices))
-        assert ("none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot") == strategy
+        assert (
+            "none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot"
+        ) == strategy
     x = torch.randn(len(indices), 32)
     base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
     result = layer.apply(x, layer.base_layer.bias)
     index_tensor = torch.tensor(indices)
-    assert torch.allclose(result.double(), per_slot_reference(slots, index_tensor, x, base, layer.output_slices), **FP32_TOL)
+    assert torch.allclose(
+        result.double(), per_slot_reference(slots, index_tensor, x, base, layer.output_slices), **FP32_TOL
+    )
     assert torch.equal(result[index_tensor == -1], base[index_tensor == -1])
 
 
@@ -230,9 +255,15 @@ def test_slot_reused_by_a_plain_lora_or_reset_has_identity_extras(monkeypatch):
             assert not layer.lora_a_stacked[0][1].any()
         assert layer.sora_slots[1].rot_rank == 0 and not layer.sora_slots[1].scaled
         for i, n in enumerate(layer.output_slices):
-            assert not layer.sora_rot_u[i][1].any() and not layer.sora_rot_v[i][1].any() and not layer.sora_shift[i][1].any()
+            assert (
+                not layer.sora_rot_u[i][1].any()
+                and not layer.sora_rot_v[i][1].any()
+                and not layer.sora_shift[i][1].any()
+            )
             assert torch.equal(layer.sora_scale[i][1], torch.ones(n))
-            assert torch.equal(layer.sora_scale[i][-1], torch.ones(n)) and not layer.sora_shift[i][-1].any()  # slot -1's row
+            assert (
+                torch.equal(layer.sora_scale[i][-1], torch.ones(n)) and not layer.sora_shift[i][-1].any()
+            )  # slot -1's row
 
 
 def test_punica_backend_compiles_as_one_graph(monkeypatch):
@@ -248,7 +279,9 @@ def test_punica_backend_compiles_as_one_graph(monkeypatch):
         layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
     layer.punica_wrapper = punica_wrapper([0, -1, 2, 1, 2], len(SLOT_SPECS), prefill=False)
     x = torch.randn(5, 32)
-    compiled = torch.compile(lambda inputs: layer.apply(inputs, layer.base_layer.bias), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda inputs: layer.apply(inputs, layer.base_layer.bias), fullgraph=True, backend="aot_eager"
+    )
     assert torch.allclose(compiled(x), layer.apply(x, layer.base_layer.bias), atol=1e-6)
 
 
@@ -269,12 +302,20 @@ class TwoRankAllReduce:
 
 def column_shard(f: ServingFactors, rank: int) -> ServingFactors:
     """Rank `rank` of 2 of a column-parallel slice: output rows split, A whole (what vLLM's slice_lora_b does)."""
-    rows = lambda t: None if t is None else t.chunk(2, dim=0)[rank]
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.chunk(2, dim=0)[rank]
+
     return ServingFactors(f.lora_A, rows(f.lora_B), rows(f.scale), rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V))
 
 
 # Token -> adapter layouts; each rank maps adapters to its own slots.
-TP_LAYOUTS = {"decode": [0, 1, 2, -1], "uneven": [0, 1, -1, 2, 1, 0, 2, 2], "one adapter": [2] * 5, "prefill": [1] * 12 + [0, -1, 2]}
+TP_LAYOUTS = {
+    "decode": [0, 1, 2, -1],
+    "uneven": [0, 1, -1, 2, 1, 0, 2, 2],
+    "one adapter": [2] * 5,
+    "prefill": [1] * 12 + [0, -1, 2],
+}
 
 
 @pytest.mark.parametrize("layout", TP_LAYOUTS)
@@ -295,21 +336,28 @@ def test_column_parallel_ranks_agree_whatever_slots_hold_the_adapters(layout, ba
     sizes, in_f = (24, 8, 8), 32
     weight, bias = torch.randn(sum(sizes), in_f) / in_f**0.5, 0.1 * torch.randn(sum(sizes))
     specs = [(8, 0, True), (4, 3, True), (6, 2, False)]  # two rotations of different ranks, one scale-only
-    full = [random_factors(SimpleNamespace(lora_a_stacked=[torch.zeros(1, 1, 1, in_f)], output_slices=sizes), *spec) for spec in specs]
+    full = [
+        random_factors(SimpleNamespace(lora_a_stacked=[torch.zeros(1, 1, 1, in_f)], output_slices=sizes), *spec)
+        for spec in specs
+    ]
     slot_of = [{0: 0, 1: 1, 2: 2}, {0: 1, 1: 2, 2: 0}]  # adapter -> slot, per rank: the two rotations in opposite order
     adapters = TP_LAYOUTS[layout]
     x = torch.randn(len(adapters), in_f)
     results = [None, None]
 
     def serve_rank(rank: int) -> None:
-        shard = lambda t: torch.cat([part.chunk(2, dim=0)[rank] for part in t.split(sizes)])
+        def shard(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([part.chunk(2, dim=0)[rank] for part in t.split(sizes)])
+
         layer = PluginLayer(shard(weight), shard(bias), tuple(n // 2 for n in sizes))
         layer.tp_size = 2
         layer.create_lora_weights(3, SimpleNamespace(max_lora_rank=16, fully_sharded_loras=False))
         for adapter, slot in slot_of[rank].items():
             factors = [column_shard(f, rank) for f in full[adapter]]
             layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
-        layer.punica_wrapper = punica_wrapper([-1 if a < 0 else slot_of[rank][a] for a in adapters], 3, prefill=layout == "prefill")
+        layer.punica_wrapper = punica_wrapper(
+            [-1 if a < 0 else slot_of[rank][a] for a in adapters], 3, prefill=layout == "prefill"
+        )
         results[rank] = layer.apply(x, layer.base_layer.bias)
 
     grouped.new_step()
@@ -362,24 +410,34 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
     torch.manual_seed(3)
     layer, weight = packed_float64_layer(monkeypatch)
     names = ["q_proj", "k_proj", "v_proj"]
-    model = torch.nn.ModuleDict({n: torch.nn.Linear(32, size, dtype=torch.float64) for n, size in zip(names, layer.output_slices)})
+    model = torch.nn.ModuleDict(
+        {n: torch.nn.Linear(32, size, dtype=torch.float64) for n, size in zip(names, layer.output_slices)}
+    )
     config = ss.AdapterConfig(r=6, r_p=3, target_modules=names, **METHODS[kind])
     ss.attach(model, config, "a", verbose=False)
     perturb_adapter(model, "a", scale=0.2, seed=7)
     adapter = ss.read_adapter(ss.save_adapter(model, tmp_path / kind, "a"))
     offsets = [0, 24, 32, 40]
     for i, name in enumerate(names):
-        dense = adapter_module(adapter, name).serving_factors(weight[offsets[i] : offsets[i + 1]], layer.base_layer.bias[offsets[i] : offsets[i + 1]])
+        dense = adapter_module(adapter, name).serving_factors(
+            weight[offsets[i] : offsets[i + 1]], layer.base_layer.bias[offsets[i] : offsets[i + 1]]
+        )
         got = slice_factors(layer, i, adapter, name)
         for field, expected in vars(dense).items():
             actual = getattr(got, field)
             assert (actual is None) == (expected is None), field
             if expected is not None:
-                assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12), (name, field, (actual - expected).abs().max())
+                assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12), (
+                    name,
+                    field,
+                    (actual - expected).abs().max(),
+                )
         factors = [got if j == i else None for j in range(3)]
         layer.set_lora(1, SlotFactors(factors), [None if f is None else f.lora_B for f in factors])
         assert torch.equal(layer.lora_b_stacked[i][1, 0, :, : got.lora_B.shape[1]], got.lora_B)
-        assert layer.sora_slots[1].scaled == (got.scale is not None) and layer.sora_slots[1].rot_rank == (0 if got.rot_U is None else got.rot_U.shape[1])
+        assert layer.sora_slots[1].scaled == (got.scale is not None) and layer.sora_slots[1].rot_rank == (
+            0 if got.rot_U is None else got.rot_U.shape[1]
+        )
 
 
 def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():
@@ -411,7 +469,10 @@ def test_failed_requests_are_found_in_either_runner_layout():
     manager = SimpleNamespace(_adapter_manager=SimpleNamespace(lora_index_to_id=[7, 9]))  # slot 1 holds adapter 9
     old_batch = SimpleNamespace(req_ids=["a", "b", "c"], request_lora_mapping=torch.tensor([9, 0, 7]))
     new_state = SimpleNamespace(lora_requests={"a": LoRARequest("x", 9, "/x"), "c": LoRARequest("y", 7, "/y")})
-    for runner in (SimpleNamespace(lora_manager=manager, input_batch=old_batch), SimpleNamespace(lora_manager=manager, lora_state=new_state)):
+    for runner in (
+        SimpleNamespace(lora_manager=manager, input_batch=old_batch),
+        SimpleNamespace(lora_manager=manager, lora_state=new_state),
+    ):
         flags = isolation.failure_flags(2, "cpu")
         flags[1] = 3
         output = ModelRunnerOutput(req_ids=["a", "b", "c"], req_id_to_index={"a": 0, "b": 1, "c": 2})

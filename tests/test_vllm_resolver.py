@@ -53,7 +53,12 @@ def store(tmp_path_factory):
     config_path = root / "store" / "text_rank" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": "16"}))
     # Valid files the engine refuses: only the base can tell (the resolver passes the engine's reason on).
-    write_random_adapter(root / "store" / "headed", ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]), seed=7, scale=0.05)
+    write_random_adapter(
+        root / "store" / "headed",
+        ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]),
+        seed=7,
+        scale=0.05,
+    )
     write_random_adapter(root / "store" / "llama_sora", KINDS["sora"], seed=8, scale=0.05, arch="llama")
     # Trained on another qwen2 of the same shapes (a fine-tune-sized move of every weight): only the
     # fingerprint's sampled weights tell. In the store (the resolver) and under extra/ (runtime loads).
@@ -62,7 +67,9 @@ def store(tmp_path_factory):
         ss.attach(other, KINDS["sora"], "a", verbose=False)
         perturb_adapter(other, "a", scale=0.05, seed=12)
         ss.save_adapter(other, directory, "a")
-    save_base_copy(make_tiny_model("qwen2"), root / "base_bf16", root / "base", torch.bfloat16)  # the same base, re-saved in bf16
+    save_base_copy(
+        make_tiny_model("qwen2"), root / "base_bf16", root / "base", torch.bfloat16
+    )  # the same base, re-saved in bf16
     (root / "store" / "notes").mkdir()  # a directory without adapter_config.json is no adapter
     write_random_adapter(root / "outside", KINDS["lora"], seed=9, scale=0.05)
     (root / "store" / "escape").symlink_to(root / "outside")  # a store entry linking out of the store
@@ -73,8 +80,19 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store):
-    arguments = ["--model", str(store / "base"), "--max-loras", "2", "--adapter-dir", str(store / "store"), "--allow-load-from", str(store / "extra"),
-                 "--", "--served-model-name", "base"]
+    arguments = [
+        "--model",
+        str(store / "base"),
+        "--max-loras",
+        "2",
+        "--adapter-dir",
+        str(store / "store"),
+        "--allow-load-from",
+        str(store / "extra"),
+        "--",
+        "--served-model-name",
+        "base",
+    ]
     with running_server(arguments, store / "server.log") as (url, _):
         yield url
 
@@ -106,20 +124,26 @@ def test_unknown_names_are_404(server):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,file,reason", [
-    ("nan", "nan/adapter_model.safetensors", "NaN"),
-    ("text_rank", "text_rank/adapter_config.json", "'r'"),
-    ("headed", "adapter_model.safetensors", "lm_head"),
-    ("llama_sora", "adapter_config.json", "different base"),
-    ("other_base", "adapter_config.json", "base_fingerprint.weights"),
-])
+@pytest.mark.parametrize(
+    "name,file,reason",
+    [
+        ("nan", "nan/adapter_model.safetensors", "NaN"),
+        ("text_rank", "text_rank/adapter_config.json", "'r'"),
+        ("headed", "adapter_model.safetensors", "lm_head"),
+        ("llama_sora", "adapter_config.json", "different base"),
+        ("other_base", "adapter_config.json", "base_fingerprint.weights"),
+    ],
+)
 def test_bad_store_adapter_is_400_naming_the_file_and_the_server_keeps_serving(store, server, name, file, reason):
     status, body = complete(server, name, PROMPT, MAX_TOKENS)
     message = error_message(body)
     assert status == 400, body
     assert file in message and reason in message and "<path>" not in message, message
     status, body = complete(server, "prediag", PROMPT, MAX_TOKENS)
-    assert status == 200 and off_greedy(eager_model(store / "base", store / "store" / "prediag"), PROMPT, new_tokens(body)) == [], body
+    assert (
+        status == 200
+        and off_greedy(eager_model(store / "base", store / "store" / "prediag"), PROMPT, new_tokens(body)) == []
+    ), body
 
 
 @pytest.mark.slow
@@ -135,17 +159,30 @@ def test_runtime_loads_read_only_under_the_allowed_roots(store, server):
     """403 before anything is read, whether the path exists or not (no file-existence oracle):
     a valid adapter beside the store, the same through `..`, a link out of an allowed root, /etc,
     a path that does not exist. Under --allow-load-from the load works and serves exactly."""
-    outside = [store / "outside", store / "store" / ".." / "outside", store / "extra" / "link", "/etc", "/nonexistent/adapter"]
+    outside = [
+        store / "outside",
+        store / "store" / ".." / "outside",
+        store / "extra" / "link",
+        "/etc",
+        "/nonexistent/adapter",
+    ]
     for path in outside:
         status, body = load(server, "x", path)
         assert status == 403 and "--allow-load-from DIR" in error_message(body), (path, body)
     assert complete(server, "x", PROMPT, MAX_TOKENS)[0] == 404  # nothing was loaded
     status, body = load(server, "other_base", store / "extra" / "other_base")
-    assert status == 400 and "base_fingerprint.weights" in error_message(body) and "--allow-other-base" in error_message(body), body
+    assert (
+        status == 400
+        and "base_fingerprint.weights" in error_message(body)
+        and "--allow-other-base" in error_message(body)
+    ), body
     status, body = load(server, "extra_lora", store / "extra" / "lora")
     assert status == 200, body
     status, body = complete(server, "extra_lora", PROMPT, MAX_TOKENS)
-    assert status == 200 and off_greedy(eager_model(store / "base", store / "extra" / "lora"), PROMPT, new_tokens(body)) == [], body
+    assert (
+        status == 200
+        and off_greedy(eager_model(store / "base", store / "extra" / "lora"), PROMPT, new_tokens(body)) == []
+    ), body
 
 
 @pytest.mark.slow
@@ -157,8 +194,20 @@ def test_a_store_entry_linking_out_of_the_store_is_403(server):
 @pytest.fixture(scope="module")
 def static_server(store):
     """On the base re-saved in bf16, with adapters trained on the fp32 one: the same base, accepted."""
-    arguments = ["--model", str(store / "base_bf16"), "--max-loras", "1", "--no-runtime-loads",
-                 "--adapter", f"lora={store / 'store' / 'lora'}", "--adapter", f"sora={store / 'store' / 'sora'}", "--", "--served-model-name", "base"]
+    arguments = [
+        "--model",
+        str(store / "base_bf16"),
+        "--max-loras",
+        "1",
+        "--no-runtime-loads",
+        "--adapter",
+        f"lora={store / 'store' / 'lora'}",
+        "--adapter",
+        f"sora={store / 'store' / 'sora'}",
+        "--",
+        "--served-model-name",
+        "base",
+    ]
     with running_server(arguments, store / "static-server.log") as (url, _):
         yield url
 
@@ -169,7 +218,10 @@ def test_no_runtime_loads_has_no_load_endpoints_and_serves_its_adapters(store, s
     assert post(f"{static_server}/v1/unload_lora_adapter", {"lora_name": "lora"})[0] == 404
     for name in ("lora", "sora"):
         status, body = complete(static_server, name, PROMPT, MAX_TOKENS)
-        assert status == 200 and off_greedy(eager_model(store / "base_bf16", store / "store" / name), PROMPT, new_tokens(body)) == [], body
+        assert (
+            status == 200
+            and off_greedy(eager_model(store / "base_bf16", store / "store" / name), PROMPT, new_tokens(body)) == []
+        ), body
     assert complete(static_server, "prediag", PROMPT, MAX_TOKENS)[0] == 404  # the store is not consulted
 
 
@@ -181,7 +233,9 @@ def test_load_confinement_resolves_links_and_dots(tmp_path):
     (other / "b").mkdir(parents=True)
     (other / "b" / "adapter_model.safetensors").write_bytes(b"")
     (root / "out").symlink_to(other / "b")
-    (root / "a" / "adapter_model.safetensors").symlink_to(other / "b" / "adapter_model.safetensors")  # a file linking out
+    (root / "a" / "adapter_model.safetensors").symlink_to(
+        other / "b" / "adapter_model.safetensors"
+    )  # a file linking out
     roots = [root.resolve()]
     for path in (root / "out", root / ".." / "other" / "b", other / "b", root / "a", tmp_path / "missing"):
         with pytest.raises(LoadForbidden, match="--allow-load-from"):

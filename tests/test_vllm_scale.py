@@ -35,7 +35,9 @@ ENGINE_START_S = 240  # pytest-timeout counts the module's engine start in which
 
 def adapter_config(i: int) -> ss.AdapterConfig:
     """Adapter i's kind, rank and targets: every kind meets every rank over the 40 (5 and 4 are coprime)."""
-    return ss.AdapterConfig(**{"r": RANKS[i % len(RANKS)], "target_modules": TARGETS[i % len(TARGETS)], **KINDS[i % len(KINDS)]})
+    return ss.AdapterConfig(
+        **{"r": RANKS[i % len(RANKS)], "target_modules": TARGETS[i % len(TARGETS)], **KINDS[i % len(KINDS)]}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,10 @@ def test_many_adapters_cycled_through_two_slots(engine):
     for first in range(0, N_ADAPTERS, PER_ROUND):
         new = list(range(first, first + PER_ROUND))
         revisit = [first // 2] if first else []  # left the 4-adapter CPU cache rounds ago
-        requests = [(i, PROMPTS[i % len(PROMPTS)]) for i in new + revisit] + [(None, PROMPTS[first % len(PROMPTS)]), (None, PROMPTS[-1])]
+        requests = [(i, PROMPTS[i % len(PROMPTS)]) for i in new + revisit] + [
+            (None, PROMPTS[first % len(PROMPTS)]),
+            (None, PROMPTS[-1]),
+        ]
         for (i, prompt), tokens in zip(requests, generate(llm, root, requests)):
             answers.setdefault(i, []).append((prompt, tokens))
         if first + PER_ROUND in (FIRST, N_ADAPTERS):
@@ -90,11 +95,17 @@ def test_many_adapters_cycled_through_two_slots(engine):
     for adapter, pairs in answers.items():
         model = base if adapter is None else eager_model(root / "base", root / f"a{adapter:02d}")
         for prompt, tokens in pairs:
-            assert off_greedy(model, prompt, tokens) == [], f"adapter {adapter} ({adapter_config(adapter) if adapter is not None else 'base'}): {tokens}"
+            assert off_greedy(model, prompt, tokens) == [], (
+                f"adapter {adapter} ({adapter_config(adapter) if adapter is not None else 'base'}): {tokens}"
+            )
             if adapter is not None:
                 assert off_greedy(base, prompt, tokens) != [], f"adapter {adapter} answered like the base"
-    print(f"engine RSS: {rss[FIRST] / 2**20:.1f} MiB after {FIRST} adapters, {rss[N_ADAPTERS] / 2**20:.1f} MiB after {N_ADAPTERS}")
-    assert rss[N_ADAPTERS] <= RSS_GROWTH_MAX * rss[FIRST], f"engine RSS grew from {rss[FIRST] / 2**20:.0f} MiB after {FIRST} adapters to {rss[N_ADAPTERS] / 2**20:.0f} MiB after {N_ADAPTERS}"
+    print(
+        f"engine RSS: {rss[FIRST] / 2**20:.1f} MiB after {FIRST} adapters, {rss[N_ADAPTERS] / 2**20:.1f} MiB after {N_ADAPTERS}"
+    )
+    assert rss[N_ADAPTERS] <= RSS_GROWTH_MAX * rss[FIRST], (
+        f"engine RSS grew from {rss[FIRST] / 2**20:.0f} MiB after {FIRST} adapters to {rss[N_ADAPTERS] / 2**20:.0f} MiB after {N_ADAPTERS}"
+    )
 
 
 @pytest.mark.slow
@@ -110,7 +121,12 @@ def test_a_nan_adapter_request_is_refused_and_the_engine_keeps_serving(engine, t
     from vllm.lora.request import LoRARequest
 
     with pytest.raises(Exception, match="adapter_model.safetensors") as refused:
-        llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4), lora_request=LoRARequest("nan_lora", 1000, str(bad)), use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": PROMPTS[0]}],
+            SamplingParams(max_tokens=4),
+            lora_request=LoRARequest("nan_lora", 1000, str(bad)),
+            use_tqdm=False,
+        )
     assert "NaN" in str(refused.value)
     (tokens,) = generate(llm, root, [(3, PROMPTS[0])])
     assert off_greedy(eager_model(root / "base", root / "a03"), PROMPTS[0], tokens) == []

@@ -24,20 +24,37 @@ CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor 
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     base = make_tiny_checkpoint("llama", root / "base")
-    for i, (name, config) in enumerate({
-        "sora": ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=2, target_modules="all-linear"),
-        "dora": ss.AdapterConfig(method="dora", r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-        "prediag": ss.AdapterConfig(method="prediag", r=4, target_modules="all-linear"),
-        "headed": ss.AdapterConfig(method="prediag", r=4, target_modules=["q_proj", "lm_head"]),  # lm_head: not servable
-    }.items()):
+    for i, (name, config) in enumerate(
+        {
+            "sora": ss.AdapterConfig(method="sora", rotation="cayley", r=8, r_p=2, target_modules="all-linear"),
+            "dora": ss.AdapterConfig(method="dora", r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            "prediag": ss.AdapterConfig(method="prediag", r=4, target_modules="all-linear"),
+            "headed": ss.AdapterConfig(
+                method="prediag", r=4, target_modules=["q_proj", "lm_head"]
+            ),  # lm_head: not servable
+        }.items()
+    ):
         model = make_tiny_model("llama")
         ss.attach(model, config, "a", verbose=False)
         perturb_adapter(model, "a", scale=0.15, seed=i)
         ss.save_adapter(model, root / name, "a")
     (root / "chat.jinja").write_text(CHAT_TEMPLATE)
     arguments = [
-        "--model", str(base), "--max-loras", "2", "--adapter", f"sora={root / 'sora'}", "--adapter", f"dora={root / 'dora'}",
-        "--allow-load-from", str(root), "--", "--served-model-name", "base", "--chat-template", str(root / "chat.jinja"),
+        "--model",
+        str(base),
+        "--max-loras",
+        "2",
+        "--adapter",
+        f"sora={root / 'sora'}",
+        "--adapter",
+        f"dora={root / 'dora'}",
+        "--allow-load-from",
+        str(root),
+        "--",
+        "--served-model-name",
+        "base",
+        "--chat-template",
+        str(root / "chat.jinja"),
     ]
     with running_server(arguments, root / "server.log") as (url, _):
         yield url, root
@@ -72,7 +89,17 @@ def test_concurrent_adapters_runtime_load_and_unload(server):
         assert status == 200, body
         assert new_tokens(body) == expected[name], name
 
-    status, body = post(f"{url}/v1/chat/completions", {"model": "dora", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+    status, body = post(
+        f"{url}/v1/chat/completions",
+        {
+            "model": "dora",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
     assert status == 200 and new_tokens(body) == expected["dora"], body
 
     # lm_head is vLLM's logits processor, not a linear LoRA layer: refused at load, module named, engine unharmed.

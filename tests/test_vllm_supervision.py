@@ -32,8 +32,22 @@ def engine_core(server: psutil.Process) -> psutil.Process:
 @pytest.mark.slow
 def test_killed_engine_core_ends_the_server_non_zero_and_fails_the_request_in_flight(tmp_path):
     make_tiny_checkpoint("llama", tmp_path / "base")
-    write_random_adapter(tmp_path / "sora", ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules="all-linear"), seed=3, scale=0.05, arch="llama")
-    arguments = ["--model", str(tmp_path / "base"), "--adapter", f"sora={tmp_path / 'sora'}", "--", "--served-model-name", "base"]
+    write_random_adapter(
+        tmp_path / "sora",
+        ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules="all-linear"),
+        seed=3,
+        scale=0.05,
+        arch="llama",
+    )
+    arguments = [
+        "--model",
+        str(tmp_path / "base"),
+        "--adapter",
+        f"sora={tmp_path / 'sora'}",
+        "--",
+        "--served-model-name",
+        "base",
+    ]
     with running_server(arguments, tmp_path / "server.log") as (url, process):
         statuses: list[int | str] = []  # HTTP statuses, then the error that ended the traffic
         traffic = threading.Thread(target=keep_requesting, args=(url, statuses))
@@ -49,7 +63,9 @@ def test_killed_engine_core_ends_the_server_non_zero_and_fails_the_request_in_fl
     assert status == ENGINE_DIED_EXIT, (status, log[-3000:])
     assert "engine core died" in log and took < 60
     assert statuses[0] == 200 and not traffic.is_alive(), statuses
-    assert statuses[-1] != 200 and (isinstance(statuses[-1], str) or statuses[-1] >= 500), statuses  # no request hangs or succeeds on a dead engine
+    assert statuses[-1] != 200 and (isinstance(statuses[-1], str) or statuses[-1] >= 500), (
+        statuses
+    )  # no request hangs or succeeds on a dead engine
 
 
 def keep_requesting(url: str, statuses: list[int | str]) -> None:

@@ -41,13 +41,17 @@ def test_tensor_parallel_mixed_batch_equals_eager(tmp_path, backend):
         perturb_adapter(model, "a", scale=0.1, seed=10 + i)
         ss.save_adapter(model, tmp_path / name, "a")
     with vllm_backend(backend):
-        llm = make_llm(base, max_loras=3, tensor_parallel_size=2)  # 3 slots < 4 adapters, all full: base rows must stay base
+        llm = make_llm(
+            base, max_loras=3, tensor_parallel_size=2
+        )  # 3 slots < 4 adapters, all full: base rows must stay base
     # Two rotations in one step: the ranks' slot numbers for them may differ (set order by name hash).
     names = [None, "sora_cay", "sora_fo", "dora", "prediag", "sora_cay", "sora_fo", None]
     ids = {name: i + 1 for i, name in enumerate(KINDS)}
     requests = [None if n is None else LoRARequest(n, ids[n], str(tmp_path / n)) for n in names]
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * len(names), params, lora_request=requests, use_tqdm=False)
+    outputs = llm.generate(
+        [{"prompt_token_ids": PROMPTS[0]}] * len(names), params, lora_request=requests, use_tqdm=False
+    )
     del llm
     expected = {n: eager_reference(tmp_path, n, PROMPTS[0]) for n in set(names)}
     assert len({tuple(t) for t, _ in expected.values()}) == len(expected), "every adapter should change the output"

@@ -68,7 +68,9 @@ def _read_table(path: Path, delimiter: str) -> list[Example]:
         columns = reader.fieldnames or []
         text_column = next((c for c in TEXT_COLUMNS if c in columns), None)
         if text_column is None:
-            raise AdapterError(f"no text column: header is {columns}, expected one of {TEXT_COLUMNS}", file=path, field="header")
+            raise AdapterError(
+                f"no text column: header is {columns}, expected one of {TEXT_COLUMNS}", file=path, field="header"
+            )
         has_label = "label" in columns
         return [
             (row[text_column], _label(row["label"], path, f"row {number} label") if has_label else None)

@@ -75,5 +75,7 @@ def adapter_diagnostics(model: nn.Module, magnitudes0: dict[str, torch.Tensor]) 
         out["d_minus_1_max"] = max(d_dev)
     params = dict(model.named_parameters())
     if magnitudes0:
-        out["m_over_m0_minus_1_max"] = max((params[n].detach() / m0 - 1).abs().max().item() for n, m0 in magnitudes0.items())
+        out["m_over_m0_minus_1_max"] = max(
+            (params[n].detach() / m0 - 1).abs().max().item() for n, m0 in magnitudes0.items()
+        )
     return out

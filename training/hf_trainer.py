@@ -47,7 +47,13 @@ class SaveAdapterCallback(TrainerCallback):
     """At each Trainer save, write adapter `adapter_name` to `<checkpoint-N>/sora_adapter`; at the end
     of training to `<output_dir>/sora_adapter`. Each write is atomic (`sora_serve.save_adapter`)."""
 
-    def __init__(self, adapter_name: str | None = None, *, base_model_name_or_path: str | None = None, subdir: str = ADAPTER_SUBDIR):
+    def __init__(
+        self,
+        adapter_name: str | None = None,
+        *,
+        base_model_name_or_path: str | None = None,
+        subdir: str = ADAPTER_SUBDIR,
+    ):
         self.adapter_name = adapter_name
         self.base_model_name_or_path = base_model_name_or_path
         self.subdir = subdir
@@ -64,9 +70,13 @@ class SaveAdapterCallback(TrainerCallback):
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
         out = Path(directory) / self.subdir
-        return ss.save_adapter(model, out, self._name(model), base_model_name_or_path=self.base_model_name_or_path, force=True)
+        return ss.save_adapter(
+            model, out, self._name(model), base_model_name_or_path=self.base_model_name_or_path, force=True
+        )
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         self._name(model)  # a wrong name fails before the first step, not at the first save
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):

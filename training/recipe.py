@@ -72,7 +72,9 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, recipe: Recipe = Recipe()) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, recipe: Recipe = Recipe()
+) -> list[dict[str, Any]]:
     """AdamW parameter groups, one per (role, decayed or not), each with its own "lr" and a "role"
     key (kept by torch; a learning-rate schedule scales every group's lr by the same factor)."""
     if not lr > 0:
@@ -84,19 +86,35 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, rec
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for name, role in roles.items():
         decay = role not in NO_DECAY_ROLES and params[name].ndim >= 2
-        group = groups.setdefault((role, decay), {
-            "params": [], "role": role, "lr": lr * recipe.lr_scale(role), "weight_decay": weight_decay if decay else 0.0})
+        group = groups.setdefault(
+            (role, decay),
+            {
+                "params": [],
+                "role": role,
+                "lr": lr * recipe.lr_scale(role),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         group["params"].append(params[name])
     return [groups[key] for key in sorted(groups, key=lambda k: (ROLES.index(k[0]), not k[1]))]
 
 
-def recipe_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, recipe: Recipe = Recipe()) -> torch.optim.AdamW:
+def recipe_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.01, recipe: Recipe = Recipe()
+) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters with the recipe's groups."""
     return torch.optim.AdamW(parameter_groups(model, lr, weight_decay, recipe), lr=lr)
 
 
-def trainer_optimizer(model: nn.Module, args, recipe: Recipe = Recipe()) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def trainer_optimizer(
+    model: nn.Module, args, recipe: Recipe = Recipe()
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """`Trainer(optimizer_cls_and_kwargs=...)`: AdamW with the recipe's groups at `args.learning_rate`
     and `args.weight_decay`; Trainer builds its own schedule over them as usual."""
     groups = parameter_groups(model, args.learning_rate, args.weight_decay, recipe)
-    return torch.optim.AdamW, {"params": groups, "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return torch.optim.AdamW, {
+        "params": groups,
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }

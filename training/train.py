@@ -17,21 +17,26 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 import platform
 import random
 import resource
 import time
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    get_linear_schedule_with_warmup,
+)
 
 import sora_serve as ss
 from sora_serve.config import AdapterConfig
@@ -61,7 +66,9 @@ class TrainConfig:
     r_p: int = 4
     s0: float = 1.0
     rotation: str = "cayley"
-    rank_pattern: dict[str, int] | None = None  # lora/dora (PEFT): per-module ranks; alpha follows, so s = alpha / r everywhere
+    rank_pattern: dict[str, int] | None = (
+        None  # lora/dora (PEFT): per-module ranks; alpha follows, so s = alpha / r everywhere
+    )
     target_modules: list[str] | str = "all-linear"
     steps: int | None = None
     epochs: float = 1.0
@@ -84,12 +91,19 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
-            method=self.method, r=self.r, lora_alpha=self.lora_alpha, r_p=self.r_p, s0=self.s0,
-            rotation=self.rotation, target_modules=self.target_modules,
+            method=self.method,
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            r_p=self.r_p,
+            s0=self.s0,
+            rotation=self.rotation,
+            target_modules=self.target_modules,
         )
 
     def recipe(self) -> Recipe:
-        return Recipe(diag_lr_scale=self.diag_lr_scale, rotation_lr_scale=self.rotation_lr_scale, single_lr=self.single_lr)
+        return Recipe(
+            diag_lr_scale=self.diag_lr_scale, rotation_lr_scale=self.rotation_lr_scale, single_lr=self.single_lr
+        )
 
 
 def minilm_path() -> Path:
@@ -126,21 +140,36 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     heads = head_module_names(model) if cfg.task == "seq-cls" else []
     targets = adapter.target_modules
     if targets == "all-linear" and heads:  # the head is trained in full, not adapted
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] not in heads})
+        targets = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n.split(".")[0] not in heads
+            }
+        )
     if cfg.method in ("lora", "dora"):
         if cfg.recompute_base:
-            raise AdapterError("recompute_base applies to prediag and sora; PEFT trains lora and dora", field="recompute_base")
+            raise AdapterError(
+                "recompute_base applies to prediag and sora; PEFT trains lora and dora", field="recompute_base"
+            )
         from peft import LoraConfig, get_peft_model
 
         ranks = cfg.rank_pattern or {}
         peft_config = LoraConfig(
-            r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_dora=cfg.method == "dora",
-            modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
-            rank_pattern=ranks, alpha_pattern={k: cfg.lora_alpha * r / cfg.r for k, r in ranks.items()},
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=targets,
+            use_dora=cfg.method == "dora",
+            modules_to_save=heads or None,
+            task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+            rank_pattern=ranks,
+            alpha_pattern={k: cfg.lora_alpha * r / cfg.r for k, r in ranks.items()},
         )
         return get_peft_model(model, peft_config)
     if cfg.rank_pattern:
-        raise AdapterError("rank_pattern applies to lora and dora (PEFT); prediag and sora use one r", field="rank_pattern")
+        raise AdapterError(
+            "rank_pattern applies to lora and dora (PEFT); prediag and sora use one r", field="rank_pattern"
+        )
     adapter.target_modules = targets
     ss.attach(model, adapter, ADAPTER_NAME, verbose=False)
     for _, layer in ss.adapted_layers(model):
@@ -157,7 +186,9 @@ def make_batches(examples: list[Example], tokenizer, cfg: TrainConfig, shuffle_s
         random.Random(shuffle_seed).shuffle(order)
     for start in range(0, len(order), cfg.batch_size):
         chunk = [examples[i] for i in order[start : start + cfg.batch_size]]
-        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        enc = tokenizer(
+            [t for t, _ in chunk], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt"
+        )
         if cfg.task == "seq-cls":
             enc["labels"] = torch.tensor([label for _, label in chunk])
         else:
@@ -235,7 +266,9 @@ def train_adapter(cfg: TrainConfig) -> dict:
     optimizer = recipe_optimizer(model, cfg.lr, cfg.weight_decay, recipe)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     start = time.perf_counter()
-    losses, step_times, diagnostics = train_loop(model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps)
+    losses, step_times, diagnostics = train_loop(
+        model, tokenizer, train_examples, cfg, optimizer, schedule, total_steps
+    )
     train_time = time.perf_counter() - start
     after = evaluate(model, eval_batches, cfg.task)
 
@@ -243,8 +276,15 @@ def train_adapter(cfg: TrainConfig) -> dict:
         "method": cfg.method,
         "task": cfg.task,
         "trainable_params": sum(p.numel() for p in params),
-        "param_groups": [{"role": g["role"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"], "params": sum(p.numel() for p in g["params"])}
-                         for g in optimizer.param_groups],
+        "param_groups": [
+            {
+                "role": g["role"],
+                "lr": g["initial_lr"],
+                "weight_decay": g["weight_decay"],
+                "params": sum(p.numel() for p in g["params"]),
+            }
+            for g in optimizer.param_groups
+        ],
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": total_steps,
         "loss_curve": losses,
@@ -303,7 +343,9 @@ def on_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps) -> tuple[list[float], list[float], list[dict]]:
+def train_loop(
+    model, tokenizer, examples, cfg, optimizer, schedule, total_steps
+) -> tuple[list[float], list[float], list[dict]]:
     """Returns the loss per step, the time per step and the adapter diagnostics every
     `cfg.diagnostics_every` steps (and at the last), each with the step and the mean recent loss."""
     model.train()
@@ -327,7 +369,9 @@ def train_loop(model, tokenizer, examples, cfg, optimizer, schedule, total_steps
             losses.append(loss.item())
             if len(losses) % every == 0 or len(losses) == total_steps:
                 recent = losses[-every:]
-                diagnostics.append({"step": len(losses), "loss": sum(recent) / len(recent), **adapter_diagnostics(model, magnitudes0)})
+                diagnostics.append(
+                    {"step": len(losses), "loss": sum(recent) / len(recent), **adapter_diagnostics(model, magnitudes0)}
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if len(losses) == total_steps:
@@ -344,7 +388,11 @@ def save_trained(model: nn.Module, cfg: TrainConfig, metrics: dict) -> None:
         else:
             write_adapter_files(model, tmp, ADAPTER_NAME, base_model_name_or_path=str(cfg.model))
             if cfg.task == "seq-cls":
-                head = {f"{name}.{k}": v.detach().contiguous() for name in head_module_names(model) for k, v in getattr(model, name).state_dict().items()}
+                head = {
+                    f"{name}.{k}": v.detach().contiguous()
+                    for name in head_module_names(model)
+                    for k, v in getattr(model, name).state_dict().items()
+                }
                 save_file(head, str(tmp / HEAD_FILE))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

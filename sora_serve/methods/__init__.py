@@ -22,4 +22,16 @@ def build_adapter(config: AdapterConfig, weight: torch.Tensor) -> Adapter:
     return METHOD_CLASSES[config.method](in_features, out_features, config)
 
 
-__all__ = ["Adapter", "ServingFactors", "LoRA", "DoRA", "PreDiag", "SORA", "METHOD_CLASSES", "build_adapter", "cayley_core", "rotation_factors", "scaled_generator"]
+__all__ = [
+    "Adapter",
+    "ServingFactors",
+    "LoRA",
+    "DoRA",
+    "PreDiag",
+    "SORA",
+    "METHOD_CLASSES",
+    "build_adapter",
+    "cayley_core",
+    "rotation_factors",
+    "scaled_generator",
+]

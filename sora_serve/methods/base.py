@@ -106,7 +106,9 @@ class Adapter(nn.Module):
     ) -> ServingFactors:
         raise NotImplementedError
 
-    def scaled_lora(self, dtype: torch.dtype, row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def scaled_lora(
+        self, dtype: torch.dtype, row_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s * diag(row_scale) B) in `dtype`, detached: the LoRA part of the serving factors."""
         b = self.lora_B.detach().to(dtype) * self.scaling
         if row_scale is not None:

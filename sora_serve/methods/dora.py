@@ -54,7 +54,11 @@ class DoRA(Adapter):
         return _factors(a, sb, g, bias, dtype)
 
     def serving_factors_from_projections(
-        self, row_sq_norms: torch.Tensor, weight_a_t: torch.Tensor, bias: torch.Tensor | None, rows: slice | torch.Tensor = slice(None)
+        self,
+        row_sq_norms: torch.Tensor,
+        weight_a_t: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: slice | torch.Tensor = slice(None),
     ) -> ServingFactors:
         """The serving factors of output `rows` from ||W0||^2 per row (rows,) and W0 A^T (rows, r)
         alone, in float64. Equal to `serving_factors` up to rounding (tested to 1e-10)."""
@@ -65,7 +69,9 @@ class DoRA(Adapter):
         return _factors(a, sb, g, bias, torch.float64)
 
 
-def _factors(a: torch.Tensor, sb: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> ServingFactors:
+def _factors(
+    a: torch.Tensor, sb: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> ServingFactors:
     """y = g * (W0 x + sBAx) + b = g * base + (1 - g) b + (x A^T)(g sB)^T."""
     shift = None if bias is None else (1 - g) * bias.detach().to(dtype)
     return ServingFactors(lora_A=a, lora_B=g[:, None] * sb, scale=g, bias_shift=shift)

@@ -57,7 +57,9 @@ def forbidden_response(error: LoadForbidden, param: str):
     """The load endpoints' answer (they return vLLM's ErrorResponse, sent with its code)."""
     from vllm.entrypoints.serve import create_error_response
 
-    return create_error_response(message=f"sora-serve: {error}", err_type="PermissionDenied", status_code=HTTPStatus.FORBIDDEN, param=param)
+    return create_error_response(
+        message=f"sora-serve: {error}", err_type="PermissionDenied", status_code=HTTPStatus.FORBIDDEN, param=param
+    )
 
 
 def forbidden_http_error(error: LoadForbidden):

@@ -71,7 +71,9 @@ def row_sq_norms(layer) -> torch.Tensor:
         if not hasattr(base, "sora_row_sq_norms"):
             record_row_norms(base)  # weights still present (e.g. GPU), or loaded before the plugin
         if not hasattr(base, "sora_row_sq_norms"):
-            raise RuntimeError(f"sora-serve: no row norms recorded for {type(base).__name__}; DoRA cannot be served on it")
+            raise RuntimeError(
+                f"sora-serve: no row norms recorded for {type(base).__name__}; DoRA cannot be served on it"
+            )
         full = base.sora_row_sq_norms
         if parallel_kind(layer) == "row":
             full = sum_over_ranks(full)
@@ -107,7 +109,9 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ once per adapter: factors at load
 
 
-def slot_weights(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> dict:
+def slot_weights(
+    adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]
+) -> dict:
     """vLLM `LoRAModel.loras` for `adapter`: per adapted layer, its per-slice factors for this rank.
 
     `paths` maps vLLM module names to the file's module paths. Plugin layers get a `SlotFactors`
@@ -120,7 +124,10 @@ def slot_weights(adapter: AdapterFile, paths: dict[str, str], modules: dict, pac
             continue
         slice_names = [paths.get(n) for n in slice_paths(module_name, packed_modules_mapping)]
         if any(name in adapter.tensors for name in slice_names):
-            factors = [slice_factors(layer, i, adapter, name) if name in adapter.tensors else None for i, name in enumerate(slice_names)]
+            factors = [
+                slice_factors(layer, i, adapter, name) if name in adapter.tensors else None
+                for i, name in enumerate(slice_names)
+            ]
             loras[module_name] = _layer_weights(module_name, layer, factors)
     return loras
 
@@ -132,7 +139,9 @@ def _layer_weights(module_name: str, layer, factors: list[ServingFactors | None]
     rank = max(f.lora_A.shape[0] for f in factors if f is not None)
     lora_b = [None if f is None else f.lora_B for f in factors]
     if is_plugin_layer(layer):
-        return PackedLoRALayerWeights(module_name, rank, [rank] * len(factors), SlotFactors(factors), lora_b, scaling=[1] * len(factors))
+        return PackedLoRALayerWeights(
+            module_name, rank, [rank] * len(factors), SlotFactors(factors), lora_b, scaling=[1] * len(factors)
+        )
     lora_a = _plain_lora(module_name, factors)
     if len(factors) == 1:  # vLLM's single-slice layers take tensors, packed ones lists
         return LoRALayerWeights(module_name, rank, rank, lora_a[0], lora_b[0], scaling=1)
@@ -143,7 +152,9 @@ def _plain_lora(module_name: str, factors: list[ServingFactors | None]) -> list:
     """A's per slice for a layer that is not ours (vLLM kept its own class): plain LoRA only."""
     for f in factors:
         if f is not None and (f.scale is not None or f.bias_shift is not None or f.rot_U is not None):
-            raise ValueError(f"sora-serve cannot serve this adapter on '{module_name}': vLLM wraps it with its own LoRA class, which takes plain LoRA only")
+            raise ValueError(
+                f"sora-serve cannot serve this adapter on '{module_name}': vLLM wraps it with its own LoRA class, which takes plain LoRA only"
+            )
     return [None if f is None else f.lora_A for f in factors]
 
 
@@ -155,7 +166,9 @@ def slice_factors(layer, i: int, adapter: AdapterFile, path: str) -> ServingFact
     if isinstance(module, DoRA):
         factors = dora_factors(layer, i, module)
     else:  # LoRA, Pre-Diag and SORA factors do not depend on W0 or b
-        factors = shard_factors(layer, i, module.serving_factors(torch.empty(module.out_features, module.in_features, device="meta"), None))
+        factors = shard_factors(
+            layer, i, module.serving_factors(torch.empty(module.out_features, module.in_features, device="meta"), None)
+        )
     dtype = layer.lora_a_stacked[i].dtype
     return ServingFactors(**{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(factors).items()})
 
@@ -176,7 +189,11 @@ def _check_ranks(layer, adapter: AdapterFile, path: str, tensors: dict[str, torc
         ranks["2*r_p"] = 2 * tensors["sora_C"].shape[1]  # the rotation's rank: U = [C D]
     for name, rank in ranks.items():
         if rank > max_rank:
-            raise AdapterError(f"{name} = {rank} exceeds the engine's max_lora_rank {max_rank} (module {path})", file=adapter.directory, field=name)
+            raise AdapterError(
+                f"{name} = {rank} exceeds the engine's max_lora_rank {max_rank} (module {path})",
+                file=adapter.directory,
+                field=name,
+            )
 
 
 def dora_factors(layer, i: int, module: DoRA) -> ServingFactors:
@@ -190,7 +207,9 @@ def dora_factors(layer, i: int, module: DoRA) -> ServingFactors:
     bias = layer.base_layer.bias  # column-parallel: this rank's rows; otherwise whole
     bias = None if bias is None or (kind == "row" and layer.tp_rank != 0) else bias.detach()[lo:hi]
     a = module.lora_A.detach().double()
-    factors = module.serving_factors_from_projections(row_sq_norms(layer)[lo:hi], weight_times(layer, a)[lo:hi], bias, rows)
+    factors = module.serving_factors_from_projections(
+        row_sq_norms(layer)[lo:hi], weight_times(layer, a)[lo:hi], bias, rows
+    )
     if kind == "row":
         factors.lora_A = _shard_input(layer, factors.lora_A, i)
     return factors
@@ -232,13 +251,17 @@ def shard_factors(layer, i: int, f: ServingFactors) -> ServingFactors:
         return ServingFactors(_shard_input(layer, f.lora_A, i), f.lora_B, f.scale, shift, f.rot_U, f.rot_V)
     rows = lambda t: None if t is None else _shard_rows(layer, i, t)  # noqa: E731
     vector_rows = lambda t: None if t is None else rows(t[:, None])[:, 0]  # noqa: E731
-    return ServingFactors(f.lora_A, rows(f.lora_B), vector_rows(f.scale), vector_rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V))
+    return ServingFactors(
+        f.lora_A, rows(f.lora_B), vector_rows(f.scale), vector_rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V)
+    )
 
 
 # ------------------------------------------------------------------ servability, checked at load
 
 
-def check_servable(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+def check_servable(
+    adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]
+) -> None:
     """Every adapted module must be a linear LoRA layer of this vLLM model; DoRA needs its plain
     (unquantized) weight, and a scale needs the bias inside the layer's output.
 
@@ -257,6 +280,10 @@ def check_servable(adapter: AdapterFile, paths: dict[str, str], modules: dict, p
             raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: '{layer_name}' is {kind}")
         base = layer.base_layer
         if adapter.method == "dora" and not isinstance(base.quant_method, UnquantizedLinearMethod):
-            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA needs its plain weight")
+            raise ValueError(
+                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA needs its plain weight"
+            )
         if adapter.method != "lora" and base.bias is not None and base.skip_bias_add:
-            raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)")
+            raise ValueError(
+                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)"
+            )

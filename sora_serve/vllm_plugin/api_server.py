@@ -21,15 +21,17 @@ from .loading import ERROR_MARK
 
 def as_client_error(response):
     """A 500 from a load that our validator refused, as a 400 naming what is wrong."""
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.entrypoints.serve import create_error_response
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if not isinstance(response, ErrorResponse) or response.error.code != HTTPStatus.INTERNAL_SERVER_ERROR:
         return response
     message = response.error.message
     if ERROR_MARK not in message:
         return response
-    return create_error_response(message=message[message.index(ERROR_MARK) :], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+    return create_error_response(
+        message=message[message.index(ERROR_MARK) :], err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
+    )
 
 
 def patch_api_server() -> None:

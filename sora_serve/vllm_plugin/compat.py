@@ -43,8 +43,13 @@ class Symbol:
 
 
 LAYER_PARENTS = (
-    "ColumnParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA", "MergedColumnParallelLinearVariableSliceWithLoRA",
-    "QKVParallelLinearWithLoRA", "MergedQKVParallelLinearWithLoRA", "RowParallelLinearWithLoRA", "ReplicatedLinearWithLoRA",
+    "ColumnParallelLinearWithLoRA",
+    "MergedColumnParallelLinearWithLoRA",
+    "MergedColumnParallelLinearVariableSliceWithLoRA",
+    "QKVParallelLinearWithLoRA",
+    "MergedQKVParallelLinearWithLoRA",
+    "RowParallelLinearWithLoRA",
+    "ReplicatedLinearWithLoRA",
 )
 LAYER_METHODS = {
     "create_lora_weights": ("self", "max_loras", "lora_config", "model_config"),
@@ -57,76 +62,294 @@ PUNICA = "vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase"
 
 SYMBOLS: tuple[Symbol, ...] = (
     # layers.py: plugin-owned layer classes
-    Symbol("vllm.lora.utils:_all_lora_classes", "replaced", "vLLM's layer table: each plugin class is inserted before the class it extends"),
-    Symbol("vllm.lora.utils:from_layer", "called", "vLLM wraps layers with the first class of the table whose can_replace_layer accepts them",
-           ("layer", "max_loras", "lora_config", "packed_modules_list"), mentions=("_all_lora_classes", "can_replace_layer", "create_lora_weights")),
-    *(Symbol(f"vllm.lora.layers:{parent}", "subclassed", "a plugin layer class extends it") for parent in LAYER_PARENTS),
-    *(Symbol(f"vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA.{name}", "overridden", "the plugin layers' slot buffers and op", params)
-      for name, params in LAYER_METHODS.items() if name != "can_replace_layer"),
-    Symbol("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA._get_quant_method", "called", "the base layer's GEMM (the op's base output; DoRA's W0 Aᵀ)", ("self",)),
-    Symbol("vllm.lora.layers.column_parallel_linear:ColumnParallelLinearWithLoRA.can_replace_layer", "overridden",
-           "plugin classes accept exactly the layers their parent accepts", LAYER_METHODS["can_replace_layer"]),
-    Symbol("vllm.lora.layers.column_parallel_linear:ColumnParallelLinearWithLoRA.slice_lora_b", "called", "tensor-parallel shard of the factors' output rows", ("self", "lora_b")),
-    Symbol("vllm.lora.layers.row_parallel_linear:RowParallelLinearWithLoRA.slice_lora_a", "called", "tensor-parallel shard of A's input columns", ("self", "lora_a")),
+    Symbol(
+        "vllm.lora.utils:_all_lora_classes",
+        "replaced",
+        "vLLM's layer table: each plugin class is inserted before the class it extends",
+    ),
+    Symbol(
+        "vllm.lora.utils:from_layer",
+        "called",
+        "vLLM wraps layers with the first class of the table whose can_replace_layer accepts them",
+        ("layer", "max_loras", "lora_config", "packed_modules_list"),
+        mentions=("_all_lora_classes", "can_replace_layer", "create_lora_weights"),
+    ),
+    *(
+        Symbol(f"vllm.lora.layers:{parent}", "subclassed", "a plugin layer class extends it")
+        for parent in LAYER_PARENTS
+    ),
+    *(
+        Symbol(
+            f"vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA.{name}",
+            "overridden",
+            "the plugin layers' slot buffers and op",
+            params,
+        )
+        for name, params in LAYER_METHODS.items()
+        if name != "can_replace_layer"
+    ),
+    Symbol(
+        "vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA._get_quant_method",
+        "called",
+        "the base layer's GEMM (the op's base output; DoRA's W0 Aᵀ)",
+        ("self",),
+    ),
+    Symbol(
+        "vllm.lora.layers.column_parallel_linear:ColumnParallelLinearWithLoRA.can_replace_layer",
+        "overridden",
+        "plugin classes accept exactly the layers their parent accepts",
+        LAYER_METHODS["can_replace_layer"],
+    ),
+    Symbol(
+        "vllm.lora.layers.column_parallel_linear:ColumnParallelLinearWithLoRA.slice_lora_b",
+        "called",
+        "tensor-parallel shard of the factors' output rows",
+        ("self", "lora_b"),
+    ),
+    Symbol(
+        "vllm.lora.layers.row_parallel_linear:RowParallelLinearWithLoRA.slice_lora_a",
+        "called",
+        "tensor-parallel shard of A's input columns",
+        ("self", "lora_a"),
+    ),
     # backends/: the punica wrapper API
-    Symbol(f"{PUNICA}.add_lora_linear", "called", "punica backend: the input LoRA", ("self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices")),
-    Symbol(f"{PUNICA}.add_shrink", "called", "punica backend: the rotation's z U", ("self", "y", "x", "lora_a_stacked", "scale")),
-    Symbol(f"{PUNICA}.add_expand", "called", "punica backend: the rotation's (z U) Vᵀ", ("self", "y", "x", "lora_b_stacked", "output_slices", "offset_start", "add_inputs")),
-    Symbol(f"{PUNICA}.token_lora_indices", "called", "each token's slot (-1: none); grouped backend's plan, punica backend's gathers"),
-    Symbol("vllm.distributed:tensor_model_parallel_all_reduce", "called", "column-parallel rotation: (z U) summed over ranks", ("input_",)),
-    Symbol("vllm.distributed:tensor_model_parallel_all_gather", "called", "row-parallel DoRA: float64 sums of ||W0||² and W0 Aᵀ", ("input_", "dim")),
+    Symbol(
+        f"{PUNICA}.add_lora_linear",
+        "called",
+        "punica backend: the input LoRA",
+        ("self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices"),
+    ),
+    Symbol(
+        f"{PUNICA}.add_shrink",
+        "called",
+        "punica backend: the rotation's z U",
+        ("self", "y", "x", "lora_a_stacked", "scale"),
+    ),
+    Symbol(
+        f"{PUNICA}.add_expand",
+        "called",
+        "punica backend: the rotation's (z U) Vᵀ",
+        ("self", "y", "x", "lora_b_stacked", "output_slices", "offset_start", "add_inputs"),
+    ),
+    Symbol(
+        f"{PUNICA}.token_lora_indices",
+        "called",
+        "each token's slot (-1: none); grouped backend's plan, punica backend's gathers",
+    ),
+    Symbol(
+        "vllm.distributed:tensor_model_parallel_all_reduce",
+        "called",
+        "column-parallel rotation: (z U) summed over ranks",
+        ("input_",),
+    ),
+    Symbol(
+        "vllm.distributed:tensor_model_parallel_all_gather",
+        "called",
+        "row-parallel DoRA: float64 sums of ||W0||² and W0 Aᵀ",
+        ("input_", "dim"),
+    ),
     # cpu_ops.py
-    *(Symbol(f"vllm.lora.ops.torch_ops.lora_ops:{op}", "replaced", "vLLM CPU's torch op wraps slot -1 to the last slot (base requests got an adapter)", params)
-      for op, params in (
-          ("bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling")),
-          ("bgmv_expand", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "add_inputs")),
-          ("bgmv_expand_slice", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "slice_offset", "slice_size", "add_inputs")),
-      )),
-    Symbol("vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU", "replaced", "its module binds the same three ops by name (replaced there too)", mentions=("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")),
+    *(
+        Symbol(
+            f"vllm.lora.ops.torch_ops.lora_ops:{op}",
+            "replaced",
+            "vLLM CPU's torch op wraps slot -1 to the last slot (base requests got an adapter)",
+            params,
+        )
+        for op, params in (
+            ("bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling")),
+            ("bgmv_expand", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "add_inputs")),
+            (
+                "bgmv_expand_slice",
+                (
+                    "inputs",
+                    "lora_b_weights",
+                    "output_tensor",
+                    "lora_indices_tensor",
+                    "slice_offset",
+                    "slice_size",
+                    "add_inputs",
+                ),
+            ),
+        )
+    ),
+    Symbol(
+        "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU",
+        "replaced",
+        "its module binds the same three ops by name (replaced there too)",
+        mentions=("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"),
+    ),
     # loading.py: one validator, one read
-    Symbol("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager", "subclassed", "the worker's loader: adapters from our registry into vLLM's LoRAModel"),
-    Symbol("vllm.lora.worker_manager:WorkerLoRAManager._load_adapter", "overridden", "loads every kind from our parsed files (vLLM's loader never re-reads them)", ("self", "lora_request")),
-    Symbol("vllm.lora.worker_manager:WorkerLoRAManager.set_active_adapters", "overridden", "marks a new step for the grouped backend's plan", ("self", "requests", "mapping")),
-    Symbol("vllm.lora.worker_manager:WorkerLoRAManager.create_lora_manager", "overridden", "refuses fully_sharded_loras, which our layers do not cover; records the model dir for the fingerprint check", ("self", "model", "vllm_config")),
-    Symbol("vllm.v1.worker.lora_model_runner_mixin:LRUCacheWorkerLoRAManager", "replaced", "the model runner builds its worker LoRA manager from this module-level name"),
-    Symbol("vllm.lora.lora_model:LoRAModel.__init__", "called", "the adapter's CPU cache entry, built from our factors", ("self", "lora_model_id", "rank", "loras")),
-    Symbol("vllm.lora.lora_weights:PackedLoRALayerWeights.__init__", "called", "one layer's factors in vLLM's cache", ("self", "module_name", "rank", "lora_alphas", "lora_a", "lora_b", "scaling")),
-    Symbol("vllm.lora.lora_weights:LoRALayerWeights.__init__", "called", "plain LoRA on a layer vLLM kept its own class for", ("self", "module_name", "rank", "lora_alpha", "lora_a", "lora_b", "scaling")),
-    Symbol("vllm.lora.utils:parse_fine_tuned_lora_name", "called", "vLLM's module name of a file's tensor (weights mapper included)", ("name", "weights_mapper")),
+    Symbol(
+        "vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",
+        "subclassed",
+        "the worker's loader: adapters from our registry into vLLM's LoRAModel",
+    ),
+    Symbol(
+        "vllm.lora.worker_manager:WorkerLoRAManager._load_adapter",
+        "overridden",
+        "loads every kind from our parsed files (vLLM's loader never re-reads them)",
+        ("self", "lora_request"),
+    ),
+    Symbol(
+        "vllm.lora.worker_manager:WorkerLoRAManager.set_active_adapters",
+        "overridden",
+        "marks a new step for the grouped backend's plan",
+        ("self", "requests", "mapping"),
+    ),
+    Symbol(
+        "vllm.lora.worker_manager:WorkerLoRAManager.create_lora_manager",
+        "overridden",
+        "refuses fully_sharded_loras, which our layers do not cover; records the model dir for the fingerprint check",
+        ("self", "model", "vllm_config"),
+    ),
+    Symbol(
+        "vllm.v1.worker.lora_model_runner_mixin:LRUCacheWorkerLoRAManager",
+        "replaced",
+        "the model runner builds its worker LoRA manager from this module-level name",
+    ),
+    Symbol(
+        "vllm.lora.lora_model:LoRAModel.__init__",
+        "called",
+        "the adapter's CPU cache entry, built from our factors",
+        ("self", "lora_model_id", "rank", "loras"),
+    ),
+    Symbol(
+        "vllm.lora.lora_weights:PackedLoRALayerWeights.__init__",
+        "called",
+        "one layer's factors in vLLM's cache",
+        ("self", "module_name", "rank", "lora_alphas", "lora_a", "lora_b", "scaling"),
+    ),
+    Symbol(
+        "vllm.lora.lora_weights:LoRALayerWeights.__init__",
+        "called",
+        "plain LoRA on a layer vLLM kept its own class for",
+        ("self", "module_name", "rank", "lora_alpha", "lora_a", "lora_b", "scaling"),
+    ),
+    Symbol(
+        "vllm.lora.utils:parse_fine_tuned_lora_name",
+        "called",
+        "vLLM's module name of a file's tensor (weights mapper included)",
+        ("name", "weights_mapper"),
+    ),
     Symbol("vllm.lora.utils:get_adapter_absolute_path", "called", "the adapter dir vLLM would read", ("lora_path",)),
     Symbol("vllm.exceptions:LoRAAdapterNotFoundError", "called", "a missing dir stays vLLM's 404"),
-    Symbol("vllm.lora.model_manager:LoRAModelManager", "called", "read: modules, packed_modules_mapping, supported_lora_modules, lora_index_to_id",
-           mentions=("packed_modules_mapping", "supported_lora_modules", "lora_index_to_id", "set_lora", "reset_lora")),
-    Symbol("vllm.v1.engine.input_processor:InputProcessor._validate_lora", "wrapped", "front end: a bad adapter is refused before admission (HTTP 400)", ("self", "lora_request")),
-    Symbol("vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading", "wrapped",
-           "DoRA: ||W0||² per row recorded before vLLM CPU repacks the weight and drops it", ("self", "layer")),
+    Symbol(
+        "vllm.lora.model_manager:LoRAModelManager",
+        "called",
+        "read: modules, packed_modules_mapping, supported_lora_modules, lora_index_to_id",
+        mentions=("packed_modules_mapping", "supported_lora_modules", "lora_index_to_id", "set_lora", "reset_lora"),
+    ),
+    Symbol(
+        "vllm.v1.engine.input_processor:InputProcessor._validate_lora",
+        "wrapped",
+        "front end: a bad adapter is refused before admission (HTTP 400)",
+        ("self", "lora_request"),
+    ),
+    Symbol(
+        "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",
+        "wrapped",
+        "DoRA: ||W0||² per row recorded before vLLM CPU repacks the weight and drops it",
+        ("self", "layer"),
+    ),
     # isolation.py
-    Symbol("vllm.v1.worker.gpu_worker:Worker.sample_tokens", "wrapped", "reads the step's non-finite flags once, where vLLM has synchronized", ("self", "grammar_output")),
-    Symbol("vllm.v1.worker.gpu_worker:Worker.execute_model", "wrapped", "same, for steps whose output it returns", ("self", "scheduler_output")),
-    Symbol("vllm.v1.outputs:ModelRunnerOutput", "called", "num_nans_in_logits carries failed requests to the scheduler", mentions=("num_nans_in_logits",)),
+    Symbol(
+        "vllm.v1.worker.gpu_worker:Worker.sample_tokens",
+        "wrapped",
+        "reads the step's non-finite flags once, where vLLM has synchronized",
+        ("self", "grammar_output"),
+    ),
+    Symbol(
+        "vllm.v1.worker.gpu_worker:Worker.execute_model",
+        "wrapped",
+        "same, for steps whose output it returns",
+        ("self", "scheduler_output"),
+    ),
+    Symbol(
+        "vllm.v1.outputs:ModelRunnerOutput",
+        "called",
+        "num_nans_in_logits carries failed requests to the scheduler",
+        mentions=("num_nans_in_logits",),
+    ),
     Symbol("vllm.v1.outputs:ModelRunnerOutput.req_ids", "called", "the step's requests, to mark a failed adapter's"),
-    Symbol("vllm.v1.worker.gpu_input_batch:InputBatch", "called", "request -> adapter id (vLLM <= 0.33's runner)", mentions=("req_ids", "request_lora_mapping"),
-           alternatives=("vllm.v1.worker.gpu.lora_utils:LoraState",)),
-    Symbol("vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "wrapped", "finishes a failed adapter's requests with FINISHED_ERROR",
-           ("self", "scheduler_output", "model_runner_output"), mentions=("encoder_cache_mismatch_reqs",)),
+    Symbol(
+        "vllm.v1.worker.gpu_input_batch:InputBatch",
+        "called",
+        "request -> adapter id (vLLM <= 0.33's runner)",
+        mentions=("req_ids", "request_lora_mapping"),
+        alternatives=("vllm.v1.worker.gpu.lora_utils:LoraState",),
+    ),
+    Symbol(
+        "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+        "wrapped",
+        "finishes a failed adapter's requests with FINISHED_ERROR",
+        ("self", "scheduler_output", "model_runner_output"),
+        mentions=("encoder_cache_mismatch_reqs",),
+    ),
     # versions.py
-    Symbol("vllm.lora.request:LoRARequest", "replaced", "__eq__/__hash__ by (name, id): two live versions of one name keep their own slots",
-           mentions=("lora_name", "lora_int_id")),
-    Symbol("vllm.v1.core.kv_cache_utils:_gen_lora_extra_hash_keys", "replaced", "the prefix-cache key includes the adapter's id", ("request",)),
+    Symbol(
+        "vllm.lora.request:LoRARequest",
+        "replaced",
+        "__eq__/__hash__ by (name, id): two live versions of one name keep their own slots",
+        mentions=("lora_name", "lora_int_id"),
+    ),
+    Symbol(
+        "vllm.v1.core.kv_cache_utils:_gen_lora_extra_hash_keys",
+        "replaced",
+        "the prefix-cache key includes the adapter's id",
+        ("request",),
+    ),
     # api_server.py, resolver.py
-    Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.load_lora_adapter", "wrapped", "a refused load is HTTP 400 naming file and field", ("self", "request", "base_model_name")),
-    Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.unload_lora_adapter", "wrapped", "unload also frees the engine's copy", ("self", "request")),
-    Symbol("vllm.entrypoints.openai.models.serving:OpenAIServingModels.resolve_lora", "replaced", "the engine's refusal reaches the client (stock: a bare 'could not be loaded')", ("self", "lora_name")),
-    Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_supported_head_sizes", "called",
-           "serve: a head size vLLM CPU cannot run is refused before the engine starts", ("cls",)),
+    Symbol(
+        "vllm.entrypoints.openai.models.serving:OpenAIServingModels.load_lora_adapter",
+        "wrapped",
+        "a refused load is HTTP 400 naming file and field",
+        ("self", "request", "base_model_name"),
+    ),
+    Symbol(
+        "vllm.entrypoints.openai.models.serving:OpenAIServingModels.unload_lora_adapter",
+        "wrapped",
+        "unload also frees the engine's copy",
+        ("self", "request"),
+    ),
+    Symbol(
+        "vllm.entrypoints.openai.models.serving:OpenAIServingModels.resolve_lora",
+        "replaced",
+        "the engine's refusal reaches the client (stock: a bare 'could not be loaded')",
+        ("self", "lora_name"),
+    ),
+    Symbol(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend.get_supported_head_sizes",
+        "called",
+        "serve: a head size vLLM CPU cannot run is refused before the engine starts",
+        ("cls",),
+    ),
     Symbol("vllm.lora.resolver:LoRAResolverRegistry", "called", "the adapter store is a registered resolver"),
     # launch.py: `sora-serve serve`'s server process
-    Symbol("vllm.entrypoints.launchers.api_server.entry:main", "called", "vLLM's OpenAI server, run by `sora-serve serve`", ()),
-    Symbol("vllm.entrypoints.launchers.launcher:terminate_if_errored", "wrapped", "remembers that the engine died: the server then exits non-zero",
-           ("server", "engine")),
-    Symbol("vllm.entrypoints.serve.exception_handling.handlers.vllm_error:terminate_if_errored", "replaced",
-           "the engine-error handler binds terminate_if_errored by name (rebound there too)", ("server", "engine")),
-    Symbol("vllm.lora.resolver:LoRAResolver.resolve_lora", "overridden", "the adapter store", ("self", "base_model_name", "lora_name")),
+    Symbol(
+        "vllm.entrypoints.launchers.api_server.entry:main",
+        "called",
+        "vLLM's OpenAI server, run by `sora-serve serve`",
+        (),
+    ),
+    Symbol(
+        "vllm.entrypoints.launchers.launcher:terminate_if_errored",
+        "wrapped",
+        "remembers that the engine died: the server then exits non-zero",
+        ("server", "engine"),
+    ),
+    Symbol(
+        "vllm.entrypoints.serve.exception_handling.handlers.vllm_error:terminate_if_errored",
+        "replaced",
+        "the engine-error handler binds terminate_if_errored by name (rebound there too)",
+        ("server", "engine"),
+    ),
+    Symbol(
+        "vllm.lora.resolver:LoRAResolver.resolve_lora",
+        "overridden",
+        "the adapter store",
+        ("self", "base_model_name", "lora_name"),
+    ),
 )
 
 
@@ -150,7 +373,9 @@ def problems(symbol: Symbol, found: Found | None) -> list[str]:
         names = tuple(name for name, _ in found.params)
         extra_required = [name for name, has_default in found.params[len(symbol.params) :] if not has_default]
         if names[: len(symbol.params)] != symbol.params or extra_required:
-            issues.append(f"{symbol.target}: parameters changed from ({', '.join(symbol.params)}) to ({', '.join(names)})")
+            issues.append(
+                f"{symbol.target}: parameters changed from ({', '.join(symbol.params)}) to ({', '.join(names)})"
+            )
     return issues
 
 
@@ -222,7 +447,9 @@ class SourceTree:
                 return self._member(source, node, rest, dotted, depth)
         for node in tree.body:  # `from .x import *`
             if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
-                found = self.find(_absolute(dotted, node, parsed_is_package=self._is_package(dotted)), qualname, depth + 1)
+                found = self.find(
+                    _absolute(dotted, node, parsed_is_package=self._is_package(dotted)), qualname, depth + 1
+                )
                 if found is not None:
                     return found
         return None

@@ -21,7 +21,9 @@ def _selected_weights(weights: torch.Tensor, indices: torch.Tensor, dtype: torch
     return weights[indices.clamp(min=0)].to(dtype)
 
 
-def masked_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def masked_matmul(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """out[t] = weights[indices[t]] @ inputs[t], rows with index -1 zero; graph-safe."""
     out = torch.einsum("bi, boi -> bo", inputs.to(dtype), _selected_weights(weights, indices, dtype))
     return out * (indices >= 0).to(dtype)[:, None]
@@ -54,7 +56,15 @@ def ops_with(matmul):
         else:
             output_tensor[:, :columns] = out[:rows, :columns]
 
-    def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs: bool = True) -> None:
+    def bgmv_expand_slice(
+        inputs,
+        lora_b_weights,
+        output_tensor,
+        lora_indices_tensor,
+        slice_offset: int,
+        slice_size: int,
+        add_inputs: bool = True,
+    ) -> None:
         out = matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
         if add_inputs:
             output_tensor[:, slice_offset : slice_offset + slice_size] += out

@@ -12,7 +12,9 @@ def cpu_binding(tensor_parallel_size: int) -> str:
     cpus = sorted(os.sched_getaffinity(0))
     per_rank = len(cpus) // tensor_parallel_size
     if per_rank == 0:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs at least that many CPUs; {len(cpus)} available")
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} needs at least that many CPUs; {len(cpus)} available"
+        )
     return "|".join(",".join(map(str, cpus[i * per_rank : (i + 1) * per_rank])) for i in range(tensor_parallel_size))
 
 
@@ -24,7 +26,11 @@ def make_llm(model_dir: str | Path, *, max_loras: int = 4, max_lora_rank: int = 
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
     from vllm import LLM
 
-    lora = dict(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max(8, 2 * max_loras)) if enable_lora else {}
+    lora = (
+        dict(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max(8, 2 * max_loras))
+        if enable_lora
+        else {}
+    )
     settings = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=32, seed=0, **lora)
     settings.update(kwargs)
     return LLM(model=str(model_dir), **settings)

@@ -123,7 +123,11 @@ def patch_scheduler() -> None:
             del nans[req_id]  # not a NaN count: keep vLLM's statistics clean
             request = self.requests.get(req_id)
             name = request.lora_request.lora_name if request is not None and request.lora_request else "?"
-            logger.error("sora-serve: adapter '%s' produced non-finite activations; request %s failed, other requests unaffected", name, req_id)
+            logger.error(
+                "sora-serve: adapter '%s' produced non-finite activations; request %s failed, other requests unaffected",
+                name,
+                req_id,
+            )
         # vLLM's own path for requests that fail inside a step: finished with FINISHED_ERROR by this update.
         self.encoder_cache_mismatch_reqs.update(failed)
         return stock(self, scheduler_output, model_runner_output)

@@ -47,8 +47,11 @@ def main() -> None:
 
     serve()  # parses sys.argv as vLLM's own server does
     if _engine_died:
-        print("sora-serve serve: vLLM's engine core died (see the log above); exiting with status "
-              f"{ENGINE_DIED_EXIT} so that a supervisor restarts the server", file=sys.stderr)
+        print(
+            "sora-serve serve: vLLM's engine core died (see the log above); exiting with status "
+            f"{ENGINE_DIED_EXIT} so that a supervisor restarts the server",
+            file=sys.stderr,
+        )
         sys.exit(ENGINE_DIED_EXIT)
 
 

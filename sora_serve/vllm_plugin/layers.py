@@ -136,7 +136,11 @@ def parallel_kind(layer) -> str:
 
 
 def _plugin_class(parent: type) -> type:
-    return type(f"Sora{parent.__name__}", (SoraLinearMixin, parent), {"__module__": __name__, "__doc__": f"{parent.__name__} serving every adapter kind (see module docstring)."})
+    return type(
+        f"Sora{parent.__name__}",
+        (SoraLinearMixin, parent),
+        {"__module__": __name__, "__doc__": f"{parent.__name__} serving every adapter kind (see module docstring)."},
+    )
 
 
 def linear_parents() -> tuple[type, ...]:

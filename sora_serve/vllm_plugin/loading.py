@@ -66,7 +66,11 @@ def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
     head = checkpoint.meta_model.get_output_embeddings()
     head_path = next((name for name, module in checkpoint.meta_model.named_modules() if module is head), None)
     if head_path in adapter.tensors:  # refused in the worker too; here it never reaches the engine
-        raise AdapterError(f"module '{head_path}': vLLM does not apply LoRA to the output head", file=adapter.weights_file, field=f"{PEFT_PREFIX}{head_path}")
+        raise AdapterError(
+            f"module '{head_path}': vLLM does not apply LoRA to the output head",
+            file=adapter.weights_file,
+            field=f"{PEFT_PREFIX}{head_path}",
+        )
 
 
 def local_model_dir(model: str | None) -> str | None:
@@ -186,11 +190,14 @@ def check_targets(adapter: AdapterFile, expected_lora_modules: set[str]) -> None
         if path.rsplit(".", 1)[-1] not in expected_lora_modules:
             raise AdapterError(
                 f"module '{path}': vLLM cannot adapt it in this model (adaptable: {', '.join(sorted(expected_lora_modules))})",
-                file=adapter.weights_file, field=f"{PEFT_PREFIX}{path}",
+                file=adapter.weights_file,
+                field=f"{PEFT_PREFIX}{path}",
             )
 
 
-def check_base_layers(adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]) -> None:
+def check_base_layers(
+    adapter: AdapterFile, paths: dict[str, str], modules: dict, packed_modules_mapping: dict[str, list[str]]
+) -> None:
     """`check_against_base` with this engine's layers: whole (unsharded) shapes, bias, ||W0||_F."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
@@ -204,8 +211,12 @@ def check_base_layers(adapter: AdapterFile, paths: dict[str, str], modules: dict
         sizes = list(getattr(base, "output_sizes", None) or [base.output_size])
         for i, name in enumerate(slice_paths(module_name, packed_modules_mapping)):
             if name in paths:
-                out_features = sizes[i] if len(sizes) == len(layer.output_slices) else layer.output_slices[i] * layer.tp_size
-                layers[paths[name]] = BaseLayer(out_features, base.input_size, base.bias is not None, _weight_norm(layer, i))
+                out_features = (
+                    sizes[i] if len(sizes) == len(layer.output_slices) else layer.output_slices[i] * layer.tp_size
+                )
+                layers[paths[name]] = BaseLayer(
+                    out_features, base.input_size, base.bias is not None, _weight_norm(layer, i)
+                )
     check_against_base(adapter, layers)
 
 

@@ -77,7 +77,9 @@ class AdapterStoreResolver(LoRAResolver):
         directory = self.store / lora_name
         # Confined before anything is read: an entry linking out of the store (or of the roots
         # `serve` allows) is refused (403) whether or not its target exists.
-        access.check_load_dir(directory, f"adapter {lora_name!r} (in the store)", access.allowed_roots() or [self.store])
+        access.check_load_dir(
+            directory, f"adapter {lora_name!r} (in the store)", access.allowed_roots() or [self.store]
+        )
         return directory if (directory / CONFIG_FILE).is_file() else None
 
     def validate(self, lora_name: str, directory: Path) -> None:
@@ -91,7 +93,9 @@ class AdapterStoreResolver(LoRAResolver):
             message = str(exc)
         else:
             return
-        raise VLLMValidationError(f"adapter {lora_name!r} refused: {store_relative(message, self.store)}", parameter="model")
+        raise VLLMValidationError(
+            f"adapter {lora_name!r} refused: {store_relative(message, self.store)}", parameter="model"
+        )
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         directory = self.locate(lora_name)
@@ -145,14 +149,18 @@ async def resolve_or_error(self, lora_name: str):
             except EngineDeadError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any loader failure is this adapter's; try the next resolver
-                logger.warning("adapter %r resolved by %s was refused by the engine: %s", lora_name, type(resolver).__name__, exc)
+                logger.warning(
+                    "adapter %r resolved by %s was refused by the engine: %s", lora_name, type(resolver).__name__, exc
+                )
                 refusal = refusal or engine_refusal_response(lora_name, exc, resolver)
                 continue
             self.lora_requests[lora_name] = lora_request
             logger.info("resolved and loaded adapter %r from %s", lora_name, lora_request.lora_path)
             return lora_request
         return refusal or create_error_response(
-            message=f"LoRA adapter {lora_name} does not exist", err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND
+            message=f"LoRA adapter {lora_name} does not exist",
+            err_type="NotFoundError",
+            status_code=HTTPStatus.NOT_FOUND,
         )
 
 
@@ -169,6 +177,9 @@ def register_resolver() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
     if not envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
-        logger.warning("%s is set but VLLM_ALLOW_RUNTIME_LORA_UPDATING is not: vLLM never consults resolvers, the store is unused", ADAPTER_DIR_ENV)
+        logger.warning(
+            "%s is set but VLLM_ALLOW_RUNTIME_LORA_UPDATING is not: vLLM never consults resolvers, the store is unused",
+            ADAPTER_DIR_ENV,
+        )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, AdapterStoreResolver(store))
     OpenAIServingModels.resolve_lora = resolve_or_error

@@ -47,17 +47,41 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base (or folded) Hugging Face checkpoint directory")
-    parser.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=DIR", help="adapter to serve (repeatable)")
-    parser.add_argument("--adapter-dir", metavar="DIR", help="serve any adapter found in DIR/<name> when a request names it (loaded on first use)")
-    parser.add_argument("--allow-load-from", action="append", default=[], metavar="DIR",
-                        help="also allow runtime loads (/v1/load_lora_adapter) of adapters under DIR (repeatable); "
-                        "by default only --adapter-dir and the --adapter directories")
-    parser.add_argument("--no-runtime-loads", action="store_true",
-                        help="serve only the --adapter entries: no /v1/load_lora_adapter or unload endpoint (404)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        type=parse_adapter,
+        default=[],
+        metavar="NAME=DIR",
+        help="adapter to serve (repeatable)",
+    )
+    parser.add_argument(
+        "--adapter-dir",
+        metavar="DIR",
+        help="serve any adapter found in DIR/<name> when a request names it (loaded on first use)",
+    )
+    parser.add_argument(
+        "--allow-load-from",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also allow runtime loads (/v1/load_lora_adapter) of adapters under DIR (repeatable); "
+        "by default only --adapter-dir and the --adapter directories",
+    )
+    parser.add_argument(
+        "--no-runtime-loads",
+        action="store_true",
+        help="serve only the --adapter entries: no /v1/load_lora_adapter or unload endpoint (404)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loras", type=int, default=4, help="adapters resident per batch (slots)")
-    parser.add_argument("--max-cpu-loras", type=int, metavar="N", help="adapters cached in CPU memory (default: max(8, 2 x --max-loras))")
+    parser.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        metavar="N",
+        help="adapters cached in CPU memory (default: max(8, 2 x --max-loras))",
+    )
     parser.add_argument("--max-lora-rank", type=int, default=16, choices=[1, 8, 16, 32, 64, 128, 256, 320, 512])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, help="default: the model's own limit")
@@ -71,9 +95,24 @@ def max_cpu_loras(args: argparse.Namespace) -> int:
 
 def server_command(args: argparse.Namespace) -> list[str]:
     command = [
-        sys.executable, "-m", "sora_serve.vllm_plugin.launch", "--model", str(args.model),
-        "--host", args.host, "--port", str(args.port), "--dtype", args.dtype, "--enable-lora", "--max-loras", str(args.max_loras),
-        "--max-lora-rank", str(args.max_lora_rank), "--max-cpu-loras", str(max_cpu_loras(args)),
+        sys.executable,
+        "-m",
+        "sora_serve.vllm_plugin.launch",
+        "--model",
+        str(args.model),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--dtype",
+        args.dtype,
+        "--enable-lora",
+        "--max-loras",
+        str(args.max_loras),
+        "--max-lora-rank",
+        str(args.max_lora_rank),
+        "--max-cpu-loras",
+        str(max_cpu_loras(args)),
     ]
     if needs_eager_mode():
         command.append("--enforce-eager")
@@ -108,7 +147,11 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     """The engine's environment: runtime LoRA loading on (confined) or off, and what the plugin
     reads in every worker."""
     roots = ([args.adapter_dir] if args.adapter_dir else []) + [path for _, path in args.adapter] + args.allow_load_from
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "False" if args.no_runtime_loads else "True", LOAD_ROOTS_ENV: encode_roots(roots)}
+    env = {
+        **os.environ,
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "False" if args.no_runtime_loads else "True",
+        LOAD_ROOTS_ENV: encode_roots(roots),
+    }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.adapter_dir:
         env[ADAPTER_DIR_ENV] = str(Path(args.adapter_dir).absolute())
@@ -123,7 +166,11 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 def open_model_dir(model: str) -> Checkpoint:
     """The --model checkpoint; refuses a hub name, a missing or unreadable directory, one without config.json."""
     if not Path(model).exists():
-        raise AdapterError("model directory not found (serve takes a local Hugging Face checkpoint directory)", file=model, field="--model")
+        raise AdapterError(
+            "model directory not found (serve takes a local Hugging Face checkpoint directory)",
+            file=model,
+            field="--model",
+        )
     from sora_serve.converters.checkpoint import Checkpoint  # transformers: imported once the cheap checks pass
 
     return Checkpoint(model)
@@ -155,7 +202,9 @@ def check_architecture(checkpoint: Checkpoint) -> None:
     config, config_file = checkpoint.config_dict, checkpoint.directory / "config.json"
     architectures = config.get("architectures")
     if not (isinstance(architectures, list) and architectures and all(isinstance(a, str) for a in architectures)):
-        raise AdapterError(f"expected a list of architecture names, got {architectures!r}", file=config_file, field="architectures")
+        raise AdapterError(
+            f"expected a list of architecture names, got {architectures!r}", file=config_file, field="architectures"
+        )
     architecture = architectures[0]
     cls = vllm_model_class(architecture)
     if cls is None:
@@ -165,13 +214,15 @@ def check_architecture(checkpoint: Checkpoint) -> None:
             f"vLLM 0.32 serves {architecture} without LoRA support, so adapters cannot be served on it: fold the adapter "
             f"into the base with `sora-serve fold --base {checkpoint.directory} --adapter DIR --out MERGED` and serve the "
             "merged model (python -m vllm.entrypoints.openai.api_server --model MERGED)",
-            file=config_file, field="architectures",
+            file=config_file,
+            field="architectures",
         )
     if config.get("tie_word_embeddings") is False and vllm_always_ties_head(architecture):
         raise AdapterError(
             f"tie_word_embeddings is false (an untied, e.g. folded, output head) but vLLM's {architecture} always computes "
             "logits with the input embeddings and cannot load a separate lm_head",
-            file=config_file, field="tie_word_embeddings",
+            file=config_file,
+            field="tie_word_embeddings",
         )
 
 
@@ -187,14 +238,17 @@ def check_head_size(checkpoint: Checkpoint) -> None:
     config, config_file = checkpoint.config_dict, checkpoint.directory / "config.json"
     text = config.get("text_config") or config  # multimodal configs nest the language model's
     heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
-    head_dim = text.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None)
+    head_dim = text.get("head_dim") or (
+        hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+    )
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if isinstance(head_dim, int) and head_dim not in supported:
         field = "head_dim" if text.get("head_dim") else "hidden_size / num_attention_heads"
         raise AdapterError(
             f"attention head size {head_dim} is not one vLLM CPU's attention runs ({', '.join(map(str, supported))}); "
             "serve this model with eager sora-serve (load_adapter) or on a GPU build of vLLM",
-            file=config_file, field=field,
+            file=config_file,
+            field=field,
         )
 
 
@@ -203,10 +257,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     if len(set(names)) != len(names):
         raise AdapterError(f"adapter names must be unique: {names}", field="--adapter")
     if max_cpu_loras(args) < args.max_loras:
-        raise AdapterError(f"must be at least --max-loras ({args.max_loras}), got {args.max_cpu_loras}", field="--max-cpu-loras")
+        raise AdapterError(
+            f"must be at least --max-loras ({args.max_loras}), got {args.max_cpu_loras}", field="--max-cpu-loras"
+        )
     if args.no_runtime_loads and (args.adapter_dir or args.allow_load_from):
         flag = "--adapter-dir" if args.adapter_dir else "--allow-load-from"
-        raise AdapterError(f"{flag} loads adapters at runtime, which --no-runtime-loads turns off; pass one or the other", field=flag)
+        raise AdapterError(
+            f"{flag} loads adapters at runtime, which --no-runtime-loads turns off; pass one or the other", field=flag
+        )
     if args.adapter_dir:
         readable_dir(args.adapter_dir, "adapter directory (--adapter-dir)")
     for directory in args.allow_load_from:
@@ -216,13 +274,19 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     overrides = override_kwargs(args)
     check_arguments(args)
-    adapters = [read_adapter(path, allow_large_updates=overrides["allow_large_updates"]) for _, path in args.adapter]  # the files alone
+    adapters = [
+        read_adapter(path, allow_large_updates=overrides["allow_large_updates"]) for _, path in args.adapter
+    ]  # the files alone
     checkpoint = open_model_dir(args.model)
     from sora_serve.converters.checkpoint import checkpoint_layers
 
     model_type = checkpoint.config_dict.get("model_type")
-    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F and the fingerprint's entries from the weights
-        check_against_base(adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, **overrides)
+    for (
+        adapter
+    ) in adapters:  # shapes from the safetensors headers, ||W0||_F and the fingerprint's entries from the weights
+        check_against_base(
+            adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, **overrides
+        )
     check_architecture(checkpoint)  # last: they import vLLM (~10 s)
     check_head_size(checkpoint)
     command = server_command(args)

@@ -19,7 +19,10 @@ def patch_request_identity() -> None:
     from vllm.v1.core import kv_cache_utils
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LoRARequest) and (self.lora_name, self.lora_int_id) == (other.lora_name, other.lora_int_id)
+        return isinstance(other, LoRARequest) and (self.lora_name, self.lora_int_id) == (
+            other.lora_name,
+            other.lora_int_id,
+        )
 
     def __hash__(self) -> int:
         return hash((self.lora_name, self.lora_int_id))

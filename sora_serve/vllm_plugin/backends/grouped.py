@@ -59,7 +59,10 @@ def step_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
     """This step's plan, built by the first layer that asks and cached on the wrapper."""
     cached = getattr(punica_wrapper, "sora_plan", None)
     if cached is None or cached[0] != (_current_step, n_tokens):
-        cached = punica_wrapper.sora_plan = ((_current_step, n_tokens), make_plan(punica_wrapper.token_lora_indices[:n_tokens]))
+        cached = punica_wrapper.sora_plan = (
+            (_current_step, n_tokens),
+            make_plan(punica_wrapper.token_lora_indices[:n_tokens]),
+        )
     return cached[1]
 
 
@@ -80,12 +83,16 @@ def make_plan(indices: torch.Tensor) -> BatchPlan:
     range_counts[slots - slot_list[0]] = counts
     starts = torch.cumsum(range_counts, 0) - range_counts
     position = torch.arange(width, device=indices.device)
-    source = torch.where(range_counts[:, None] > 0, starts[:, None] + torch.minimum(position, range_counts[:, None] - 1), 0)
+    source = torch.where(
+        range_counts[:, None] > 0, starts[:, None] + torch.minimum(position, range_counts[:, None] - 1), 0
+    )
     gather = rows.index_select(0, source.reshape(-1))
     keep = None
     if n_range * width != n_adapted:
         slot_of_token = (slots - slot_list[0]).repeat_interleave(counts)
-        rank_in_slot = torch.arange(n_adapted, device=indices.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        rank_in_slot = torch.arange(n_adapted, device=indices.device) - (
+            torch.cumsum(counts, 0) - counts
+        ).repeat_interleave(counts)
         keep = slot_of_token * width + rank_in_slot
     return BatchPlan(slot_list, count_list, rows, gather, keep, width)
 
@@ -95,7 +102,9 @@ class TokenGroup(NamedTuple):
 
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
     z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T; (tokens, out), or (slots, width, out) padded
-    rotation: list[tuple[torch.Tensor, torch.Tensor]] | None  # per slice (U, V): 2-D for one slot, 3-D per slot when padded
+    rotation: (
+        list[tuple[torch.Tensor, torch.Tensor]] | None
+    )  # per slice (U, V): 2-D for one slot, 3-D per slot when padded
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
     gather: torch.Tensor | None = None  # padded: the token row of each position
 
@@ -159,7 +168,11 @@ def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y:
             bias_shift=layer.sora_shift[i][slot] if info.shifted else None,
         )  # the rotation is applied by _rotate, across ranks
         z.append(factors.apply(x, part))
-    rotation = [(layer.sora_rot_u[i][slot, 0, :k].T, layer.sora_rot_v[i][slot, 0, :, :k]) for i in range(len(z))] if k else None
+    rotation = (
+        [(layer.sora_rot_u[i][slot, 0, :k].T, layer.sora_rot_v[i][slot, 0, :, :k]) for i in range(len(z))]
+        if k
+        else None
+    )
     return TokenGroup(rows, z, rotation)
 
 
@@ -185,7 +198,11 @@ def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> T
             b = layer.lora_b_stacked[i][span, 0, :, :r]  # (slots, out, r)
             zi = torch.baddbmm(zi, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         z.append(zi)
-    rotation = [(layer.sora_rot_u[i][span, 0, :k].transpose(1, 2), layer.sora_rot_v[i][span, 0, :, :k]) for i in range(len(z))] if k else None
+    rotation = (
+        [(layer.sora_rot_u[i][span, 0, :k].transpose(1, 2), layer.sora_rot_v[i][span, 0, :, :k]) for i in range(len(z))]
+        if k
+        else None
+    )
     return TokenGroup(plan.rows, z, rotation, plan.keep, plan.gather)
 
 
@@ -197,10 +214,14 @@ def _rotate(layer, groups: list[TokenGroup], n_tokens: int) -> None:
         projections = _sum_over_ranks(rotated, projections, n_tokens)
     for group, parts in zip(rotated, projections):
         for i, (zu, (_, v)) in enumerate(zip(parts, group.rotation)):
-            group.z[i] = torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
+            group.z[i] = (
+                torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
+            )
 
 
-def _sum_over_ranks(groups: list[TokenGroup], projections: list[list[torch.Tensor]], n_tokens: int) -> list[list[torch.Tensor]]:
+def _sum_over_ranks(
+    groups: list[TokenGroup], projections: list[list[torch.Tensor]], n_tokens: int
+) -> list[list[torch.Tensor]]:
     """(z U) sums over the full output dim. A column-parallel rank holds some output rows of z and
     U, so the ranks add their partial products: one all-reduce of (slices, tokens, rank) values.
     Row-parallel ranks hold partial sums of z that vLLM reduces after the op; R is linear, so
@@ -218,4 +239,7 @@ def _sum_over_ranks(groups: list[TokenGroup], projections: list[list[torch.Tenso
         for i, part in enumerate(parts):
             by_token[i, rows, : part.shape[-1]] = group.real_rows(part)
     total = tensor_model_parallel_all_reduce(by_token)
-    return [[group.from_token_order(total[i, :, : part.shape[-1]]) for i, part in enumerate(parts)] for group, parts in zip(groups, projections)]
+    return [
+        [group.from_token_order(total[i, :, : part.shape[-1]]) for i, part in enumerate(parts)]
+        for group, parts in zip(groups, projections)
+    ]

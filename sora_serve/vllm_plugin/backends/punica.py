@@ -45,7 +45,9 @@ def _scale_and_shift(layer, output: torch.Tensor, slots: torch.Tensor) -> None:
 def _rotate(layer, wrapper, output: torch.Tensor) -> None:
     """out_i += (z_i U_i) V_iᵀ for every slice: the projections first (they read z), then the expand."""
     max_rank = layer.sora_rot_u[0].shape[2]
-    projections = torch.zeros(len(layer.output_slices), output.shape[0], max_rank, dtype=torch.float32, device=output.device)
+    projections = torch.zeros(
+        len(layer.output_slices), output.shape[0], max_rank, dtype=torch.float32, device=output.device
+    )
     for i, (part, u) in enumerate(zip(output.split(layer.output_slices, dim=1), layer.sora_rot_u)):
         wrapper.add_shrink(projections[i : i + 1], part.contiguous(), (u,), 1.0)
     if parallel_kind(layer) == "column":
