@@ -1,4 +1,5 @@
-"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--shape small|realistic] [--out DIR]`; `--help` for each option."""
+"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--shape small|realistic] [--out DIR]`;
+`--help` for each option."""
 
 from __future__ import annotations
 

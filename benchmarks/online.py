@@ -300,12 +300,17 @@ def markdown(online: dict) -> list[str]:
     md = [
         "## Online load (sora-serve serve over HTTP)",
         "",
-        f"One server on 127.0.0.1 (`--max-loras {online['max_loras']}`, started in {online['server_start_s']:.0f} s), a bounded asyncio "
-        f"client (aiohttp, at most {plan['max_in_flight']} open requests), Poisson arrivals, {plan['requests_per_rate']} streamed requests per rate; "
-        f"prompt length uniform in {plan['prompt_len']}, output length uniform in {plan['output_len']} tokens (ignore_eos); each request names one "
-        f"adapter of the set or the base with equal probability (seed {plan['seed']}). SLO: TTFT p90 <= {plan['ttft_slo_s']} s.",
+        f"One server on 127.0.0.1 (`--max-loras {online['max_loras']}`, started in "
+        f"{online['server_start_s']:.0f} s), a bounded asyncio "
+        f"client (aiohttp, at most {plan['max_in_flight']} open requests), Poisson arrivals, "
+        f"{plan['requests_per_rate']} streamed requests per rate; "
+        f"prompt length uniform in {plan['prompt_len']}, output length uniform in {plan['output_len']} "
+        "tokens (ignore_eos); each request names one "
+        f"adapter of the set or the base with equal probability (seed {plan['seed']}). SLO: TTFT p90 <= "
+        f"{plan['ttft_slo_s']} s.",
         "",
-        "| adapter set | rate (req/s) | throughput (req/s) | output tok/s | TTFT p50 / p90 / p99 (s) | TPOT p50 / p90 / p99 (ms) | errors |",
+        "| adapter set | rate (req/s) | throughput (req/s) | output tok/s | TTFT p50 / p90 / p99 (s) | "
+        "TPOT p50 / p90 / p99 (ms) | errors |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for set_name, result in online["results"].items():
@@ -314,7 +319,9 @@ def markdown(online: dict) -> list[str]:
             ttft = "–" if t is None else f"{t['p50']:.2f} / {t['p90']:.2f} / {t['p99']:.2f}"
             tpot = "–" if p is None else f"{1e3 * p['p50']:.0f} / {1e3 * p['p90']:.0f} / {1e3 * p['p99']:.0f}"
             md.append(
-                f"| {set_name} ({', '.join(online['sets'][set_name])}) | {r['rate']:g} | {r['request_throughput']:.2f} | {r['output_tok_per_s']:.0f} | {ttft} | {tpot} | {r['errors']} |"
+                f"| {set_name} ({', '.join(online['sets'][set_name])}) | {r['rate']:g} | "
+                f"{r['request_throughput']:.2f} | {r['output_tok_per_s']:.0f} | {ttft} | {tpot} | "
+                f"{r['errors']} |"
             )
     md += ["", "| adapter set | highest measured rate with TTFT p90 within the SLO (req/s) |", "| --- | --- |"]
     for set_name, result in online["results"].items():

@@ -615,13 +615,17 @@ def markdown(payload: dict, settings: Settings) -> str:
         )
     lines += [
         "",
-        "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; then mean ± std over seeds.",
+        "Accuracy in % (mean ± std over seeds). Amazon mean: per seed, the mean over the five domains; "
+        "then mean ± std over seeds.",
         "One-class runs: > 95% of the eval predictions in one class, either a collapse (train loss back at ln 2 after "
         "having learned) or a run that has not left chance yet (its diagnostics in the JSON tell which).",
-        f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch {settings.batch_size}, max "
-        f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon {settings.amazon_eval} random test reviews per domain.",
+        f"Steps: SST-2 {settings.sst2_steps}, Amazon {settings.amazon_steps} per domain; batch "
+        f"{settings.batch_size}, max "
+        f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon "
+        f"{settings.amazon_eval} random test reviews per domain.",
         "",
-        "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided sign test p, paired t-test p.",
+        "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided "
+        "sign test p, paired t-test p.",
         "",
         "| comparison | SST-2 | Amazon (all domains × seeds) | all tasks × seeds |",
         "| --- | --- | --- | --- |",
@@ -629,16 +633,21 @@ def markdown(payload: dict, settings: Settings) -> str:
 
     def cell(p: dict) -> str:
         t_p = "n/a" if p["t_p"] is None else f"{p['t_p']:.3f}"
-        return f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}, {p['wins']}/{p['losses']}, sign p {p['sign_p']:.3f}, t p {t_p}"
+        return (
+            f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}, {p['wins']}/{p['losses']}, sign p "
+            f"{p['sign_p']:.3f}, t p {t_p}"
+        )
 
     for key in payload["pooled_paired"]:
         lines.append(
-            f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | {cell(payload['pooled_paired'][key])} |"
+            f"| {key} | {cell(tasks['sst2']['paired'][key])} | {cell(payload['amazon_paired'][key])} | "
+            f"{cell(payload['pooled_paired'][key])} |"
         )
     sweep = payload["lr_sweep"]
     lines += [
         "",
-        f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, scored on those; "
+        f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, "
+        "scored on those; "
         f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs)",
         "",
         "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " | chosen |",
@@ -657,14 +666,17 @@ def markdown(payload: dict, settings: Settings) -> str:
     serving = payload["serving"]
     lines += [
         "",
-        f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed {settings.seeds[0]}) in one "
-        f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, `use_adapters`, each row its own head):",
+        f"Served together: {serving['adapters']} {serving['method']} adapters (one per Amazon domain, seed "
+        f"{settings.seeds[0]}) in one "
+        f"model, {serving['rows']} rows in mixed batches of {serving['batch']} (eager runtime, "
+        "`use_adapters`, each row its own head):",
         "",
         "| domain | accuracy mixed batch | accuracy adapter alone | predictions equal (differing) |",
         "| --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} ({v['predictions_differing']}) |"
+        f"| {d} | {pct(v['accuracy_mixed'])} | {pct(v['accuracy_alone'])} | {v['predictions_equal']} "
+        f"({v['predictions_differing']}) |"
         for d, v in serving["domains"].items()
     ]
     lines += ["", "vLLM does not serve BERT encoders with LoRA adapters, so this check uses the eager runtime only."]

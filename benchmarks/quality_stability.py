@@ -186,8 +186,10 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
 def markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on {s['plan']['held_out']} held-out training "
-        f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime {payload['runtime_s'] / 60:.1f} min, "
+        f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on "
+        f"{s['plan']['held_out']} held-out training "
+        f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime "
+        f"{payload['runtime_s'] / 60:.1f} min, "
         f"{s['workers']} worker(s)."
     ]
     if "recipe_sweep" in payload:
@@ -206,7 +208,8 @@ def markdown(payload: dict) -> str:
                 for scale in choice["per_scale"]:
                     runs = [e for e in by.get((method, lr), []) if f"{e['scale']:g}" == scale]
                     row.append(
-                        f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} ({sum(e['one_class'] for e in runs)} one-class)"
+                        f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} "
+                        f"({sum(e['one_class'] for e in runs)} one-class)"
                     )
                 lines.append(f"| {method} | {lr:g} | " + " | ".join(row) + " |")
         lines += [

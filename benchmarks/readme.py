@@ -18,7 +18,8 @@ def print_headline(out_dir: Path | None = None) -> None:
         data = json.loads(path.read_text())
         shape = f", shape {data['shape']}" if data.get("shape") else ""
         print(
-            f"\n**{suite}** ({data['timestamp']}, {data['machine']['cpu']}, {data['machine']['cores']} cores{', quick' if data.get('quick') else ''}{shape})\n"
+            f"\n**{suite}** ({data['timestamp']}, {data['machine']['cpu']}, {data['machine']['cores']} "
+            f"cores{', quick' if data.get('quick') else ''}{shape})\n"
         )
         if suite == "serving":
             print_serving(data)
@@ -48,7 +49,9 @@ def print_serving(data: dict) -> None:
     online = data.get("online")
     if online:
         print(
-            f"\n| adapter set | highest rate with TTFT p90 <= {online['plan']['ttft_slo_s']} s (req/s) | there: TTFT p50 / p90 (s), TPOT p50 (ms) | highest rate: req/s served, TTFT p90 (s) | errors |"
+            f"\n| adapter set | highest rate with TTFT p90 <= {online['plan']['ttft_slo_s']} s (req/s) | "
+            "there: TTFT p50 / p90 (s), TPOT p50 (ms) | highest rate: req/s served, TTFT p90 (s) | "
+            "errors |"
         )
         print("| --- | --- | --- | --- | --- |")
         for name, result in online["results"].items():
@@ -60,7 +63,9 @@ def print_serving(data: dict) -> None:
                 else f"{row['ttft_s']['p50']:.2f} / {row['ttft_s']['p90']:.2f}, {1e3 * row['tpot_s']['p50']:.0f}"
             )
             print(
-                f"| {name} | {'none measured' if best is None else f'{best:g}'} | {there} | {top['rate']:g}: {top['request_throughput']:.2f}, {top['ttft_s']['p90']:.2f} | {sum(r['errors'] for r in rows)} |"
+                f"| {name} | {'none measured' if best is None else f'{best:g}'} | {there} | "
+                f"{top['rate']:g}: {top['request_throughput']:.2f}, {top['ttft_s']['p90']:.2f} | "
+                f"{sum(r['errors'] for r in rows)} |"
             )
     curves = data.get("scale")
     if curves:

@@ -40,7 +40,8 @@ class ScalePlan:
 def distinct_scenarios(
     plan: ScalePlan, prefix: str, names: list[str], tokens: int, counts: tuple[int, ...]
 ) -> list[dict]:
-    """Decode scenarios with k distinct adapters in one batch; k = 1 also measures TTFT / TPOT (it is a point of the batch curves)."""
+    """Decode scenarios with k distinct adapters in one batch; k = 1 also measures TTFT / TPOT (it is a point
+    of the batch curves)."""
     return [
         {
             "name": f"{prefix}: {k} distinct",
@@ -137,7 +138,8 @@ def targets(
             f"rotation over {n8} adapters (8x max_loras) / {slots} (all resident), plugin",
             value,
             0.6,
-            note="waves round-robin through the adapters; the reference is the same engine and waves with as many adapters as slots",
+            note="waves round-robin through the adapters; the reference is the same engine and waves with as "
+            "many adapters as slots",
         )
     )
     wide = [name for name, s in shapes.items() if s.hidden_size >= 1536]
@@ -161,11 +163,13 @@ def targets(
             size_growth = factor_values(shapes[large], kind) / factor_values(shapes[small], kind)
             out.append(
                 Target(
-                    f"{KIND_LABELS[kind]} activation growth / factor-size growth, hidden {shapes[small].hidden_size} -> {shapes[large].hidden_size}",
+                    f"{KIND_LABELS[kind]} activation growth / factor-size growth, hidden "
+                    f"{shapes[small].hidden_size} -> {shapes[large].hidden_size}",
                     growth / size_growth,
                     1.0,
                     higher_is_better=False,
-                    note=f"activation x{growth:.2f}, factors x{size_growth:.2f}; activation = cached - resident request",
+                    note=f"activation x{growth:.2f}, factors x{size_growth:.2f}; activation = cached - resident "
+                    "request",
                 )
             )
     return out
@@ -274,8 +278,10 @@ def markdown(
     md = [
         "## Scale curves (many adapters)",
         "",
-        f"Distinct adapters: decode, batch {plan.distinct_batch}, prompts of 16 tokens; request i names adapter i mod k. "
-        "The limit is the bandwidth bound: base weights + k adapters' factors read per step against base + one adapter's.",
+        f"Distinct adapters: decode, batch {plan.distinct_batch}, prompts of 16 tokens; request i names "
+        "adapter i mod k. "
+        "The limit is the bandwidth bound: base weights + k adapters' factors read per step against base + "
+        "one adapter's.",
         "",
         "| deployment | " + " | ".join(f"k = {k}" for k in plan.distinct) + " |",
         "| --- |" + " --- |" * len(plan.distinct),
@@ -289,7 +295,8 @@ def markdown(
     md += [
         "",
         f"Rotation: {plan.slots} slots (max_loras); waves of {plan.wave_batch} requests over {plan.slots} adapters, "
-        f"{plan.wave_tokens} tokens each, taking the next adapters round-robin ({plan.waves} timed waves after every adapter was registered). "
+        f"{plan.wave_tokens} tokens each, taking the next adapters round-robin ({plan.waves} timed waves "
+        "after every adapter was registered). "
         "The limit counts the copy of each wave's adapters into slots against the wave's decode bytes.",
         "",
         "| engine | adapters | tok/s median [p10, p90] | / all resident | limit |",
@@ -300,21 +307,27 @@ def markdown(
         for row in rows:
             s = row["stats"]
             md.append(
-                f"| {label} | {row['adapters']} | {s['median']:.0f} [{s['p10']:.0f}, {s['p90']:.0f}] | {s['median'] / reference:.2f} | {row['limit']:.2f} |"
+                f"| {label} | {row['adapters']} | {s['median']:.0f} [{s['p10']:.0f}, {s['p90']:.0f}] | "
+                f"{s['median'] / reference:.2f} | {row['limit']:.2f} |"
             )
     md += [
         "",
         "First request of an adapter the engine has not seen (one prompt of 16 tokens, one output token; median over "
-        f"{plan.first_copies} adapters per kind): never seen = read from disk, prepared, moved into a slot; cached = in vLLM's CPU cache "
-        "but not in a slot; resident = the same request with the adapter in a slot (the compute alone). Factor size = values of the serving factors.",
+        f"{plan.first_copies} adapters per kind): never seen = read from disk, prepared, moved into a "
+        "slot; cached = in vLLM's CPU cache "
+        "but not in a slot; resident = the same request with the adapter in a slot (the compute alone). "
+        "Factor size = values of the serving factors.",
         "",
-        "| hidden | kind | never seen (s) | cached, not in a slot (s) | resident (s) | / LoRA (never seen) | factor values (M) |",
+        "| hidden | kind | never seen (s) | cached, not in a slot (s) | resident (s) | / LoRA (never seen) "
+        "| factor values (M) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in sorted(first, key=lambda n: shapes[n].hidden_size):
         lora = first[name]["lora"]["cold_s"]
         for kind, r in first[name].items():
             md.append(
-                f"| {shapes[name].hidden_size} | {KIND_LABELS[kind]} | {r['cold_s']:.3f} | {r['cached_s']:.3f} | {r['resident_s']:.3f} | {r['cold_s'] / lora:.2f} | {factor_values(shapes[name], kind) / 1e6:.2f} |"
+                f"| {shapes[name].hidden_size} | {KIND_LABELS[kind]} | {r['cold_s']:.3f} | "
+                f"{r['cached_s']:.3f} | {r['resident_s']:.3f} | {r['cold_s'] / lora:.2f} | "
+                f"{factor_values(shapes[name], kind) / 1e6:.2f} |"
             )
     return md

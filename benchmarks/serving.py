@@ -896,10 +896,13 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
     )
     m = resolve_dtype(shape)
     md = [
-        f"Shape `{plan.shape}`: Llama, hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads / {m.num_key_value_heads} KV heads, "
-        f"intermediate {m.intermediate_size}, vocab {m.vocab_size} ({m.parameters() / 1e9:.2f}B parameters, random weights), {m.dtype} "
+        f"Shape `{plan.shape}`: Llama, hidden {m.hidden_size}, {m.num_layers} layers, "
+        f"{m.num_attention_heads} heads / {m.num_key_value_heads} KV heads, "
+        f"intermediate {m.intermediate_size}, vocab {m.vocab_size} ({m.parameters() / 1e9:.2f}B "
+        f"parameters, random weights), {m.dtype} "
         f"(CPU bf16 flags: {', '.join(bf16_flags()) or 'none'}); "
-        f"r = {RANK} on all 7 projections, SORA r_p = {R_P}; {'quick' if plan.quick else 'full'} mode, {plan.repeats} interleaved repeats. "
+        f"r = {RANK} on all 7 projections, SORA r_p = {R_P}; {'quick' if plan.quick else 'full'} mode, "
+        f"{plan.repeats} interleaved repeats. "
         f"Run time {timings['total_s'] / 60:.1f} min ("
         + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in timings.items() if k != "total_s")
         + "); "
@@ -909,7 +912,8 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         "",
         "## Ratios (one run) and their physical limit",
         "",
-        "The limit is the ratio the extra bytes (bandwidth-bound decode: base weights + adapter factors read per step) or multiply-adds "
+        "The limit is the ratio the extra bytes (bandwidth-bound decode: base weights + adapter factors "
+        "read per step) or multiply-adds "
         "(compute-bound prefill) of the adapter terms allow, from the shapes and ranks; `of limit` = measured / limit.",
         "",
         "| ratio | measured | limit | of limit |",
@@ -917,7 +921,9 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
     ]
     for name, value, limit in rows:
         md.append(
-            f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | {'–' if limit is None else f'{limit:.3f}'} | {'–' if value is None or limit is None else f'{value / limit:.2f}'} |"
+            f"| {name} | {'n/a' if value is None else f'{value:.3f}'} | "
+            f"{'–' if limit is None else f'{limit:.3f}'} | "
+            f"{'–' if value is None or limit is None else f'{value / limit:.2f}'} |"
         )
     md += [
         "",
@@ -931,13 +937,16 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         "",
         "## vLLM",
         "",
-        "Decode: prompts of 16 tokens; TTFT is the same batch asked for one token, TPOT the rest of the time per further token.",
+        "Decode: prompts of 16 tokens; TTFT is the same batch asked for one token, TPOT the rest of the "
+        "time per further token.",
         "",
         "| scenario | batch | tok/s median [p10, p90] | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
         "| --- | --- | --- | --- | --- |",
     ]
     md += [
-        f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} [{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row.get('ttft_s'))} | {_ms(row.get('tpot_s'), 2)} |"
+        f"| {row['name']} | {row['batch']} | {row['tok_per_s']['median']:.0f} "
+        f"[{row['tok_per_s']['p10']:.0f}, {row['tok_per_s']['p90']:.0f}] | {_ms(row.get('ttft_s'))} | "
+        f"{_ms(row.get('tpot_s'), 2)} |"
         for row in vllm
     ]
     fit = onnx["fit"]
@@ -945,15 +954,23 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         "",
         "## Eager Hugging Face and ONNX Runtime",
         "",
-        f"Eager runs in {m.dtype}{' (SORA cayley left out: its eager forward calls torch.linalg.solve, which has no bf16 CPU kernel)' if m.dtype == 'bfloat16' else ''}; ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
-        f"(export + two sessions need ~{fit['need_gib']:.1f} GiB, {fit['available_gib']:.1f} GiB available at the start of the section).",
+        f"""Eager runs in {m.dtype}{
+            " (SORA cayley left out: its eager forward calls torch.linalg.solve, which has no bf16 CPU kernel)"
+            if m.dtype == "bfloat16"
+            else ""
+        }; """
+        f"ONNX Runtime runs the fp32 export (the converters export fp32) on shape `{onnx['shape']}` "
+        f"(export + two sessions need ~{fit['need_gib']:.1f} GiB, {fit['available_gib']:.1f} GiB available "
+        "at the start of the section).",
         "",
         "| deployment | tok/s | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) |",
         "| --- | --- | --- | --- |",
     ]
     for name, r in {**eager, **onnx["results"]}.items():
         md.append(
-            f"| {name} | {r['tok_per_s']['median']:.0f} | {1e3 * r['ttft_s']['median']:.1f} / {1e3 * r['ttft_s']['p90']:.1f} | {1e3 * r['tpot_s']['median']:.2f} / {1e3 * r['tpot_s']['p90']:.2f} |"
+            f"| {name} | {r['tok_per_s']['median']:.0f} | {1e3 * r['ttft_s']['median']:.1f} / "
+            f"{1e3 * r['ttft_s']['p90']:.1f} | {1e3 * r['tpot_s']['median']:.2f} / "
+            f"{1e3 * r['tpot_s']['p90']:.2f} |"
         )
     figures = {
         "vllm": bar_chart(

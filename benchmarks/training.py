@@ -44,10 +44,14 @@ from sora_serve.training.train import TrainConfig, train_adapter
 from sora_serve.tiny import BUILTIN_TEXT
 cfg = json.loads(sys.argv[1])
 data = [" ".join(BUILTIN_TEXT)] * 400 if cfg["long_rows"] else BUILTIN_TEXT * 20
-m = train_adapter(TrainConfig(model=cfg["model"], data=data, method=cfg["method"], steps=cfg["steps"], batch_size=16, max_length=cfg["max_length"],
-                              r=16, r_p=4, rotation=cfg.get("rotation", "first_order"), recompute_base=cfg.get("recompute_base", False),
+m = train_adapter(TrainConfig(model=cfg["model"], data=data, method=cfg["method"], steps=cfg["steps"], \
+batch_size=16, max_length=cfg["max_length"],
+                              r=16, r_p=4, rotation=cfg.get("rotation", "first_order"), \
+recompute_base=cfg.get("recompute_base", False),
                               progress=False, device=cfg["device"]))
-print("RESULT " + json.dumps({"step_times": m["step_times_s"], "mean": m["mean_step_time_s"], "rss": m["peak_rss_mib"], "gpu_mem": m["peak_device_memory_mib"], "params": m["trainable_params"], "loss": m["loss_curve"]}))
+print("RESULT " + json.dumps({"step_times": m["step_times_s"], "mean": m["mean_step_time_s"], \
+"rss": m["peak_rss_mib"], "gpu_mem": m["peak_device_memory_mib"], \
+"params": m["trainable_params"], "loss": m["loss_curve"]}))
 """
 
 
@@ -149,7 +153,9 @@ def run(quick: bool, out_dir: Path | None = None, device: str = "cpu") -> Path:
     for name, r in results.items():
         s = r["step_time_s"]
         md.append(
-            f"| {name} | {r['trainable_params']:,} | {1e3 * s['median']:.1f} [{1e3 * s['p10']:.1f}, {1e3 * s['p90']:.1f}] | {t[name] / t['lora']:.3f} | {mem[name]:.0f} | {mem[name] / mem['lora']:.3f} |"
+            f"| {name} | {r['trainable_params']:,} | {1e3 * s['median']:.1f} [{1e3 * s['p10']:.1f}, "
+            f"{1e3 * s['p90']:.1f}] | {t[name] / t['lora']:.3f} | {mem[name]:.0f} | "
+            f"{mem[name] / mem['lora']:.3f} |"
         )
     memory_note = (
         "torch.cuda.max_memory_allocated over the training steps"
@@ -158,8 +164,10 @@ def run(quick: bool, out_dir: Path | None = None, device: str = "cpu") -> Path:
     )
     md += [
         "",
-        f"Device {device}, model {shape['model']}, batch 16 x {shape['max_length']} tokens, r = 16 on all linear layers, r_p = 4. "
-        f"{rounds} interleaved rounds of {steps} steps per method, first {WARMUP_STEPS} steps of each dropped. Peak memory: {memory_note}, the largest over rounds.",
+        f"Device {device}, model {shape['model']}, batch 16 x {shape['max_length']} tokens, r = 16 on all "
+        "linear layers, r_p = 4. "
+        f"{rounds} interleaved rounds of {steps} steps per method, first {WARMUP_STEPS} steps of each "
+        f"dropped. Peak memory: {memory_note}, the largest over rounds.",
         "",
         markdown_targets(targets),
     ]

@@ -59,8 +59,9 @@ def prepare(scenario: dict, requests: Requests) -> dict:
 
 def measure(llm, scenario: dict, prepared: dict, result: dict) -> None:
     """One sample: throughput, and for decode (unless the scenario says `"ttft": false`) the time
-    to first token (the same batch asked for one token) and time per further token. An untimed one-token request per adapter first puts the
-    scenario's adapters into vLLM's slots, which the previous scenario may have taken."""
+    to first token (the same batch asked for one token) and time per further token. An untimed one-token
+    request per adapter first puts the scenario's adapters into vLLM's slots, which the previous scenario
+    may have taken."""
     args = (prepared["prompts"],)
     fill_prompts, fill_requests = prepared["fill"]
     timed_generate(llm, fill_prompts, 1, fill_requests)

@@ -170,7 +170,8 @@ def check_stored_shape(checkpoint: Checkpoint, key: str, expected: tuple[int, ..
     got = checkpoint.shape(key)
     if got != expected:
         raise AdapterError(
-            f"tensor '{key}' is {list(got)} but config.json makes layer '{path}' {list(expected)}: weights and config disagree",
+            f"tensor '{key}' is {list(got)} but config.json makes layer '{path}' {list(expected)}: weights "
+            "and config disagree",
             file=checkpoint.directory / checkpoint.weight_map[key],
         )
 

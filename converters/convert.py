@@ -78,7 +78,8 @@ def convert(
     errors = {} if adapter.config.rotation == "first_order" else cayley_errors(adapter)
     if errors and not allow_approx:
         raise AdapterError(
-            f"rotation 'cayley' is not the reference's forward (y = z + K z): the same C, D give a rotation differing by up to "
+            "rotation 'cayley' is not the reference's forward (y = z + K z): the same C, D give a "
+            "rotation differing by up to "
             f"{max(errors.values()):.3g} (relative Frobenius); pass --allow-approx to write it anyway",
             file=adapter.config_file,
             field="rotation",

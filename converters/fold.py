@@ -106,7 +106,8 @@ def fold_adapter(
         write_shards(checkpoint, folder, tmp, out_dtype, progress)
     if folder.untied:
         print(
-            f"untied {sorted(folder.untied)} from {sorted(set(folder.untied.values()))}: the adapter changes the output head"
+            f"untied {sorted(folder.untied)} from {sorted(set(folder.untied.values()))}: the adapter "
+            "changes the output head"
         )
         warn_if_vllm_ties_the_head(checkpoint.config_dict)
     result = {

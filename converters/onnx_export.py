@@ -228,7 +228,8 @@ def export_dims(num_past: int, num_factors: int) -> tuple:
 
 def add_identity_defaults(path: Path, defaults: dict[str, torch.Tensor]) -> None:
     """Give each adapter input an initializer of the same name: optional inputs, identity when not fed."""
-    # the weights stay in their external files: loaded inline, a model over 2 GB cannot be re-serialised (protobuf limit)
+    # the weights stay in their external files: loaded inline, a model over 2 GB cannot be re-serialised
+    # (protobuf limit)
     graph = onnx.load(str(path), load_external_data=False)
     missing = sorted(set(defaults) - {i.name for i in graph.graph.input})
     if missing:  # an adapter tensor the traced graph never reads would be silently ignored: fail instead
@@ -301,7 +302,8 @@ def write_export(
     genai: bool = False,
     overrides: dict | None = None,
 ) -> dict:
-    """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files, the manifest (and genai_config.json); returns the manifest."""
+    """model.onnx, adapters/<name>.onnx_adapter, tokenizer/config files, the manifest (and genai_config.json);
+    returns the manifest."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     factors = adapter_factors(model, adapter_files, **(overrides or {}))
     switchable = install_switchable_layers(model, factors) if adapter_files else {}
@@ -408,7 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default="onnxruntime",
-        help="genai: also write genai_config.json, so onnxruntime-genai's og.Model opens the folder (needs sora-serve[genai] to verify)",
+        help="genai: also write genai_config.json, so onnxruntime-genai's og.Model opens the folder (needs "
+        "sora-serve[genai] to verify)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check against PyTorch")

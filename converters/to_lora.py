@@ -202,5 +202,6 @@ def run(args: argparse.Namespace) -> None:
     for path, error in result["layer_errors"].items():
         print(f"  {path}: relative Frobenius error {error:.4f}")
     print(
-        f"wrote a rank-{result['rank']} approximation to {args.out}: overall relative Frobenius error {result['overall_error']:.4f}"
+        f"wrote a rank-{result['rank']} approximation to {args.out}: overall relative Frobenius error "
+        f"{result['overall_error']:.4f}"
     )

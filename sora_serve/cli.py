@@ -33,7 +33,8 @@ def add_override_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-large-updates",
         action="store_true",
-        help="accept adapters whose update exceeds the magnitude bounds (docs/VLLM.md, 'What is validated'); NaN/inf are always refused",
+        help="accept adapters whose update exceeds the magnitude bounds (docs/VLLM.md, 'What is validated'); "
+        "NaN/inf are always refused",
     )
     parser.add_argument(
         "--allow-other-base",
@@ -45,7 +46,8 @@ def add_override_flags(parser: argparse.ArgumentParser) -> None:
         "--reference-s0",
         type=float,
         metavar="S",
-        help="s_p numerator of adapters saved by the paper's code (MaeChd/SORA) whose run set initial_s_p (default 1.0; docs/FORMAT.md)",
+        help="s_p numerator of adapters saved by the paper's code (MaeChd/SORA) whose run set initial_s_p "
+        "(default 1.0; docs/FORMAT.md)",
     )
 
 

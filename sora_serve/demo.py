@@ -109,7 +109,8 @@ def main() -> None:
     mixed_batch_check(base, root / "adapters", console)
     folded = fold_adapter(base, root / "adapters" / "sora", root / "merged-sora", force=True)
     console.print(
-        f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} shards, max logit error {folded['max_abs_error']:.2e}"
+        f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} "
+        f"shards, max logit error {folded['max_abs_error']:.2e}"
     )
     merged_onnx = export_onnx(root / "merged-sora", root / "onnx-merged", force=True)
     console.print(

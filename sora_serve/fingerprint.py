@@ -211,7 +211,8 @@ def check_fingerprint(
     expected_type = fingerprint.get("model_type")
     if model_type is not None and expected_type is not None and model_type != expected_type:
         raise AdapterError(
-            f"the base is a {model_type!r} model but the adapter was trained on a {expected_type!r} one: adapter for a different base",
+            f"the base is a {model_type!r} model but the adapter was trained on a {expected_type!r} one: "
+            "adapter for a different base",
             file=file,
             field="base_fingerprint.model_type",
         )
@@ -220,7 +221,8 @@ def check_fingerprint(
         ours = None if layer is None else [layer.out_features, layer.in_features, layer.has_bias]
         if ours != expected:
             raise AdapterError(
-                f"module '{module_path}': base layer is {ours} (out, in, has_bias) but the adapter was trained on {expected}: "
+                f"module '{module_path}': base layer is {ours} (out, in, has_bias) but the adapter was "
+                f"trained on {expected}: "
                 "adapter for a different base",
                 file=file,
                 field="base_fingerprint",
@@ -246,7 +248,8 @@ def _check_weights(weights: dict, file: Path, layers: Mapping[str, BaseLayer]) -
             raise AdapterError(
                 f"module '{module_path}': the base's weights are not the ones the adapter was trained on: "
                 f"{int(moved.sum())} of {len(values)} sampled entries differ by more than a dtype cast "
-                f"(relative RMS difference {_relative_rms(recorded, base):.2g}; a bf16/fp16 cast stays within 2^-7 of each entry). "
+                f"(relative RMS difference {_relative_rms(recorded, base):.2g}; a bf16/fp16 cast stays "
+                "within 2^-7 of each entry). "
                 f"Adapter for another base of the same shapes (another fine-tune, an Instruct variant?); "
                 f"if intended, pass --allow-other-base (allow_other_base=True, {ALLOW_OTHER_BASE_ENV}=1)",
                 file=file,

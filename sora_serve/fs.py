@@ -25,7 +25,8 @@ def os_error(exc: OSError, path: str | Path) -> AdapterError:
 
 
 def readable_dir(path: str | Path, what: str) -> Path:
-    """`path` if it is a directory this process can list; else an AdapterError saying why (missing, not a dir, permission)."""
+    """`path` if it is a directory this process can list; else an AdapterError saying why (missing, not a dir,
+    permission)."""
     return _probe(
         Path(path),
         lambda p: os.scandir(p).close(),

@@ -457,7 +457,8 @@ def _refuse_peft_options(raw: dict, path: Path) -> None:
     init = _field(raw, "init_lora_weights", path, "init", True)
     if isinstance(init, str) and init.startswith(BASE_MOVING_INITS):
         raise AdapterError(
-            f"init_lora_weights={init!r} moved the base weights at init, so this adapter is only right on that residual base; "
+            f"init_lora_weights={init!r} moved the base weights at init, so this adapter is only right on "
+            "that residual base; "
             "convert it with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) to a plain LoRA",
             file=path,
             field="init_lora_weights",
@@ -614,7 +615,8 @@ def check_update_bounds(adapter: AdapterFile, *, allow_large_updates: bool | Non
         values = (size.lowrank, size.rotation, size.scale_rotation, size.largest_factor, size.magnitude or 0.0)
         if not all(math.isfinite(v) for v in values) or size.largest_factor > FLOAT32_MAX:
             raise AdapterError(
-                f"module '{module_path}': the serving factors overflow float32 (largest |entry| {size.largest_factor:.3g})",
+                f"module '{module_path}': the serving factors overflow float32 (largest |entry| "
+                f"{size.largest_factor:.3g})",
                 file=adapter.weights_file,
                 field=key,
             )
@@ -674,7 +676,8 @@ def check_against_base(
         layer = layers.get(module_path)
         if layer is None:
             raise AdapterError(
-                f"module '{module_path}' not found in the base model (or not a linear layer there): adapter for a different base?",
+                f"module '{module_path}' not found in the base model (or not a linear layer there): "
+                "adapter for a different base?",
                 file=adapter.weights_file,
                 field=key,
             )
@@ -698,7 +701,8 @@ def check_against_base(
                 adapter.weights_file,
                 f"{PEFT_PREFIX}{module_path}",
                 module_path,
-                f"the update can be {bound:.3g}x the base layer's norm (||W - W0||_F / ||W0||_F <= {bound:.3g} > {RELATIVE_UPDATE_MAX:g})",
+                f"the update can be {bound:.3g}x the base layer's norm (||W - W0||_F / ||W0||_F <= "
+                f"{bound:.3g} > {RELATIVE_UPDATE_MAX:g})",
             )
 
 

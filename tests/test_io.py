@@ -131,7 +131,8 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
     _, out_q = saved_adapter(tmp_path, "qwen2")
     with pytest.raises(
         ss.AdapterError,
-        match=r"adapter_config.json: field 'base_fingerprint.model_type': the base is a 'llama' model but the adapter was trained on a 'qwen2' one",
+        match=r"adapter_config.json: field 'base_fingerprint.model_type': the base is a 'llama' model but the "
+        r"adapter was trained on a 'qwen2' one",
     ):
         ss.load_adapter(make_tiny_model("llama"), out_q)
 

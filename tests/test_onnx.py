@@ -174,7 +174,8 @@ def test_onnxruntime_overrides_only_initializers_that_are_inputs(tmp_path, as_in
 
 
 def assert_adapter_inputs_have_identity_defaults(path) -> None:
-    """ONNX Runtime overrides only initializers that are also graph inputs (1.32: plain ones are 'Invalid input name')."""
+    """ONNX Runtime overrides only initializers that are also graph inputs (1.32: plain ones are
+    'Invalid input name')."""
     graph = onnx.load(str(path)).graph
     inputs = {i.name for i in graph.input}
     defaults = {

@@ -201,7 +201,8 @@ def test_round_trip_reference_ours_reference_is_bit_identical(reference, tmp_pat
 
 
 def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
-    """Ours -> reference, read back by the reference forward written here: the same logits; s0 != 1 kept as initial_s_p."""
+    """Ours -> reference, read back by the reference forward written here: the same logits; s0 != 1 kept as
+    initial_s_p."""
     base = make_tiny_checkpoint("llama", tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base)
     ss.attach(

@@ -95,7 +95,10 @@ def first_key(tensors: dict, suffix: str) -> str:
 def test_nan_in_peft_lora_b_is_refused_by_read_and_load(tmp_path):
     adapter = peft_dir(tmp_path)
     edit_tensors(adapter, lambda t: t[first_key(t, "lora_B.weight")].view(-1).__setitem__(3, float("nan")))
-    match = r"adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight': module 'model.layers.0.self_attn.q_proj': contains NaN"
+    match = (
+        r"adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight': "
+        r"module 'model.layers.0.self_attn.q_proj': contains NaN"
+    )
     with pytest.raises(ss.AdapterError, match=match):
         ss.read_adapter(adapter)
     model = make_tiny_model("llama")
@@ -110,7 +113,8 @@ def test_finite_x1e30_sora_is_refused_unless_allowed(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in load_file(adapter / "adapter_model.safetensors").values())
     with pytest.raises(
         ss.AdapterError,
-        match=rf"module '.*': the low-rank update s B A has entry RMS .* > {UPDATE_RMS_MAX:g}.*{ALLOW_LARGE_UPDATES_ENV}=1",
+        match=r"module '.*': the low-rank update s B A has entry RMS .* > "
+        rf"{UPDATE_RMS_MAX:g}.*{ALLOW_LARGE_UPDATES_ENV}=1",
     ):
         ss.read_adapter(adapter)
     with pytest.raises(ss.AdapterError, match="entry RMS"):
@@ -146,13 +150,15 @@ def test_relative_bound_needs_the_base_and_the_override_lifts_it(tmp_path):
     assert file.updates[path].entry_rms(file.updates[path].lowrank) < UPDATE_RMS_MAX
     with pytest.raises(
         ss.AdapterError,
-        match=rf"the update can be {re.escape(f'{2 * RELATIVE_UPDATE_MAX:.3g}')}x the base layer's norm .* > {RELATIVE_UPDATE_MAX:g}",
+        match=rf"the update can be {re.escape(f'{2 * RELATIVE_UPDATE_MAX:.3g}')}x the base layer's norm .* > "
+        rf"{RELATIVE_UPDATE_MAX:g}",
     ):
         ss.load_adapter(make_tiny_model("llama"), out)
     ss.load_adapter(make_tiny_model("llama"), out, allow_large_updates=True)
 
 
-# ---------------------------------------------------------------- 3. eager, PEFT and vLLM read the same file the same way
+# ---------------------------------------------------------------- 3. eager, PEFT and vLLM read the same file
+# the same way
 
 
 def test_config_rank_must_equal_tensor_rank_as_in_peft(tmp_path):
@@ -168,7 +174,8 @@ def test_config_rank_must_equal_tensor_rank_as_in_peft(tmp_path):
 
 
 def test_rank_and_alpha_patterns_resolve_as_peft_does(tmp_path):
-    """PEFT takes the first pattern key (in file order) matching `(.*\\.)?(key)$`: layer 0's q_proj gets 2, layer 1's 6."""
+    """PEFT takes the first pattern key (in file order) matching `(.*\\.)?(key)$`: layer 0's q_proj gets 2,
+    layer 1's 6."""
     patterns = {"rank_pattern": {"layers.0.self_attn.q_proj": 2, "q_proj": 6}, "alpha_pattern": {"v_proj": 5}}
     peft_model = get_peft_model(
         make_tiny_model("llama"),
@@ -280,7 +287,8 @@ def test_check_against_base_names_missing_module_shape_and_fingerprint(tmp_path,
         (
             layers,
             {"model_type": "qwen2"},
-            r"field 'base_fingerprint.model_type': the base is a 'qwen2' model but the adapter was trained on a 'llama' one",
+            r"field 'base_fingerprint.model_type': the base is a 'qwen2' model but the adapter was trained "
+            r"on a 'llama' one",
         ),
         (
             layers | {q0: dataclasses.replace(layers[q0], weight_norm=1e-6)},
@@ -305,7 +313,8 @@ def unprivileged(command: list[str]) -> list[str]:
     wrapped = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
     if shutil.which("setpriv") is None or subprocess.run([*wrapped[:3], "true"], capture_output=True).returncode != 0:
         pytest.skip(
-            "running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv or no CAP_SETPCAP): permissions are not enforced"
+            "running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv or no CAP_SETPCAP): permissions "
+            "are not enforced"
         )
     return wrapped
 
@@ -499,11 +508,13 @@ def test_serve_refuses_before_the_engine_starts(tmp_path, llama_base, gemma2_unt
     cases = {
         "no LoRA in vLLM": (
             ["--model", str(gptj_checkpoint(tmp_path / "gptj"))],
-            r"gptj/config.json: field 'architectures': vLLM 0.32 serves GPTJForCausalLM without LoRA support.*sora-serve fold",
+            r"gptj/config.json: field 'architectures': vLLM 0.32 serves GPTJForCausalLM without LoRA "
+            r"support.*sora-serve fold",
         ),
         "shape": (
             ["--model", str(llama_base), "--adapter", f"w={wrong_shape}"],
-            r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': .*adapter is 96x96 but the base layer is 128x128",
+            r"wrong/adapter_model.safetensors: field 'base_model.model.model.layers.0.self_attn.q_proj': "
+            r".*adapter is 96x96 but the base layer is 128x128",
         ),
         "adapter dir": (
             ["--model", str(llama_base), "--adapter-dir", str(tmp_path / "none")],

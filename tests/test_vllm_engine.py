@@ -141,7 +141,8 @@ print("WORKER MANAGER", lora_model_runner_mixin.LRUCacheWorkerLoRAManager.__name
 helper = PEFTHelper.from_local_dir(sys.argv[1], 256)
 try:
     helper.validate_legal(LoRAConfig(max_lora_rank=16))
-    LoRAModel.from_local_checkpoint(sys.argv[1], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, helper, device="cpu")
+    LoRAModel.from_local_checkpoint(sys.argv[1], \
+{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, helper, device="cpu")
     print("LOADED")
 except ValueError as exc:
     print("REFUSED", exc)
@@ -306,7 +307,8 @@ llm = make_llm(base, max_loras=2)
 params = SamplingParams(max_tokens=2, temperature=0)
 for _ in range(2):  # the second round must read nothing
     for i, path in enumerate(adapters):
-        llm.generate([{"prompt_token_ids": [5, 17, 99]}], params, lora_request=LoRARequest(f"a{i}", i + 1, path), use_tqdm=False)
+        llm.generate([{"prompt_token_ids": [5, 17, 99]}], params, lora_request=LoRARequest(f"a{i}", i + 1, path), \
+use_tqdm=False)
 serving = dict(opened)
 opened.clear()
 for path in adapters:  # what one read opens, for comparison

@@ -101,10 +101,12 @@ def test_many_adapters_cycled_through_two_slots(engine):
             if adapter is not None:
                 assert off_greedy(base, prompt, tokens) != [], f"adapter {adapter} answered like the base"
     print(
-        f"engine RSS: {rss[FIRST] / 2**20:.1f} MiB after {FIRST} adapters, {rss[N_ADAPTERS] / 2**20:.1f} MiB after {N_ADAPTERS}"
+        f"engine RSS: {rss[FIRST] / 2**20:.1f} MiB after {FIRST} adapters, {rss[N_ADAPTERS] / 2**20:.1f} "
+        f"MiB after {N_ADAPTERS}"
     )
     assert rss[N_ADAPTERS] <= RSS_GROWTH_MAX * rss[FIRST], (
-        f"engine RSS grew from {rss[FIRST] / 2**20:.0f} MiB after {FIRST} adapters to {rss[N_ADAPTERS] / 2**20:.0f} MiB after {N_ADAPTERS}"
+        f"engine RSS grew from {rss[FIRST] / 2**20:.0f} MiB after {FIRST} adapters to "
+        f"{rss[N_ADAPTERS] / 2**20:.0f} MiB after {N_ADAPTERS}"
     )
 
 

@@ -1,9 +1,9 @@
 """vLLM with the plugin at tensor_parallel_size=2 (two CPU workers): exact against the eager runtime.
 
 Column-parallel layers (qkv_proj with biases, gate_up_proj) hold output-row shards: SORA's rotation
-all-reduces (z U) in token order (each rank may hold an adapter in another slot), DoRA's g comes from the rank's own rows of ||W0||^2 and W0 A^T. Row-parallel
-layers (o_proj, down_proj) hold input-column shards: DoRA sums the ranks' partial ||W0||^2 and
-W0 A^T in float64, the bias shift is added on rank 0 only."""
+all-reduces (z U) in token order (each rank may hold an adapter in another slot), DoRA's g comes from the
+rank's own rows of ||W0||^2 and W0 A^T. Row-parallel layers (o_proj, down_proj) hold input-column shards:
+DoRA sums the ranks' partial ||W0||^2 and W0 A^T in float64, the bias shift is added on rank 0 only."""
 
 from __future__ import annotations
 

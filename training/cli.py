@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recompute-base",
         action="store_true",
-        help="pre-diag/sora: recompute W0 x in backward instead of storing it (activation memory of LoRA, one more GEMM per layer)",
+        help="pre-diag/sora: recompute W0 x in backward instead of storing it (activation memory of LoRA, one "
+        "more GEMM per layer)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -116,5 +117,6 @@ def run(args: argparse.Namespace) -> None:
     before, after = metrics["eval_before"], metrics["eval_after"]
     summary = ", ".join(f"eval {k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("loss", "accuracy") if k in after)
     print(
-        f"{args.method}: {metrics['trainable_params']:,} trainable params, {metrics['steps']} steps, {summary}; wrote {args.out}"
+        f"{args.method}: {metrics['trainable_params']:,} trainable params, {metrics['steps']} steps, "
+        f"{summary}; wrote {args.out}"
     )

@@ -153,7 +153,8 @@ def _plain_lora(module_name: str, factors: list[ServingFactors | None]) -> list:
     for f in factors:
         if f is not None and (f.scale is not None or f.bias_shift is not None or f.rot_U is not None):
             raise ValueError(
-                f"sora-serve cannot serve this adapter on '{module_name}': vLLM wraps it with its own LoRA class, which takes plain LoRA only"
+                f"sora-serve cannot serve this adapter on '{module_name}': vLLM wraps it with its own LoRA "
+                "class, which takes plain LoRA only"
             )
     return [None if f is None else f.lora_A for f in factors]
 
@@ -281,9 +282,11 @@ def check_servable(
         base = layer.base_layer
         if adapter.method == "dora" and not isinstance(base.quant_method, UnquantizedLinearMethod):
             raise ValueError(
-                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA needs its plain weight"
+                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA "
+                "needs its plain weight"
             )
         if adapter.method != "lora" and base.bias is not None and base.skip_bias_add:
             raise ValueError(
-                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside the LoRA op (skip_bias_add)"
+                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside "
+                "the LoRA op (skip_bias_add)"
             )

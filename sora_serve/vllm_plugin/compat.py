@@ -394,7 +394,8 @@ def check_installed() -> None:
         raise RuntimeError(
             f"sora-serve's vLLM plugin cannot serve vLLM {vllm.__version__}: "
             + "; ".join(issues)
-            + " (the plugin's vLLM symbols and their reasons: sora_serve/vllm_plugin/compat.py; docs/VLLM.md lists the tested versions)"
+            + " (the plugin's vLLM symbols and their reasons: sora_serve/vllm_plugin/compat.py; docs/VLLM.md "
+            "lists the tested versions)"
         )
 
 

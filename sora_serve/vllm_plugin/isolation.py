@@ -124,7 +124,8 @@ def patch_scheduler() -> None:
             request = self.requests.get(req_id)
             name = request.lora_request.lora_name if request is not None and request.lora_request else "?"
             logger.error(
-                "sora-serve: adapter '%s' produced non-finite activations; request %s failed, other requests unaffected",
+                "sora-serve: adapter '%s' produced non-finite activations; request %s failed, other "
+                "requests unaffected",
                 name,
                 req_id,
             )

@@ -33,7 +33,8 @@ def _remembering_death(stock):
 
 
 def patch_engine_death() -> None:
-    """Wrap `terminate_if_errored` where vLLM looks it up: its module and the error handler's, which binds it by name."""
+    """Wrap `terminate_if_errored` where vLLM looks it up: its module and the error handler's, which binds it
+    by name."""
     from vllm.entrypoints.launchers import launcher
     from vllm.entrypoints.serve.exception_handling.handlers import vllm_error
 

@@ -169,7 +169,8 @@ def install_worker_manager() -> None:
 
 
 def expected_modules(manager) -> set[str]:
-    """The HF module names vLLM can adapt in this model (packed layers by their parts), as vLLM's loader computes them."""
+    """The HF module names vLLM can adapt in this model (packed layers by their parts), as vLLM's loader
+    computes them."""
     names: set[str] = set()
     for module in manager.supported_lora_modules:
         names.update(manager.packed_modules_mapping.get(module, [module]))
@@ -189,7 +190,8 @@ def check_targets(adapter: AdapterFile, expected_lora_modules: set[str]) -> None
     for path in adapter.tensors:
         if path.rsplit(".", 1)[-1] not in expected_lora_modules:
             raise AdapterError(
-                f"module '{path}': vLLM cannot adapt it in this model (adaptable: {', '.join(sorted(expected_lora_modules))})",
+                f"module '{path}': vLLM cannot adapt it in this model (adaptable: "
+                f"{', '.join(sorted(expected_lora_modules))})",
                 file=adapter.weights_file,
                 field=f"{PEFT_PREFIX}{path}",
             )

@@ -211,15 +211,18 @@ def check_architecture(checkpoint: Checkpoint) -> None:
         return
     if not supports_lora(cls):
         raise AdapterError(
-            f"vLLM 0.32 serves {architecture} without LoRA support, so adapters cannot be served on it: fold the adapter "
-            f"into the base with `sora-serve fold --base {checkpoint.directory} --adapter DIR --out MERGED` and serve the "
+            f"vLLM 0.32 serves {architecture} without LoRA support, so adapters cannot be served on it: "
+            "fold the adapter "
+            f"into the base with `sora-serve fold --base {checkpoint.directory} --adapter DIR --out "
+            "MERGED` and serve the "
             "merged model (python -m vllm.entrypoints.openai.api_server --model MERGED)",
             file=config_file,
             field="architectures",
         )
     if config.get("tie_word_embeddings") is False and vllm_always_ties_head(architecture):
         raise AdapterError(
-            f"tie_word_embeddings is false (an untied, e.g. folded, output head) but vLLM's {architecture} always computes "
+            f"tie_word_embeddings is false (an untied, e.g. folded, output head) but vLLM's {architecture} "
+            "always computes "
             "logits with the input embeddings and cannot load a separate lm_head",
             file=config_file,
             field="tie_word_embeddings",
