@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import sora_serve as ss
+from sora_serve.checkpoint import Checkpoint, check_adapter_against
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
@@ -37,8 +38,6 @@ from sora_serve.io import (
     our_config_json,
 )
 from sora_serve.methods import rotation_factors
-
-from .checkpoint import Checkpoint, checkpoint_layers
 
 TARGETS = ("sora", "reference")
 
@@ -94,10 +93,8 @@ def _fingerprint(adapter: AdapterFile, base_dir: str | Path | None) -> dict:
     if base_dir is None:
         return {"model_type": None, "modules": {}}
     checkpoint = Checkpoint(base_dir)
-    layers = checkpoint_layers(checkpoint, adapter.tensors, norms=True)
-    model_type = checkpoint.config_dict.get("model_type")
-    ss.check_against_base(adapter, layers, model_type=model_type)
-    return base_fingerprint(layers, model_type)
+    layers = check_adapter_against(adapter, checkpoint)
+    return base_fingerprint(layers, checkpoint.config_dict.get("model_type"))
 
 
 def write_ours(adapter: AdapterFile, directory: Path, fingerprint: dict) -> None:

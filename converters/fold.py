@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
+from sora_serve.checkpoint import INDEX_FILE, Checkpoint, check_adapter_against, tensor_spec, write_safetensors
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import AdapterFile, adapter_from_tensors, check_against_base
-
-from .checkpoint import INDEX_FILE, Checkpoint, checkpoint_layers, tensor_spec, write_safetensors
+from sora_serve.io import AdapterFile, adapter_from_tensors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,7 +85,7 @@ def fold_adapter(
 ) -> dict:
     """Write base + adapter as one plain checkpoint; return what was done and the measured error.
 
-    The adapter is validated against the base first (`check_against_base`, with ||W0||_F and the
+    The adapter is validated against the base first (`check_adapter_against`, with ||W0||_F and the
     fingerprint's weights); `allow_large_updates` as in `read_adapter`, `allow_other_base` as in
     `sora_serve.fingerprint.check_fingerprint`."""
     if math_dtype not in ("float32", "float64"):
@@ -96,9 +95,8 @@ def fold_adapter(
     checkpoint = Checkpoint(base_dir)
     adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
     checkpoint.validate()
-    layers = checkpoint_layers(checkpoint, adapter.base_paths)
     overrides = {"allow_large_updates": allow_large_updates, "allow_other_base": allow_other_base}
-    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"), **overrides)
+    check_adapter_against(adapter, checkpoint, **overrides)
     folder = LayerFolder(checkpoint, adapter, DTYPES[math_dtype])
     out_dtype = None if dtype == "auto" else DTYPES[dtype]
     with atomic_output_dir(out_dir, force=force) as tmp:
@@ -185,7 +183,7 @@ def warn_if_vllm_ties_the_head(config: dict) -> None:
     transformers and ONNX honour `tie_word_embeddings: false`.
     """
     try:
-        from sora_serve.vllm_plugin.server import vllm_always_ties_head
+        from sora_serve.vllm_plugin.models import vllm_always_ties_head
     except ImportError:  # vLLM is an optional extra
         return
     architecture = next(iter(config.get("architectures") or []), None)

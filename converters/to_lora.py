@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
+from sora_serve.checkpoint import Checkpoint, check_adapter_against
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
@@ -32,12 +33,9 @@ from sora_serve.io import (
     WEIGHTS_FILE,
     AdapterFile,
     adapter_from_tensors,
-    check_against_base,
     write_side_fingerprint,
 )
 from sora_serve.methods import ServingFactors
-
-from .checkpoint import Checkpoint, checkpoint_layers
 
 BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding
 
@@ -97,7 +95,7 @@ def to_lora(
 ) -> dict:
     """Write a PEFT LoRA dir equal to the adapter (or, with allow_approx, its best rank-`rank` fit).
 
-    The adapter is validated against the base first (`check_against_base`, with ||W0||_F and the
+    The adapter is validated against the base first (`check_adapter_against`, with ||W0||_F and the
     fingerprint's weights); `allow_large_updates` as in `read_adapter`, `allow_other_base` as in
     `sora_serve.fingerprint.check_fingerprint`. The output records this base's fingerprint.
 
@@ -108,15 +106,10 @@ def to_lora(
         raise AdapterError("--allow-approx and a positive --rank go together", field="rank")
     checkpoint = Checkpoint(base_dir)
     adapter = ss.read_adapter(adapter_dir, allow_large_updates=allow_large_updates)
-    layers = checkpoint_layers(checkpoint, adapter.base_paths)
-    model_type = checkpoint.config_dict.get("model_type")
-    check_against_base(
-        adapter,
-        layers,
-        model_type=model_type,
-        allow_large_updates=allow_large_updates,
-        allow_other_base=allow_other_base,
+    layers = check_adapter_against(
+        adapter, checkpoint, allow_large_updates=allow_large_updates, allow_other_base=allow_other_base
     )
+    model_type = checkpoint.config_dict.get("model_type")
     modules = dict(checkpoint.meta_model.named_modules())
     tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):

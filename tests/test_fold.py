@@ -187,7 +187,7 @@ def test_prefixless_keys_bfloat16_output_and_cli(tmp_path, capsys):
 PEAK_SCRIPT = """
 import os, sys, threading
 from sora_serve.converters.fold import fold_adapter
-from sora_serve.converters.checkpoint import Checkpoint
+from sora_serve.checkpoint import Checkpoint
 import sora_serve as ss
 
 def rss():  # resident bytes now (ru_maxrss is a high-water mark that imports already set)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import sora_serve as ss
-from sora_serve.converters.checkpoint import Checkpoint, checkpoint_layers
+from sora_serve.checkpoint import Checkpoint, checkpoint_layers
 from sora_serve.converters.fold import fold_adapter
 from sora_serve.io import (
     ALLOW_LARGE_UPDATES_ENV,

@@ -48,7 +48,7 @@ _verdicts: dict[tuple, str | None] = {}  # (dir version, base dir) -> None (vali
 
 @functools.lru_cache(maxsize=4)
 def _base_checkpoint(model_dir: str):
-    from sora_serve.converters.checkpoint import Checkpoint
+    from sora_serve.checkpoint import Checkpoint
 
     return Checkpoint(model_dir)
 
@@ -57,12 +57,10 @@ def check_against_checkpoint(adapter: AdapterFile, model_dir: str) -> None:
     """Modules, shapes and the base fingerprint against the base's files (headers, and the sampled
     entries of W0); the update's size relative to ||W0|| is checked in the worker, where row norms
     are recorded."""
-    from sora_serve.converters.checkpoint import checkpoint_layers
-    from sora_serve.io import check_against_base
+    from sora_serve.checkpoint import check_adapter_against
 
     checkpoint = _base_checkpoint(model_dir)
-    layers = checkpoint_layers(checkpoint, adapter.tensors, norms=False)
-    check_against_base(adapter, layers, model_type=checkpoint.config_dict.get("model_type"))
+    check_adapter_against(adapter, checkpoint, norms=False)
     head = checkpoint.meta_model.get_output_embeddings()
     head_path = next((name for name, module in checkpoint.meta_model.named_modules() if module is head), None)
     if head_path in adapter.tensors:  # refused in the worker too; here it never reaches the engine

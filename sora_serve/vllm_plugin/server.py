@@ -17,7 +17,6 @@ load/unload endpoints off (vLLM registers them only with VLLM_ALLOW_RUNTIME_LORA
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -27,12 +26,13 @@ from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV
 from sora_serve.fs import readable_dir
-from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, check_against_base, read_adapter
+from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, read_adapter
 
 from .access import LOAD_ROOTS_ENV, encode_roots
+from .models import vllm_always_ties_head, vllm_model_class
 
 if TYPE_CHECKING:
-    from sora_serve.converters.checkpoint import Checkpoint
+    from sora_serve.checkpoint import Checkpoint
 
 # Read by the plugin's LoRA resolver: adapters requested by name are loaded from this directory.
 ADAPTER_DIR_ENV = "SORA_SERVE_ADAPTER_DIR"
@@ -171,28 +171,9 @@ def open_model_dir(model: str) -> Checkpoint:
             file=model,
             field="--model",
         )
-    from sora_serve.converters.checkpoint import Checkpoint  # transformers: imported once the cheap checks pass
+    from sora_serve.checkpoint import Checkpoint  # transformers: imported once the cheap checks pass
 
     return Checkpoint(model)
-
-
-def vllm_model_class(architecture: str) -> type | None:
-    """vLLM's own class for `architecture` from its model registry; None when vLLM has none (its
-    Transformers backend may still serve it: the engine decides)."""
-    from vllm.model_executor.models import ModelRegistry
-
-    registered = ModelRegistry.models.get(architecture)
-    return None if registered is None else registered.load_model_cls()
-
-
-def vllm_always_ties_head(architecture: str) -> bool:
-    """Whether vLLM's class computes logits with the input embeddings whatever tie_word_embeddings says
-    (Gemma2, Cohere): it has no lm_head, so an untied (folded) head cannot be loaded."""
-    cls = vllm_model_class(architecture)
-    if cls is None:
-        return False
-    source = inspect.getsource(cls.compute_logits)
-    return "embed_tokens" in source and "lm_head" not in source
 
 
 def check_architecture(checkpoint: Checkpoint) -> None:
@@ -281,15 +262,10 @@ def run(args: argparse.Namespace) -> None:
         read_adapter(path, allow_large_updates=overrides["allow_large_updates"]) for _, path in args.adapter
     ]  # the files alone
     checkpoint = open_model_dir(args.model)
-    from sora_serve.converters.checkpoint import checkpoint_layers
+    from sora_serve.checkpoint import check_adapter_against
 
-    model_type = checkpoint.config_dict.get("model_type")
-    for (
-        adapter
-    ) in adapters:  # shapes from the safetensors headers, ||W0||_F and the fingerprint's entries from the weights
-        check_against_base(
-            adapter, checkpoint_layers(checkpoint, adapter.base_paths), model_type=model_type, **overrides
-        )
+    for adapter in adapters:  # shapes from the safetensors headers, ||W0||_F and the fingerprint's entries
+        check_adapter_against(adapter, checkpoint, **overrides)
     check_architecture(checkpoint)  # last: they import vLLM (~10 s)
     check_head_size(checkpoint)
     command = server_command(args)

@@ -1,6 +1,8 @@
 """Hugging Face safetensors checkpoints, one tensor at a time: read lazily, write streaming.
 
-Converters read tensors through `safe_open`, learn the module structure (layer classes, tied
+Fold, to-lora, convert, `sora-serve serve` and the vLLM plugin read base checkpoints through
+`Checkpoint`; `check_adapter_against` is the one "adapter dir against its base's files" check they share.
+Tensors are read through `safe_open`, learn the module structure (layer classes, tied
 weights) from a model built on the `meta` device, which costs no memory, and write shards with
 `write_safetensors`, which holds one tensor at a time instead of the whole shard.
 
@@ -24,10 +26,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from sora_serve.errors import AdapterError
-from sora_serve.fingerprint import BaseLayer
-from sora_serve.fs import readable_dir, readable_file
-from sora_serve.layer import weight_out_in
+from .errors import AdapterError
+from .fingerprint import BaseLayer
+from .fs import readable_dir, readable_file
+from .io import AdapterFile, check_against_base
+from .layer import weight_out_in
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -200,6 +203,24 @@ def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bo
             norm,
             _entry_reader(checkpoint, key, module),
         )
+    return layers
+
+
+def check_adapter_against(
+    adapter: AdapterFile,
+    checkpoint: Checkpoint,
+    *,
+    norms: bool = True,
+    allow_large_updates: bool | None = None,
+    allow_other_base: bool | None = None,
+) -> dict[str, BaseLayer]:
+    """Check `adapter` against the base checkpoint's files: every module present with the adapter's
+    shapes, the base fingerprint (shapes and sampled weights), and with `norms` the update's size
+    relative to ||W0||_F (the vLLM worker checks that where it records row norms). Returns the layers."""
+    layers = checkpoint_layers(checkpoint, adapter.base_paths, norms=norms)
+    model_type = checkpoint.config_dict.get("model_type")
+    overrides = {"allow_large_updates": allow_large_updates, "allow_other_base": allow_other_base}
+    check_against_base(adapter, layers, model_type=model_type, **overrides)
     return layers
 
 
