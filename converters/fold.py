@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
 from sora_serve.checkpoint import INDEX_FILE, Checkpoint, check_adapter_against, tensor_spec, write_safetensors
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import AdapterFile, adapter_from_tensors
+from sora_serve.io import AdapterFile
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,9 +38,7 @@ class LayerFolder:
 
     def __init__(self, checkpoint: Checkpoint, adapter: AdapterFile, math_dtype: torch.dtype):
         self.checkpoint, self.adapter, self.math_dtype = checkpoint, adapter, math_dtype
-        modules = dict(checkpoint.meta_model.named_modules())
         paths = sorted(adapter.tensors)
-        self.transposed = {p: isinstance(modules[p], Conv1D) for p in paths}
         self.weight_keys = {p: checkpoint.weight_key(p) for p in paths}
         self.bias_keys = {p: checkpoint.tensor_key(p, "bias") for p in paths}
         self.untied = {p: source for p in paths if (source := checkpoint.tied_source(p)) is not None}
@@ -55,18 +52,15 @@ class LayerFolder:
 
     def fold(self, path: str) -> dict[str, torch.Tensor]:
         """The layer's merged tensors in the math dtype, by output key (weight in the file's orientation)."""
-        raw = self.checkpoint.get_tensor(self.weight_keys[path]).to(self.math_dtype)
-        weight = raw.T if self.transposed[path] else raw
-        bias_key = self.bias_keys[path]
-        bias = None if bias_key is None else self.checkpoint.get_tensor(bias_key).to(self.math_dtype)
-        module = adapter_from_tensors(self.adapter.module_configs[path], self.adapter.tensors[path], weight)
-        merged_w, merged_b = module.serving_factors(weight, bias, self.math_dtype).dense(weight, bias)
+        base = self.checkpoint.base_view(path, self.math_dtype)
+        weight, bias, bias_key = base.weight(), base.bias, self.bias_keys[path]
+        merged_w, merged_b = self.adapter.serving_factors(path, base, self.math_dtype).dense(weight, bias)
         if bias is None and merged_b is not None:
             raise AdapterError(
                 f"the merged layer '{path}' needs a bias the base layer does not have", field=f"{path}.bias"
             )
         weight_key = f"{path}.weight" if path in self.new_heads else self.weight_keys[path]
-        merged = {weight_key: (merged_w.T if self.transposed[path] else merged_w).contiguous()}
+        merged = {weight_key: (merged_w.T if self.checkpoint.is_transposed(path) else merged_w).contiguous()}
         return merged if bias_key is None else merged | {bias_key: merged_b}
 
 

@@ -38,7 +38,7 @@ import sora_serve as ss
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import adapter_from_tensors, check_base
+from sora_serve.io import check_base
 from sora_serve.methods import ServingFactors
 
 from .onnx_genai import GenaiCausalLM, import_genai, write_genai_config
@@ -144,12 +144,9 @@ def adapter_factors(
     for adapter in adapters:
         check_base(adapter, model, **overrides)
         per_layer = {}
-        for path, tensors in adapter.tensors.items():
+        for path in adapter.tensors:
             layer = ss.layer.AdaptedLayer(modules[path])  # for (out, in) weight access, Conv1D included
-            weight = layer.weight.detach().double()
-            bias = None if layer.bias is None else layer.bias.detach().double()
-            module = adapter_from_tensors(adapter.module_configs[path], tensors, weight)
-            per_layer[path] = module.serving_factors(weight, bias, torch.float64)
+            per_layer[path] = adapter.serving_factors(path, layer.base_view())
         result[adapter.directory.name] = per_layer
     return result
 

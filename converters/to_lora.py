@@ -31,8 +31,6 @@ from sora_serve.fs import atomic_output_dir
 from sora_serve.io import (
     PEFT_PREFIX,
     WEIGHTS_FILE,
-    AdapterFile,
-    adapter_from_tensors,
     write_side_fingerprint,
 )
 from sora_serve.methods import ServingFactors
@@ -71,16 +69,6 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return vh[:k], u[:, :k] * s[:k], s[k:].norm().item(), s.norm().item()
 
 
-def layer_factors(checkpoint: Checkpoint, adapter: AdapterFile, path: str, transposed: bool):
-    """(W0 as out x in, b0 or None, serving factors), all in float64."""
-    raw = checkpoint.get_tensor(checkpoint.weight_key(path)).double()
-    weight = raw.T if transposed else raw
-    bias_key = checkpoint.tensor_key(path, "bias")
-    bias = None if bias_key is None else checkpoint.get_tensor(bias_key).double()
-    module = adapter_from_tensors(adapter.module_configs[path], adapter.tensors[path], weight)
-    return weight, bias, module.serving_factors(weight, bias)
-
-
 def to_lora(
     base_dir: str | Path,
     adapter_dir: str | Path,
@@ -113,7 +101,8 @@ def to_lora(
     modules = dict(checkpoint.meta_model.named_modules())
     tensors, errors, residual_sq, delta_sq = {}, {}, 0.0, 0.0
     for path in tqdm(sorted(adapter.tensors), desc="to-lora", disable=not progress):
-        weight, bias, factors = layer_factors(checkpoint, adapter, path, isinstance(modules[path], Conv1D))
+        base = checkpoint.base_view(path, torch.float64)
+        weight, bias, factors = base.weight(), base.bias, adapter.serving_factors(path, base)
         if changes_bias(factors, bias, weight.shape[0]):
             raise AdapterError(
                 f"layer '{path}': the adapter changes its bias, which a LoRA cannot express", file=adapter.directory

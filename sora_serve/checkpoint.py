@@ -31,6 +31,7 @@ from .fingerprint import BaseLayer
 from .fs import readable_dir, readable_file
 from .io import AdapterFile, check_against_base
 from .layer import weight_out_in
+from .methods import BaseView
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -131,6 +132,17 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         with self.open(self.weight_map[key]) as f:
             return tuple(f.get_slice(key).get_shape())
+
+    def base_view(self, module_path: str, dtype: torch.dtype) -> BaseView:
+        """The layer's W0 (as out x in, whatever the file's orientation) and bias, read in `dtype`."""
+        raw = self.get_tensor(self.weight_key(module_path)).to(dtype)
+        weight = raw.T if self.is_transposed(module_path) else raw
+        bias_key = self.tensor_key(module_path, "bias")
+        return BaseView(weight, None if bias_key is None else self.get_tensor(bias_key).to(dtype))
+
+    def is_transposed(self, module_path: str) -> bool:
+        """Whether the file stores the layer's weight as (in, out): GPT-2's Conv1D."""
+        return isinstance(self.meta_model.get_submodule(module_path), Conv1D)
 
     def tensor_key(self, module_path: str, param: str) -> str | None:
         """Name of `<module_path>.<param>` in the file, with or without the base prefix; None if absent."""

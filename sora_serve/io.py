@@ -34,7 +34,7 @@ from .config import FORMAT_VERSION, PEFT_TYPES, AdapterConfig
 from .errors import AdapterError
 from .fingerprint import BaseLayer, base_fingerprint, check_fingerprint, model_layers, parse_fingerprint
 from .fs import atomic_output_dir, readable_dir, readable_file
-from .methods import Adapter, build_adapter, rotation_factors
+from .methods import BaseView, ServingFactors, adapter_from_tensors, rotation_factors
 from .model import CONFIGS_ATTR, adapted_layers, adapter_configs, set_active_adapter, wrap_layer
 
 CONFIG_FILE = "adapter_config.json"
@@ -281,6 +281,10 @@ class AdapterFile:
     @property
     def method(self) -> str:
         return self.config.method
+
+    def serving_factors(self, path: str, base: BaseView, dtype: torch.dtype = torch.float64) -> ServingFactors:
+        """The factors of module `path` on the base layer `base` describes (fold, to-lora, ONNX, vLLM)."""
+        return adapter_from_tensors(self.module_configs[path], self.tensors[path]).serving_factors(base, dtype)
 
     @property
     def base_paths(self) -> set[str]:
@@ -727,13 +731,6 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor], weight: torch.Tensor) -> Adapter:
-    """An Adapter module holding exactly `tensors`, for a layer with base weight `weight` (out x in)."""
-    adapter = build_adapter(config, weight)
-    adapter.load_state_dict({k: v.to(weight.dtype) for k, v in tensors.items()}, strict=True)
-    return adapter
-
-
 def load_adapter(
     model: nn.Module,
     adapter_dir: str | Path,
@@ -756,7 +753,7 @@ def load_adapter(
         param.requires_grad_(False)
     for module_path, tensors in adapter.tensors.items():
         layer = wrap_layer(model, module_path, modules[module_path])
-        layer.add_adapter(name, adapter_from_tensors(adapter.module_configs[module_path], tensors, layer.weight))
+        layer.add_adapter(name, adapter_from_tensors(adapter.module_configs[module_path], tensors))
     setattr(model, CONFIGS_ATTR, {**adapter_configs(model), name: adapter.config})
     set_active_adapter(model, name)
     return model

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterError
-from .methods import Adapter
+from .methods import Adapter, BaseView
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -56,6 +56,10 @@ class AdaptedLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def base_view(self) -> BaseView:
+        """What the adapters may read of the base layer (`sora_serve.methods.BaseView`)."""
+        return BaseView(self.weight, self.bias)
 
     @property
     def out_features(self) -> int:
@@ -91,7 +95,7 @@ class AdaptedLayer(nn.Module):
             return self._mixed_batch(x, base_out)
         if self.active_adapter not in self.adapters:  # None, or an adapter not on this layer
             return base_out
-        return self.adapters[self.active_adapter](x, base_out, self.weight, self.bias)
+        return self.adapters[self.active_adapter](x, base_out, self.base_view())
 
     def _mixed_batch(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         names = self.row_adapters
@@ -100,7 +104,7 @@ class AdaptedLayer(nn.Module):
         out = base_out.clone()
         for name in dict.fromkeys(n for n in names if n in self.adapters):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[rows] = self.adapters[name](x[rows], base_out[rows], self.weight, self.bias).to(out.dtype)
+            out[rows] = self.adapters[name](x[rows], base_out[rows], self.base_view()).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

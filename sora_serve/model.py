@@ -88,7 +88,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ve
         param.requires_grad_(False)
     for path, module in targets.items():
         layer = wrap_layer(model, path, module)
-        layer.add_adapter(name, build_adapter(config, layer.weight))
+        layer.add_adapter(name, build_adapter(config, layer.base_view()))
     setattr(model, CONFIGS_ATTR, {**adapter_configs(model), name: config})
     set_active_adapter(model, name)
     if verbose:

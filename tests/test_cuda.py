@@ -33,7 +33,7 @@ def test_forward_and_factors_on_cuda_match_dense_reference(kind, bias, method, r
     with torch.no_grad():
         x_cuda = x.to("cuda", dtype)
         got = layer(x_cuda)
-        factors = layer.adapters["a"].serving_factors(layer.weight, layer.bias, dtype)
+        factors = layer.adapters["a"].serving_factors(layer.base_view(), dtype)
         served = factors.apply(x_cuda, layer.base_layer(x_cuda))
     assert got.device.type == "cuda"
     assert (got.double().cpu() - expected).abs().max() <= TOL[dtype]

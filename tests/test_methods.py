@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sora_serve import AdapterConfig
 from sora_serve.layer import AdaptedLayer
-from sora_serve.methods import build_adapter, rotation_factors
+from sora_serve.methods import BaseView, build_adapter, rotation_factors
 
 IN, OUT, R, R_P = 48, 40, 4, 3
 TOL64 = 1e-9  # float64 forward vs dense reference
@@ -32,7 +32,7 @@ def make_layer(kind: str, bias: bool, method: str, rotation: str, s0: float = 1.
             nn.init.normal_(base.bias, std=0.2)
     layer = AdaptedLayer(base.double())
     config = AdapterConfig(method=method, r=R, lora_alpha=8, r_p=R_P, s0=s0, rotation=rotation)
-    layer.add_adapter("a", build_adapter(config, layer.weight))
+    layer.add_adapter("a", build_adapter(config, layer.base_view()))
     with torch.no_grad():  # make every parameter non-trivial (B = 0, d = 1, D = C at init)
         for p in layer.adapters["a"].parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -76,7 +76,7 @@ def test_forward_and_factors_match_dense_reference(kind, bias, method, rotation)
 
     with torch.no_grad():
         got = layer(x)
-        factors = layer.adapters["a"].serving_factors(layer.weight, layer.bias)
+        factors = layer.adapters["a"].serving_factors(layer.base_view())
         served = factors.apply(x, layer.base_layer(x))
         w, b = factors.dense(layer.weight, layer.bias)
 
@@ -86,6 +86,22 @@ def test_forward_and_factors_match_dense_reference(kind, bias, method, rotation)
     assert (b is None) == (b_ref is None)
     if b is not None:
         assert (b - b_ref).abs().max() <= TOL64
+
+
+@pytest.mark.parametrize("method,rotation", CASES)
+def test_factors_of_some_rows_are_those_rows_of_the_full_factors(method, rotation):
+    """What a column-parallel vLLM rank asks for: `BaseView(rows=...)` gives exactly those output
+    rows of every output-side factor (DoRA's g from those rows' norms alone), A whole."""
+    layer = make_layer("linear", True, method, rotation)
+    rows = torch.tensor([0, 3, 4, 9])
+    full = layer.adapters["a"].serving_factors(layer.base_view())
+    part = layer.adapters["a"].serving_factors(BaseView(layer.weight, layer.bias, rows))
+    assert torch.equal(part.lora_A, full.lora_A)
+    for field in ("lora_B", "scale", "bias_shift", "rot_U", "rot_V"):
+        whole, cut = getattr(full, field), getattr(part, field)
+        assert (whole is None) == (cut is None), field
+        if whole is not None:
+            assert torch.allclose(cut, whole[rows], rtol=0, atol=1e-14), field
 
 
 def test_first_order_equals_the_papers_forward():
@@ -138,7 +154,7 @@ class ShapeRecorder(TorchDispatchMode):
 def test_sora_forward_never_builds_an_out_by_out_tensor(rotation):
     out_f, in_f = 300, 64
     layer = AdaptedLayer(nn.Linear(in_f, out_f))
-    adapter = build_adapter(AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation), layer.weight)
+    adapter = build_adapter(AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation), layer.base_view())
     layer.add_adapter("a", adapter)
     layer.active_adapter = "a"
     x = torch.randn(2, 3, in_f)

@@ -14,7 +14,6 @@ import sora_serve as ss
 from sora_serve.cli import main as cli_main
 from sora_serve.errors import AdapterError
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_model
-from sora_serve.training.diagnostics import sora_layer_diagnostics
 from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
 from .helpers import max_abs, perturb_adapter, random_ids
@@ -286,7 +285,7 @@ def test_sora_diagnostics_match_dense_float64(rotation):
         with torch.no_grad():
             adapter.sora_C.copy_(growth * torch.randn(40, 3))
             adapter.sora_D.copy_(growth * torch.randn(40, 3))
-        got = sora_layer_diagnostics(adapter)
+        got = adapter.diagnostics()
         k, r = dense_rotation(adapter.sora_C.double(), adapter.sora_D.double(), adapter.s0, rotation)
         eye = torch.eye(40, dtype=torch.float64)
         assert got["K_norm"] == pytest.approx(torch.linalg.matrix_norm(k, ord=2).item(), rel=1e-10)

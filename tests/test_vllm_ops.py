@@ -400,10 +400,12 @@ METHODS = {
 @pytest.mark.parametrize("kind", METHODS)
 def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch):
     """Factors computed once at load, per slice of a packed layer with a bias, equal each method's
-    dense float64 `serving_factors(W0, b)` to 1e-10; DoRA's come from ||W0||^2 per row and the
-    layer's GEMM on A, never from W0. Entering a slot copies exactly those factors."""
+    float64 `serving_factors` on a dense view of (W0, b) to 1e-10; the plugin's DoRA factors come
+    from the norms recorded at load and the layer's GEMM on A, never from W0. Entering a slot
+    copies exactly those factors."""
     import sora_serve as ss
-    from sora_serve.vllm_plugin.activation import adapter_module, slice_factors
+    from sora_serve.methods import BaseView
+    from sora_serve.vllm_plugin.activation import slice_factors
 
     from .helpers import perturb_adapter
 
@@ -419,9 +421,8 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
     adapter = ss.read_adapter(ss.save_adapter(model, tmp_path / kind, "a"))
     offsets = [0, 24, 32, 40]
     for i, name in enumerate(names):
-        dense = adapter_module(adapter, name).serving_factors(
-            weight[offsets[i] : offsets[i + 1]], layer.base_layer.bias[offsets[i] : offsets[i + 1]]
-        )
+        rows = slice(offsets[i], offsets[i + 1])
+        dense = adapter.serving_factors(name, BaseView(weight[rows], layer.base_layer.bias[rows]))
         got = slice_factors(layer, i, adapter, name)
         for field, expected in vars(dense).items():
             actual = getattr(got, field)

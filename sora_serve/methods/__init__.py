@@ -1,11 +1,11 @@
-"""The four adapter methods, one module each; `build_adapter` picks by name."""
+"""The four adapter methods, one module each; `build_adapter` / `adapter_from_tensors` pick by name."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import AdapterConfig
-from .base import Adapter, ServingFactors
+from .base import Adapter, BaseView, ServingFactors
 from .dora import DoRA
 from .lora import LoRA
 from .prediag import PreDiag
@@ -14,22 +14,32 @@ from .sora import SORA, cayley_core, rotation_factors, scaled_generator
 METHOD_CLASSES: dict[str, type[Adapter]] = {"lora": LoRA, "dora": DoRA, "prediag": PreDiag, "sora": SORA}
 
 
-def build_adapter(config: AdapterConfig, weight: torch.Tensor) -> Adapter:
-    """A fresh adapter for a layer whose base weight is `weight` (out x in)."""
-    out_features, in_features = weight.shape
-    if config.method == "dora":
-        return DoRA(in_features, out_features, config, weight)
-    return METHOD_CLASSES[config.method](in_features, out_features, config)
+def build_adapter(config: AdapterConfig, base: BaseView) -> Adapter:
+    """A fresh adapter for the layer `base` describes (its init may read the base: DoRA's m)."""
+    adapter = METHOD_CLASSES[config.method](base.in_features, base.out_features, config)
+    adapter.init_from_base(base)
+    return adapter
+
+
+def adapter_from_tensors(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Adapter:
+    """The method's module holding copies of exactly `tensors` (their dtype and device kept, so a
+    float64 file stays float64), no base needed."""
+    out_features, in_features = tensors["lora_B"].shape[0], tensors["lora_A"].shape[1]
+    adapter = METHOD_CLASSES[config.method](in_features, out_features, config)
+    adapter.load_state_dict({k: v.detach().clone() for k, v in tensors.items()}, strict=True, assign=True)
+    return adapter
 
 
 __all__ = [
     "Adapter",
+    "BaseView",
     "ServingFactors",
     "LoRA",
     "DoRA",
     "PreDiag",
     "SORA",
     "METHOD_CLASSES",
+    "adapter_from_tensors",
     "build_adapter",
     "cayley_core",
     "rotation_factors",

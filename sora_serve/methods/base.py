@@ -8,6 +8,10 @@ output is `base = W0 x + b`:
 
 LoRA has no scale and no rotation; DoRA and Pre-Diag a scale; SORA everything. fold, ONNX
 and the vLLM plugin consume only these factors, so they serve all four methods with one op.
+
+A method sees its base layer through a `BaseView`: sizes, bias, and W0 only on demand (its row
+norms, its product with A, or the dense matrix). Only DoRA reads any of it, and the vLLM plugin
+answers those questions without a dense W0; no caller needs to know which method it holds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,37 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import AdapterConfig
+
+
+class BaseView:
+    """What an adapter may ask of its base layer, for output rows `rows` (all by default).
+
+    This implementation reads a dense (out, in) `weight`; the vLLM plugin's answers the same
+    questions from recorded row norms and the layer's own GEMM (`vllm_plugin/activation.py`).
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: slice | torch.Tensor = slice(None)
+    ):
+        self._weight, self._bias, self.rows = weight, bias, rows
+        self.out_features, self.in_features = weight.shape
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """b of the selected rows (None when the layer has none)."""
+        return None if self._bias is None else self._bias[self.rows]
+
+    def weight(self) -> torch.Tensor:
+        """W0 (out, in), all rows, as the layer holds it (training forwards read it)."""
+        return self._weight
+
+    def row_sq_norms(self) -> torch.Tensor:
+        """||W0||^2 per selected row, float64."""
+        return self._weight[self.rows].detach().double().square().sum(1)
+
+    def weight_times(self, a: torch.Tensor) -> torch.Tensor:
+        """W0 A^T for the selected rows, (rows, r) float64."""
+        return self._weight[self.rows].detach().double() @ a.double().T
 
 
 @dataclass
@@ -35,6 +70,18 @@ class ServingFactors:
 
     def to(self, dtype: torch.dtype) -> "ServingFactors":
         return ServingFactors(**{f.name: _cast(getattr(self, f.name), dtype) for f in fields(self)})
+
+    def select_rows(self, rows: slice | torch.Tensor) -> "ServingFactors":
+        """The factors of output rows `rows`: every output-side tensor cut, A (input side) whole."""
+        if isinstance(rows, slice) and rows == slice(None):
+            return self
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return ServingFactors(
+            self.lora_A, cut(self.lora_B), cut(self.scale), cut(self.bias_shift), cut(self.rot_U), cut(self.rot_V)
+        )
 
     def apply(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The runtime op: `base_out` is the base layer's output (bias included)."""
@@ -72,8 +119,9 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 class Adapter(nn.Module):
     """Base of the four methods: owns the LoRA pair (A: r x in, B: out x r), B initialised to 0.
 
-    Subclasses implement `forward(x, base_out, weight, bias)`, their formula written plainly
-    (used for training and eager inference), and `serving_factors(weight, bias)`.
+    Subclasses implement `forward(x, base_out, base)`, their formula written plainly (used for
+    training and eager inference), and `serving_factors(base)`, both given a `BaseView`; a method
+    whose init depends on the base overrides `init_from_base`.
     """
 
     method: str = ""
@@ -96,14 +144,19 @@ class Adapter(nn.Module):
         b = self.lora_B if row_scale is None else row_scale[:, None] * self.lora_B
         return addmm_rows(y, F.linear(self.dropout(x), self.lora_A) * self.scaling, b.T.contiguous())
 
-    def forward(
-        self, x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def init_from_base(self, base: BaseView) -> None:
+        """A fresh adapter's base-dependent init (DoRA's magnitude); most methods need none."""
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseView) -> torch.Tensor:
         raise NotImplementedError
 
-    def serving_factors(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float64
-    ) -> ServingFactors:
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars that show this adapter drifting while it trains (training/diagnostics.py logs the
+        max over layers, the min for keys starting with "s_p")."""
+        return {}
+
+    def serving_factors(self, base: BaseView, dtype: torch.dtype = torch.float64) -> ServingFactors:
+        """The factors of output rows `base.rows`, in `dtype`."""
         raise NotImplementedError
 
     def scaled_lora(

@@ -12,9 +12,9 @@ class LoRA(Adapter):
 
     method = "lora"
 
-    def forward(self, x, base_out, weight, bias):
+    def forward(self, x, base_out, base):
         return self.add_lora_term(base_out, x)
 
-    def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
+    def serving_factors(self, base, dtype=torch.float64) -> ServingFactors:
         a, b = self.scaled_lora(dtype)
-        return ServingFactors(lora_A=a, lora_B=b)
+        return ServingFactors(lora_A=a, lora_B=b).select_rows(base.rows)

@@ -24,9 +24,12 @@ class PreDiag(Adapter):
         super().__init__(in_features, out_features, config)
         self.d = nn.Parameter(torch.ones(out_features))
 
-    def forward(self, x, base_out, weight, bias):
+    def forward(self, x, base_out, base):
         return self.add_lora_term(self.d * base_out, x)
 
-    def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
+    def diagnostics(self) -> dict[str, float]:
+        return {"d_minus_1": (self.d.detach() - 1).abs().max().item()}  # d starts at 1
+
+    def serving_factors(self, base, dtype=torch.float64) -> ServingFactors:
         a, b = self.scaled_lora(dtype)
-        return ServingFactors(lora_A=a, lora_B=b, scale=self.d.detach().to(dtype))
+        return ServingFactors(lora_A=a, lora_B=b, scale=self.d.detach().to(dtype)).select_rows(base.rows)

@@ -64,6 +64,20 @@ def rotation_factors(c: torch.Tensor, d: torch.Tensor, s0: float, rotation: str)
     raise ValueError(f"unknown rotation {rotation!r}")
 
 
+def spectral_norm_of_product(u: torch.Tensor, core: torch.Tensor) -> float:
+    """|u core u^T|_2 through a thin QR of u: a 2r_p x 2r_p problem, never out x out."""
+    _, r = torch.linalg.qr(u)
+    return torch.linalg.matrix_norm(r @ core @ r.T, ord=2).item()
+
+
+def orthogonality_error(u: torch.Tensor, v: torch.Tensor) -> float:
+    """|R^T R - I|_2 for R = I + V U^T: with [U V] = Q [a b] (QR),
+    R^T R - I = Q (a b^T + b a^T + a (b^T b) a^T) Q^T."""
+    _, r = torch.linalg.qr(torch.cat([u, v], dim=1))
+    a, b = r[:, : u.shape[1]], r[:, u.shape[1] :]
+    return torch.linalg.matrix_norm(a @ b.T + b @ a.T + a @ (b.T @ b) @ a.T, ord=2).item()
+
+
 class SORA(PreDiag):
     """Parameters: lora_A, lora_B, d (from Pre-Diag), sora_C, sora_D (out x r_p).
 
@@ -101,11 +115,27 @@ class SORA(PreDiag):
         w_t = s_p * torch.cat([(d - c).T, c.T])
         return addmm_rows(z, q, 2 * (w_t + ((w_t @ u) @ cayley_core(u, m).T) @ u.T))
 
-    def forward(self, x, base_out, weight, bias):
-        return self.rotate(super().forward(x, base_out, weight, bias))
+    def forward(self, x, base_out, base):
+        return self.rotate(super().forward(x, base_out, base))
 
-    def serving_factors(self, weight, bias, dtype=torch.float64) -> ServingFactors:
-        factors = super().serving_factors(weight, bias, dtype)
+    def diagnostics(self) -> dict[str, float]:
+        """Besides |d - 1|: s_p, |C|_F + |D|_F, |C - D|_F, |K|_2 and |R^T R - I|_2. The first-order
+        R = I + K has R^T R = I + K^T K (K skew): it amplifies by up to sqrt(1 + |K|_2^2). Cayley's R
+        is orthogonal for any K (error ~1e-15)."""
+        c, d = (p.detach().double() for p in (self.sora_C, self.sora_D))
+        s_p, u, m = scaled_generator(c, d, self.s0)
+        return {
+            **super().diagnostics(),
+            "s_p": s_p.item(),
+            "norm_C_plus_D": (c.norm() + d.norm()).item(),
+            "norm_C_minus_D": (c - d).norm().item(),
+            "K_norm": spectral_norm_of_product(u, m),
+            "orth_error": orthogonality_error(*rotation_factors(c, d, self.s0, self.rotation)),
+        }
+
+    def serving_factors(self, base, dtype=torch.float64) -> ServingFactors:
+        a, b = self.scaled_lora(dtype)
         c, d = (p.detach().to(dtype) for p in (self.sora_C, self.sora_D))
-        factors.rot_U, factors.rot_V = rotation_factors(c, d, self.s0, self.rotation)
-        return factors
+        u, v = rotation_factors(c, d, self.s0, self.rotation)
+        factors = ServingFactors(lora_A=a, lora_B=b, scale=self.d.detach().to(dtype), rot_U=u, rot_V=v)
+        return factors.select_rows(base.rows)

@@ -20,8 +20,7 @@ import torch
 
 from sora_serve.errors import AdapterError
 from sora_serve.io import AdapterFile
-from sora_serve.methods import Adapter, ServingFactors, build_adapter
-from sora_serve.methods.dora import DoRA
+from sora_serve.methods import BaseView, ServingFactors
 
 from .layers import SlotFactors, is_plugin_layer, parallel_kind
 
@@ -159,28 +158,49 @@ def _plain_lora(module_name: str, factors: list[ServingFactors | None]) -> list:
     return [None if f is None else f.lora_A for f in factors]
 
 
+class SliceBase(BaseView):
+    """Output slice i of a vLLM linear LoRA layer as a method sees it, for this rank's rows: the bias
+    and, on demand, ||W0||^2 per row (recorded at weight loading) and W0 A^T (the layer's own GEMM);
+    never a dense W0, which vLLM CPU no longer holds after repacking it.
+
+    Column-parallel ranks hold whole output rows (`rows`: theirs); row-parallel ranks sum their
+    partial W0 A^T and norms over ranks, and only rank 0 sees the bias (vLLM adds b once)."""
+
+    def __init__(self, layer, i: int, out_features: int, in_features: int):
+        self.layer, self.kind = layer, parallel_kind(layer)
+        self.lo, self.hi = slice_offsets(layer)[i : i + 2]
+        self.out_features, self.in_features = out_features, in_features
+        self.rows = (
+            _shard_rows(layer, i, torch.arange(out_features)[:, None])[:, 0] if self.kind == "column" else slice(None)
+        )
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self.layer.base_layer.bias  # column-parallel: this rank's rows already; otherwise whole
+        if bias is None or (self.kind == "row" and self.layer.tp_rank != 0):
+            return None
+        return bias.detach()[self.lo : self.hi]
+
+    def weight(self) -> torch.Tensor:
+        raise RuntimeError("sora-serve: a vLLM layer has no dense W0 to give; serving factors use its projections")
+
+    def row_sq_norms(self) -> torch.Tensor:
+        return row_sq_norms(self.layer)[self.lo : self.hi]
+
+    def weight_times(self, a: torch.Tensor) -> torch.Tensor:
+        return weight_times(self.layer, a)[self.lo : self.hi]
+
+
 def slice_factors(layer, i: int, adapter: AdapterFile, path: str) -> ServingFactors:
     """This rank's ServingFactors for output slice i of `layer`, in the slot dtype, contiguous."""
     tensors = adapter.tensors[path]
-    module = adapter_module(adapter, path)
     _check_ranks(layer, adapter, path, tensors)
-    if isinstance(module, DoRA):
-        factors = dora_factors(layer, i, module)
-    else:  # LoRA, Pre-Diag and SORA factors do not depend on W0 or b
-        factors = shard_factors(
-            layer, i, module.serving_factors(torch.empty(module.out_features, module.in_features, device="meta"), None)
-        )
+    base = SliceBase(layer, i, tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
+    factors = adapter.serving_factors(path, base)  # output rows already this rank's
+    if base.kind == "row":  # input columns of A; the bias shift (from b) only where b is: rank 0
+        factors.lora_A = _shard_input(layer, factors.lora_A, i)
     dtype = layer.lora_a_stacked[i].dtype
     return ServingFactors(**{k: None if v is None else v.to(dtype).contiguous() for k, v in vars(factors).items()})
-
-
-def adapter_module(adapter: AdapterFile, path: str) -> Adapter:
-    """The method's module holding exactly the file's tensors (no base weight needed)."""
-    tensors = adapter.tensors[path]
-    shape = (tensors["lora_B"].shape[0], tensors["lora_A"].shape[1])
-    module = build_adapter(adapter.module_configs[path], torch.empty(shape, dtype=torch.float64, device="meta"))
-    module.load_state_dict({k: v.double() for k, v in tensors.items()}, strict=True, assign=True)
-    return module
 
 
 def _check_ranks(layer, adapter: AdapterFile, path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -195,25 +215,6 @@ def _check_ranks(layer, adapter: AdapterFile, path: str, tensors: dict[str, torc
                 file=adapter.directory,
                 field=name,
             )
-
-
-def dora_factors(layer, i: int, module: DoRA) -> ServingFactors:
-    """DoRA for this rank's rows of slice i from ||W0||^2 per row and W0 A^T: O(r in out), no W0.
-
-    Column-parallel ranks hold whole output rows (g is local); row-parallel ranks sum their
-    partial W0 A^T and norms, and add the bias shift on rank 0 only (vLLM adds b once)."""
-    kind = parallel_kind(layer)
-    lo, hi = slice_offsets(layer)[i : i + 2]
-    rows = _shard_rows(layer, i, torch.arange(module.out_features)[:, None])[:, 0] if kind == "column" else slice(None)
-    bias = layer.base_layer.bias  # column-parallel: this rank's rows; otherwise whole
-    bias = None if bias is None or (kind == "row" and layer.tp_rank != 0) else bias.detach()[lo:hi]
-    a = module.lora_A.detach().double()
-    factors = module.serving_factors_from_projections(
-        row_sq_norms(layer)[lo:hi], weight_times(layer, a)[lo:hi], bias, rows
-    )
-    if kind == "row":
-        factors.lora_A = _shard_input(layer, factors.lora_A, i)
-    return factors
 
 
 # ------------------------------------------------------------------ tensor-parallel shards
@@ -239,22 +240,6 @@ def _slice_lora(layer, i: int, t: torch.Tensor, which: str) -> torch.Tensor:
     parts = [None] * layer.n_slices
     parts[i] = t
     return slicer(parts)[i]
-
-
-def shard_factors(layer, i: int, f: ServingFactors) -> ServingFactors:
-    """Column-parallel: output rows of B, scale, shift, U, V. Row-parallel: input columns of A, and
-    the bias shift on rank 0 only (vLLM sums the ranks' partial outputs, bias included once)."""
-    kind = parallel_kind(layer)
-    if kind == "replicated":
-        return f
-    if kind == "row":
-        shift = f.bias_shift if layer.tp_rank == 0 else None
-        return ServingFactors(_shard_input(layer, f.lora_A, i), f.lora_B, f.scale, shift, f.rot_U, f.rot_V)
-    rows = lambda t: None if t is None else _shard_rows(layer, i, t)  # noqa: E731
-    vector_rows = lambda t: None if t is None else rows(t[:, None])[:, 0]  # noqa: E731
-    return ServingFactors(
-        f.lora_A, rows(f.lora_B), vector_rows(f.scale), vector_rows(f.bias_shift), rows(f.rot_U), rows(f.rot_V)
-    )
 
 
 # ------------------------------------------------------------------ servability, checked at load
