@@ -1,13 +1,14 @@
 """Training stability: the recipe sweep that chose training/recipe.py's defaults, and the lr x seed grid.
 
-    python -m benchmarks.quality_stability [--quick] [--part recipe|grid|all] [--out DIR]
+    python -m benchmarks.quality_stability [--quick] [--part recipe|recipe_long|grid|all] [--out DIR]
 
 Both train all-MiniLM-L6-v2 on SST-2's training set minus 500 held-out sentences and score on those
 (the quality suite's lr-sweep split; never the dev set), with the quality suite's matched budgets.
 
 - recipe: Pre-Diag and both SORA rotations at lr 5e-3 and 1e-2 with the d and C/D learning rates at
-  lr * scale, scale in {1 (the paper's single lr), 0.3, 0.1, 0.03}, 3 seeds. The chosen scale has
-  no one-class run, then the best mean held-out accuracy.
+  lr * scale, scale in {1 (the paper's single lr), 0.3, 0.1, 0.03}, 3 seeds, 60 steps (the quality
+  suite's horizon); recipe_long: the same at lr 5e-3 over 300 steps, where the rotation has time to
+  run away. The chosen scale has no one-class run, then the best mean held-out accuracy.
 - grid: the five methods x lr {1e-3, 2e-3, 5e-3, 1e-2} x 5 seeds with the default recipe. The
   quality suite picks each method's lr from it (`--lr-from`).
 
@@ -47,14 +48,18 @@ from .quality import (
 
 RECIPE_METHODS = ("prediag", "sora_first_order", "sora_cayley")
 RECIPE_SCALES = (1.0, 0.3, 0.1, 0.03)
+PARTS = ("recipe", "recipe_long", "grid")
 FULL_PLAN = {
-    "recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES},
+    "recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES, "steps": 60},
+    # the horizon where the paper's single lr let the rotation run away (docs/benchmarks/rotation-collapse.md)
+    "recipe_long": {"lrs": (5e-3,), "seeds": (200, 201), "scales": (1.0, 0.3, 0.1), "steps": 300},
     "grid": {"lrs": (1e-3, 2e-3, 5e-3, 1e-2), "seeds": (100, 101, 102, 103, 104)},
     "steps": 60,
     "held_out": 500,
 }
 QUICK_PLAN = {
-    "recipe": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0, 0.1)},
+    "recipe": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0, 0.1), "steps": 4},
+    "recipe_long": {"lrs": (1e-2,), "seeds": (200,), "scales": (1.0,), "steps": 6},
     "grid": {"lrs": (1e-2,), "seeds": (100, 101)},
     "steps": 4,
     "held_out": 48,
@@ -74,14 +79,17 @@ def recipe_sweep(plan: dict, sst2_train: list, settings, pool, bar) -> list[dict
                         name=name,
                         train=train,
                         eval_=held_out,
-                        steps=settings.sst2_steps,
+                        steps=plan["steps"],
                         lr=lr,
                         seed=seed,
                         recipe=recipe,
                     )
                     scales[label] = scale
     runs = train_all(jobs, settings, pool, bar)
-    return [{**sweep_entry(job["name"], runs[label]), "scale": scales[label]} for label, job in jobs.items()]
+    return [
+        {**sweep_entry(job["name"], runs[label]), "scale": scales[label], "steps": plan["steps"]}
+        for label, job in jobs.items()
+    ]
 
 
 def choose_scale(sweep: list[dict]) -> dict:
@@ -129,11 +137,11 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
     )
     quiet_transformers()
     sst2_train = read_tsv(SST2 / "train_full.tsv")
-    parts = ("recipe", "grid") if part == "all" else (part,)
+    parts = PARTS if part == "all" else (part,)
     n_runs = sum(
         len(plan[p]["lrs"])
         * len(plan[p]["seeds"])
-        * (len(plan["recipe"]["scales"]) * len(RECIPE_METHODS) if p == "recipe" else len(METHODS))
+        * (len(plan[p]["scales"]) * len(RECIPE_METHODS) if p.startswith("recipe") else len(METHODS))
         for p in parts
     )
     workers = int(os.environ.get(WORKERS_ENV, "1"))
@@ -153,9 +161,10 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
         tqdm(total=n_runs, desc="stability runs") as bar,
         ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool,
     ):
-        if "recipe" in parts:
-            payload["recipe_sweep"] = recipe_sweep(plan["recipe"], sst2_train, settings, pool, bar)
-            payload["recipe_choice"] = choose_scale(payload["recipe_sweep"])
+        for p in parts:
+            if p.startswith("recipe"):
+                payload[f"{p}_sweep"] = recipe_sweep(plan[p], sst2_train, settings, pool, bar)
+                payload[f"{p}_choice"] = choose_scale(payload[f"{p}_sweep"])
         if "grid" in parts:
             payload["grid"] = lr_grid(
                 METHODS, plan["grid"]["lrs"], plan["grid"]["seeds"], settings, sst2_train, pool, bar
@@ -168,14 +177,16 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
         figures["grid"] = heat_map(
             payload["grid"], "method", "one-class runs per cell (of {n})\nand mean held-out accuracy %"
         )
-    if "recipe_sweep" in payload:
-        figures["recipe"] = heat_map(
-            [{**e, "method": f"{e['method']} × {e['scale']:g}"} for e in payload["recipe_sweep"]],
-            "method",
-            "recipe sweep (method × lr scale of d, C, D)\none-class runs (of {n}) and mean held-out accuracy %",
-        )
+    for p in ("recipe", "recipe_long"):
+        if f"{p}_sweep" in payload:
+            figures[p.replace("_", "-")] = heat_map(
+                [{**e, "method": f"{e['method']} × {e['scale']:g}"} for e in payload[f"{p}_sweep"]],
+                "method",
+                f"recipe sweep, {plan[p]['steps']} steps (method × lr scale of d, C, D)\n"
+                "one-class runs (of {n}) and mean held-out accuracy %",
+            )
     return save_suite(
-        "quality-stability-recipe" if part == "recipe" else "quality-stability",
+        "quality-stability" if part in ("all", "grid") else f"quality-stability-{part.replace('_', '-')}",
         payload,
         markdown(payload),
         figures,
@@ -186,47 +197,21 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
 def markdown(payload: dict) -> str:
     s = payload["settings"]
     lines = [
-        f"all-MiniLM-L6-v2, SST-2, {s['sst2_steps']} steps of batch {s['batch_size']}, scored on "
+        f"all-MiniLM-L6-v2, SST-2, batches of {s['batch_size']}, scored on "
         f"{s['plan']['held_out']} held-out training "
         f"sentences; one-class: > {100 * s['one_class_share']:.0f}% of predictions in one class. Runtime "
         f"{payload['runtime_s'] / 60:.1f} min, "
         f"{s['workers']} worker(s)."
     ]
-    if "recipe_sweep" in payload:
-        choice = payload["recipe_choice"]
-        lines += [
-            "",
-            "## Recipe sweep (d and C/D at lr × scale; scale 1 is the paper's single lr)",
-            "",
-            "| method | lr | " + " | ".join(f"scale {k}" for k in choice["per_scale"]) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in choice["per_scale"]) + " |",
-        ]
-        by = cells(payload["recipe_sweep"])
-        for method in RECIPE_METHODS:
-            for lr in s["plan"]["recipe"]["lrs"]:
-                row = []
-                for scale in choice["per_scale"]:
-                    runs = [e for e in by.get((method, lr), []) if f"{e['scale']:g}" == scale]
-                    row.append(
-                        f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} "
-                        f"({sum(e['one_class'] for e in runs)} one-class)"
-                    )
-                lines.append(f"| {method} | {lr:g} | " + " | ".join(row) + " |")
-        lines += [
-            "",
-            "Per scale, all methods, lrs and seeds: "
-            + "; ".join(
-                f"{k}: {v['one_class']} one-class, mean {100 * v['mean_accuracy']:.2f}%"
-                for k, v in choice["per_scale"].items()
-            )
-            + f". Chosen: **{choice['scale']:g}**.",
-        ]
+    for part in ("recipe", "recipe_long"):
+        if f"{part}_sweep" in payload:
+            lines += recipe_markdown(payload[f"{part}_sweep"], payload[f"{part}_choice"], s["plan"][part])
     if "grid" in payload:
         by = cells(payload["grid"])
         lrs = s["plan"]["grid"]["lrs"]
         lines += [
             "",
-            "## lr × seed grid (default recipe)",
+            f"## lr × seed grid ({s['sst2_steps']} steps, default recipe)",
             "",
             "Held-out accuracy %, mean ± std over seeds (one-class runs):",
             "",
@@ -247,6 +232,40 @@ def markdown(payload: dict) -> str:
             + ("**met**" if target["met"] else "**not met**: " + "; ".join(target["failures"])),
         ]
     return "\n".join(lines)
+
+
+def recipe_markdown(sweep: list[dict], choice: dict, plan: dict) -> list[str]:
+    lines = [
+        "",
+        f"## Recipe sweep, {plan['steps']} steps (d and C/D at lr × scale; scale 1 is the paper's single lr)",
+        "",
+        "Mean held-out accuracy % (one-class runs; max over runs of |K|₂ for SORA, of |d − 1| for Pre-Diag):",
+        "",
+        "| method | lr | " + " | ".join(f"scale {k}" for k in choice["per_scale"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in choice["per_scale"]) + " |",
+    ]
+    by = cells(sweep)
+    for method in RECIPE_METHODS:
+        for lr in plan["lrs"]:
+            row = []
+            for scale in choice["per_scale"]:
+                runs = [e for e in by.get((method, lr), []) if f"{e['scale']:g}" == scale]
+                key = "K_norm_max" if method.startswith("sora") else "d_minus_1_max"
+                row.append(
+                    f"{100 * statistics.mean(e['accuracy'] for e in runs):.1f} "
+                    f"({sum(e['one_class'] for e in runs)}; {max(e[key] for e in runs):.2f})"
+                )
+            lines.append(f"| {method} | {lr:g} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Per scale, all methods, lrs and seeds: "
+        + "; ".join(
+            f"{k}: {v['one_class']} one-class, mean {100 * v['mean_accuracy']:.2f}%"
+            for k, v in choice["per_scale"].items()
+        )
+        + f". Best by this rule (fewest one-class, then mean accuracy): **{choice['scale']:g}**.",
+    ]
+    return lines
 
 
 def heat_map(rows: list[dict], key: str, title: str) -> plt.Figure:
@@ -284,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality_stability", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one lr, one or two seeds, a few steps (a smoke run)")
     parser.add_argument(
-        "--part", choices=("recipe", "grid", "all"), default="all", help="which study to run (default: both)"
+        "--part", choices=(*PARTS, "all"), default="all", help="which study to run (default: all three)"
     )
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS})")
     args = parser.parse_args()

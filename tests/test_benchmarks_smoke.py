@@ -85,8 +85,10 @@ def test_quality_stability_suite_and_the_quality_suite_reading_its_grid(tmp_path
         0.1 * lrs[0.1]["lowrank"]
     )
     assert data["recipe_choice"]["scale"] in (1.0, 0.1) and set(data["best_lr"]) == set(METHODS)
+    assert {e["steps"] for e in data["recipe_long_sweep"]} == {6} and {e["steps"] for e in data["recipe_sweep"]} == {4}
     assert (tmp_path / "quality-stability-latest-grid.png").stat().st_size > 0
-    with pytest.raises(AdapterError, match="settings.sst2_steps"):  # the quick grid is not the full suite's protocol
+    # the quick grid is not the full suite's protocol: refused on the first field that differs
+    with pytest.raises(AdapterError, match="settings.sweep_held_out"):
         sweep_from_grid(tmp_path / "quality-stability-latest.json", FULL)
 
 
