@@ -12,11 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +20,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from tqdm.auto import tqdm
+
+from .serve_process import running_server
 
 BASE_NAME = "base"  # the served model name of base requests
 
@@ -66,32 +63,15 @@ def workload(plan: LoadPlan, rate: float, names: list[str], vocab: int) -> list[
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(
     model: Path, adapters: dict[str, str], *, max_loras: int, dtype: str, log_path: Path, timeout: float = 600
 ) -> Iterator[tuple[str, float]]:
-    """`sora-serve serve` in its own process group, its CPU cache holding every adapter; yields
-    (url, seconds until /health answered).
-    Stopping sends SIGTERM to the group (vLLM shuts down cleanly), then SIGKILL to what is left."""
-    import urllib.error
-    import urllib.request
-
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "sora_serve.cli",
-        "serve",
+    """`sora-serve serve` (see `serve_process.running_server`), its CPU cache holding every adapter;
+    yields (url, seconds until /health answered)."""
+    arguments = [
         "--model",
         str(model),
-        "--port",
-        str(port),
         "--max-loras",
         str(max_loras),
         "--max-cpu-loras",
@@ -107,35 +87,8 @@ def served(
         "--max-num-seqs",
         "64",
     ]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if process.poll() is not None or time.perf_counter() - start > timeout:
-                raise RuntimeError(f"sora-serve serve did not come up:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1)
-        yield url, time.perf_counter() - start
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    with running_server(arguments, log_path, timeout=timeout) as (url, _, started_s):
+        yield url, started_s
 
 
 async def stream_one(

@@ -1,4 +1,4 @@
-"""Scale curves (issue 13): many adapters behind one vLLM engine.
+"""Scale curves: many adapters behind one vLLM engine.
 
 1. Throughput against distinct adapters per batch (1 ... 32 in a batch of 32), plugin vs stock
    vLLM for LoRA, plugin for SORA.
@@ -122,7 +122,8 @@ def rotation_limit(shape: Shape, scenario: dict) -> float:
 def targets(
     distinct: dict, rotation: dict, first: dict[str, dict[str, dict]], shapes: dict[str, Shape], slots: int
 ) -> list[Target]:
-    """Issue 13's three targets, from the curves."""
+    """The scale targets, from the curves: distinct adapters per batch, rotation through more adapters
+    than slots, and the first request of an adapter the engine has not seen (cost and growth with size)."""
     out = []
     plugin = distinct.get("plugin LoRA", {})
     if plugin:

@@ -886,7 +886,7 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
             f"vLLM {most_sora} SORA adapters / 1 adapter (batch {plan.scale.distinct_batch})",
             ratios[f"vLLM {most_sora} distinct SORA / 1 SORA (plugin, batch {plan.scale.distinct_batch})"],
             0.8,
-            note="issue 5's 16-adapter target, read from the distinct-adapter curve",
+            note="the 16-adapter target, read from the distinct-adapter curve",
         ),
         *scale.targets(distinct, rotation, first, first_shapes, plan.scale.slots),
     ]
@@ -927,7 +927,7 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         )
     md += [
         "",
-        "## Targets (issues 5, 12, 13)",
+        "## Targets",
         "",
         markdown_targets(targets),
         "",

@@ -23,13 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 import sora_serve as ss
-from sora_serve.checkpoint import Checkpoint, check_adapter_against
-from sora_serve.errors import AdapterError
-from sora_serve.fingerprint import base_fingerprint
-from sora_serve.fs import atomic_output_dir
-from sora_serve.io import (
+from sora_serve.adapter_format import (
     CONFIG_FILE,
-    FILE_NAMES,
     PEFT_PREFIX,
     REFERENCE_NAMES,
     REFERENCE_S0,
@@ -37,7 +32,11 @@ from sora_serve.io import (
     AdapterFile,
     our_config_json,
 )
-from sora_serve.methods import rotation_factors
+from sora_serve.checkpoint import Checkpoint, check_adapter_against
+from sora_serve.errors import AdapterError
+from sora_serve.fingerprint import base_fingerprint
+from sora_serve.fs import atomic_output_dir
+from sora_serve.methods import METHOD_CLASSES, rotation_factors
 
 TARGETS = ("sora", "reference")
 
@@ -57,7 +56,7 @@ def convert(
     if to not in TARGETS:
         raise AdapterError(f"unknown target format {to!r}; expected one of {TARGETS}", field="to")
     adapter = ss.read_adapter(in_dir)
-    is_reference = adapter.file_names is REFERENCE_NAMES
+    is_reference = adapter.layout == "reference"
     if to == "sora":
         if not is_reference:
             raise AdapterError(
@@ -101,7 +100,7 @@ def write_ours(adapter: AdapterFile, directory: Path, fingerprint: dict) -> None
     raw = json.loads(adapter.config_file.read_text())
     config = {**our_config_json(adapter.config, adapter.base_model_name_or_path, fingerprint), "reference_config": raw}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _save(adapter, directory / WEIGHTS_FILE, FILE_NAMES, lambda d: d)
+    _save(adapter, directory / WEIGHTS_FILE, METHOD_CLASSES["sora"].file_names, lambda d: d)
 
 
 def write_reference(adapter: AdapterFile, directory: Path) -> None:

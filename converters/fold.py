@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 import sora_serve as ss
+from sora_serve.adapter_format import AdapterFile
 from sora_serve.checkpoint import INDEX_FILE, Checkpoint, check_adapter_against, tensor_spec, write_safetensors
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import AdapterFile
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

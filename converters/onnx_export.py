@@ -38,8 +38,8 @@ import sora_serve as ss
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import check_base
 from sora_serve.methods import ServingFactors
+from sora_serve.validation import check_base
 
 from .onnx_genai import GenaiCausalLM, import_genai, write_genai_config
 from .onnx_runtime import MANIFEST_FILE, MODEL_FILE

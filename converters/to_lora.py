@@ -23,16 +23,12 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
+from sora_serve.adapter_format import PEFT_PREFIX, WEIGHTS_FILE, write_side_fingerprint
 from sora_serve.checkpoint import Checkpoint, check_adapter_against
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
-from sora_serve.io import (
-    PEFT_PREFIX,
-    WEIGHTS_FILE,
-    write_side_fingerprint,
-)
 from sora_serve.methods import ServingFactors
 
 BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding

@@ -4,10 +4,11 @@ Data flows one way: training/ writes an adapter directory; converters/ (fold, to
 and the serving integrations read it. The math of each method is in `sora_serve.methods`.
 """
 
+from .adapter_format import AdapterFile, read_adapter
 from .config import AdapterConfig
 from .errors import AdapterError
 from .fingerprint import BaseLayer
-from .io import AdapterFile, check_against_base, load_adapter, read_adapter, save_adapter
+from .io import load_adapter, save_adapter
 from .methods import ServingFactors
 from .model import (
     adapted_layers,
@@ -19,6 +20,7 @@ from .model import (
     set_active_adapter,
     use_adapters,
 )
+from .validation import check_against_base
 
 __all__ = [
     "AdapterConfig",

@@ -26,12 +26,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_format import AdapterFile
 from .errors import AdapterError
 from .fingerprint import BaseLayer
 from .fs import readable_dir, readable_file
-from .io import AdapterFile, check_against_base
 from .layer import weight_out_in
 from .methods import BaseView
+from .validation import check_against_base
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

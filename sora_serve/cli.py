@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     if getattr(args, "reference_s0", None) is not None:  # read by every reader of such dirs, vLLM's workers included
-        from .io import REFERENCE_S0_ENV
+        from .adapter_format import REFERENCE_S0_ENV
 
         os.environ[REFERENCE_S0_ENV] = repr(args.reference_s0)
     try:

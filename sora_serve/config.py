@@ -7,10 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import AdapterError
 
-METHODS = ("lora", "dora", "prediag", "sora")
 ROTATIONS = ("first_order", "cayley")
-# Method name <-> `peft_type` in adapter_config.json. LoRA and DoRA use PEFT's own layout.
-PEFT_TYPES = {"prediag": "PREDIAG", "sora": "SORA", "lora": "LORA", "dora": "LORA"}
 FORMAT_VERSION = 1
 
 
@@ -18,7 +15,7 @@ FORMAT_VERSION = 1
 class AdapterConfig:
     """What an adapter is: its method, its ranks and where it attaches.
 
-    method: one of lora | dora | prediag | sora.
+    method: a name in `sora_serve.methods.METHOD_CLASSES` (lora | dora | prediag | sora).
     r, lora_alpha: rank of the input-side LoRA term; its scale is s = lora_alpha / r.
     r_p, s0, rotation: SORA's rotation rank, the numerator of s_p and the rotation mode.
     target_modules: module-name suffixes to adapt (PEFT's convention), or "all-linear".
@@ -35,8 +32,12 @@ class AdapterConfig:
     use_rslora: bool = False  # PEFT's rsLoRA scale s = lora_alpha / sqrt(r); only from PEFT dirs
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise AdapterError(f"unknown method {self.method!r}; expected one of {METHODS}", field="method")
+        from .methods import METHOD_CLASSES  # the registry imports this module: read it at call time
+
+        if self.method not in METHOD_CLASSES:
+            raise AdapterError(
+                f"unknown method {self.method!r}; expected one of {tuple(METHOD_CLASSES)}", field="method"
+            )
         if self.rotation not in ROTATIONS:
             raise AdapterError(f"unknown rotation {self.rotation!r}; expected one of {ROTATIONS}", field="rotation")
         for name in ("r", "r_p"):

@@ -9,14 +9,14 @@ with use_adapters(model, ["a", None, "b"]):      # one name (or None = base) per
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
 from .config import AdapterConfig
 from .errors import AdapterError
 from .layer import AdaptedLayer, is_supported_layer
-from .methods import build_adapter
+from .methods import Adapter, build_adapter
 
 # The adapters attached to a model, by name, live here on the model object.
 CONFIGS_ATTR = "sora_adapter_configs"
@@ -75,20 +75,32 @@ def wrap_layer(model: nn.Module, path: str, module: nn.Module) -> AdaptedLayer:
     return wrapper
 
 
-def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, verbose: bool = True) -> nn.Module:
-    """Add a fresh adapter `name` to every layer named by `config.target_modules`.
+def attach(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    *,
+    verbose: bool = True,
+    adapters: Mapping[str, Adapter] | None = None,
+) -> nn.Module:
+    """Add adapter `name`: a fresh one on every layer named by `config.target_modules`, or, given
+    `adapters` (module path -> adapter module, e.g. read from a file), exactly those.
 
-    The base is frozen, the new adapter is made active, and the trainable-parameter count is
-    printed. Right after attach the model computes exactly what the base computed.
+    The base is frozen, the new adapter is made active, and (if `verbose`) the trainable-parameter
+    count is printed. Right after a fresh attach the model computes exactly what the base computed.
     """
     if name in adapter_configs(model):
         raise AdapterError(f"an adapter named '{name}' is already attached", field="name")
-    targets = find_target_layers(model, config.target_modules)
+    if adapters is None:
+        targets = find_target_layers(model, config.target_modules)
+    else:
+        modules = dict(model.named_modules())
+        targets = {path: modules[path] for path in adapters}
     for param in model.parameters():
         param.requires_grad_(False)
     for path, module in targets.items():
         layer = wrap_layer(model, path, module)
-        layer.add_adapter(name, build_adapter(config, layer.base_view()))
+        layer.add_adapter(name, build_adapter(config, layer.base_view()) if adapters is None else adapters[path])
     setattr(model, CONFIGS_ATTR, {**adapter_configs(model), name: config})
     set_active_adapter(model, name)
     if verbose:

@@ -1,27 +1,25 @@
-"""Small helpers shared by test modules."""
+"""What the test modules share to build their inputs: random adapters (`write_random_adapter`, the
+one factory), bases, token ids; `sora-serve serve` and its HTTP client; the plugin's backends.
+The expected outputs they are compared with are in `reference`."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
+from benchmarks import serve_process
 from sora_serve.tiny import make_tiny_model
 
 
@@ -62,25 +60,47 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+ATTENTION_AND_MLP = {  # an attention and an MLP projection or two per arch; GPT-2's are Conv1D (fan_in_fan_out)
+    "llama": ("q_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj"),
+}
+
+
 def write_random_adapter(
     out_dir: Path,
-    config: ss.AdapterConfig,
+    config: ss.AdapterConfig | None = None,
     *,
-    seed: int,
+    seed: int = 0,
     scale: float = 0.1,
     arch: str = "qwen2",
+    model: nn.Module | None = None,
     factor_scale: float = 1.0,
+    edit: Callable[[nn.Module], None] | None = None,
+    name: str = "a",
+    **config_fields,
 ) -> Path:
-    """An adapter for `make_tiny_checkpoint(arch)` with random factors, saved to `out_dir` (nothing trained).
-    `factor_scale` multiplies lora_B afterwards (e.g. 1e30: finite factors built to overflow)."""
-    model = make_tiny_model(arch)
-    ss.attach(model, config, "a", verbose=False)
-    perturb_adapter(model, "a", scale=scale, seed=seed)
-    with torch.no_grad():
-        for _, layer in ss.adapted_layers(model):
-            layer.adapters["a"].lora_B.mul_(factor_scale)
-    ss.save_adapter(model, out_dir, "a")
-    return Path(out_dir)
+    """The tests' one adapter factory: an adapter with random factors (nothing trained), saved to `out_dir`.
+
+    `config`, or `ss.AdapterConfig(**config_fields)`, is attached as `name` to `model` (default: a
+    fresh `make_tiny_model(arch)`; a model passed in keeps the adapter, for callers that use it
+    afterwards), moved off its identity init by `perturb_adapter(scale, seed)`, then
+    `factor_scale` multiplies lora_B (e.g. 1e30: finite factors built to overflow) and `edit(model)`
+    changes what else the caller needs, before saving."""
+    if config is None:
+        config = ss.AdapterConfig(**config_fields)
+    elif config_fields:
+        raise TypeError(f"pass a config or its fields, not both: {sorted(config_fields)}")
+    model = make_tiny_model(arch) if model is None else model
+    ss.attach(model, config, name, verbose=False)
+    perturb_adapter(model, name, scale=scale, seed=seed)
+    if factor_scale != 1.0:
+        with torch.no_grad():
+            for _, layer in ss.adapted_layers(model):
+                layer.adapters[name].lora_B.mul_(factor_scale)
+    if edit is not None:
+        edit(model)
+    return ss.save_adapter(model, out_dir, name)
 
 
 REFERENCE_R, REFERENCE_R_P, REFERENCE_ALPHA = 4, 3, 8
@@ -115,51 +135,7 @@ def write_reference_dir(
     return out
 
 
-# ---------------------------------------------------------------- eager references (float64)
-
-
-@torch.no_grad()
-def eager_model(base_dir: Path, adapter_dir: Path | None = None) -> nn.Module:
-    """The HF base model in float64, with the adapter loaded by our eager runtime."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    if adapter_dir is not None:
-        ss.load_adapter(model, adapter_dir, name="adapter")  # the dir name may not be a module name
-    return model.double()
-
-
-@torch.no_grad()
-def eager_greedy(model: nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(prompt) :]
-
-
-GREEDY_TOL = 1e-3  # log-prob; fp32 engine vs float64 reference differ by ~1e-5 (test_vllm_engine: <= 1e-4)
-
-
-@torch.no_grad()
-def off_greedy(model: nn.Module, prompt: list[int], tokens: list[int], tol: float = GREEDY_TOL) -> list[int]:
-    """Positions where `tokens` is not the greedy continuation of `prompt` under `model`.
-
-    Teacher forcing, one forward: token i must have log p(token_i | prompt, tokens_<i) within
-    `tol` of the best token's. Strict (another adapter's tokens fail at once) without failing
-    on an fp32-vs-float64 near tie in long generations."""
-    if not tokens:
-        return []
-    logprobs = torch.log_softmax(model(torch.tensor([list(prompt) + list(tokens)])).logits[0].double(), -1)
-    rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-    chosen = rows.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
-    return (chosen < rows.max(1).values - tol).nonzero().squeeze(1).tolist()
-
-
 # ---------------------------------------------------------------- `sora-serve serve` in tests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict | str]:
@@ -176,51 +152,15 @@ def post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict | str
         return status, body
 
 
-def wait_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 300) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5)
-            return url
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(2)
-    pytest.fail(f"server did not become healthy in {timeout} s")
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM (vLLM shuts down cleanly), then SIGKILL whatever of the group is left."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
 @contextmanager
-def running_server(arguments: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`sora-serve serve --port P ARGUMENTS` on 127.0.0.1, healthy: yields its URL and process; stopped on exit."""
-    port = free_port()
-    command = [sys.executable, "-m", "sora_serve.cli", "serve", "--port", str(port), *arguments]
-    # Own process group: teardown stops the API server, its engine core and workers together.
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-            start_new_session=True,
-        )
-    try:
-        yield wait_healthy(process, f"http://127.0.0.1:{port}", log_path), process
-    finally:
-        stop_group(process)
+def running_server(
+    arguments: list[str], log_path: Path, timeout: float = 300
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`sora-serve serve --port P ARGUMENTS` on 127.0.0.1, healthy: yields its URL and process; the
+    process group is stopped on exit (`benchmarks.serve_process.running_server`, shared with the
+    online benchmark)."""
+    with serve_process.running_server(arguments, log_path, timeout=timeout) as (url, process, _):
+        yield url, process
 
 
 def complete(

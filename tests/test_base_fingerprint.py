@@ -13,26 +13,21 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
+from sora_serve.adapter_format import FINGERPRINT_FILE
 from sora_serve.cli import main as cli_main
 from sora_serve.converters.fold import fold_adapter
 from sora_serve.converters.onnx_export import export_onnx
 from sora_serve.converters.to_lora import to_lora
 from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV, CAST_RTOL, SAMPLES
-from sora_serve.io import FINGERPRINT_FILE
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import fine_tuned_like, perturb_adapter, save_base_copy
+from .helpers import fine_tuned_like, save_base_copy, write_random_adapter
 
 KINDS = {
     "sora": ss.AdapterConfig(method="sora", r=4, r_p=2, target_modules="all-linear"),
     "lora": ss.AdapterConfig(method="lora", r=4, target_modules="all-linear"),  # PEFT's files + base_fingerprint.json
 }
-
-
-def save_trained(model, out: Path, config: ss.AdapterConfig) -> Path:
-    ss.attach(model, config, "a", verbose=False)
-    perturb_adapter(model, "a", scale=0.05, seed=3)
-    return ss.save_adapter(model, out, "a")
+RANDOM_FACTORS = dict(seed=3, scale=0.05)  # every adapter here: write_random_adapter(..., **RANDOM_FACTORS)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])  # gpt2: Conv1D stores its weight (in, out)
@@ -46,7 +41,9 @@ def bases(request, tmp_path_factory):
         "bf16": save_base_copy(make_tiny_model(arch), root / "bf16", base, torch.bfloat16),
         "other": save_base_copy(fine_tuned_like(make_tiny_model(arch), 1e-3, seed=11), root / "other", base),
     }
-    adapters = {kind: save_trained(make_tiny_model(arch), root / kind, config) for kind, config in KINDS.items()}
+    adapters = {
+        kind: write_random_adapter(root / kind, config, arch=arch, **RANDOM_FACTORS) for kind, config in KINDS.items()
+    }
     return paths, adapters
 
 
@@ -126,15 +123,16 @@ def test_to_lora_output_records_its_base(bases, tmp_path):
 def test_fine_tune_sized_moves_are_caught_and_casts_are_not(tmp_path, relative):
     """A base on which every weight moved by `relative` of its RMS is refused; fp32 <-> bf16 / fp16
     casts, in both directions, are accepted (each stays within CAST_RTOL of every entry)."""
-    adapter = save_trained(make_tiny_model("llama"), tmp_path / "a", KINDS["sora"])
+    adapter = write_random_adapter(tmp_path / "a", KINDS["sora"], arch="llama", **RANDOM_FACTORS)
     with pytest.raises(ss.AdapterError, match="sampled entries differ by more than a dtype cast"):
         ss.load_adapter(fine_tuned_like(make_tiny_model("llama"), relative, seed=5), adapter)
     for dtype in (torch.bfloat16, torch.float16):
         ss.load_adapter(make_tiny_model("llama").to(dtype), adapter)
-        recorded_on_cast = save_trained(
-            make_tiny_model("llama").to(dtype).float(),
+        recorded_on_cast = write_random_adapter(
             tmp_path / f"from-{str(dtype).removeprefix('torch.')}",
             KINDS["sora"],
+            model=make_tiny_model("llama").to(dtype).float(),
+            **RANDOM_FACTORS,
         )
         ss.load_adapter(make_tiny_model("llama"), recorded_on_cast)
     values = [
@@ -150,7 +148,10 @@ def test_fine_tune_sized_moves_are_caught_and_casts_are_not(tmp_path, relative):
 
 def test_dirs_without_sampled_weights_are_checked_by_shape_with_a_warning(tmp_path, caplog):
     model = make_tiny_model("llama")
-    adapters = {kind: save_trained(make_tiny_model("llama"), tmp_path / kind, config) for kind, config in KINDS.items()}
+    adapters = {
+        kind: write_random_adapter(tmp_path / kind, config, arch="llama", **RANDOM_FACTORS)
+        for kind, config in KINDS.items()
+    }
     (adapters["lora"] / FINGERPRINT_FILE).unlink()  # as PEFT writes it
     config = json.loads((adapters["sora"] / "adapter_config.json").read_text())
     del config["base_fingerprint"]["weights"]  # as an older sora-serve wrote it
@@ -179,7 +180,7 @@ def test_dirs_without_sampled_weights_are_checked_by_shape_with_a_warning(tmp_pa
     ],
 )
 def test_malformed_sampled_weights_are_refused_naming_the_field(tmp_path, weights, field):
-    adapter = save_trained(make_tiny_model("llama"), tmp_path / "a", KINDS["sora"])
+    adapter = write_random_adapter(tmp_path / "a", KINDS["sora"], arch="llama", **RANDOM_FACTORS)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_fingerprint"]["weights"] = weights
     (adapter / "adapter_config.json").write_text(json.dumps(config))

@@ -12,7 +12,7 @@ import sora_serve as ss
 from sora_serve.tiny import BUILTIN_TEXT
 from sora_serve.training.train import TrainConfig, train_adapter
 
-from .test_methods import CASES, IN, LAYER_KINDS, make_layer, reference_dense
+from .reference import CASES, IN, LAYER_KINDS, make_layer, reference_dense
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -19,7 +19,7 @@ from sora_serve.cli import main as cli_main
 from sora_serve.converters.fold import fold_adapter
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import max_abs, perturb_adapter, random_ids
+from .helpers import max_abs, random_ids, write_random_adapter
 
 FOLD_TOL = 1e-4  # fp32 logits, merged vs runtime adapter
 KINDS = [
@@ -31,16 +31,9 @@ KINDS = [
 ]
 
 
-def make_adapter(arch: str, method: str, rotation: str, out, targets="all-linear", **overrides):
-    model = make_tiny_model(arch, **overrides)
-    ss.attach(
-        model,
-        ss.AdapterConfig(method=method, rotation=rotation, r=4, r_p=2, target_modules=targets),
-        "a",
-        verbose=False,
-    )
-    perturb_adapter(model, "a", scale=0.1)
-    return ss.save_adapter(model, out, "a")
+def fold_config(method: str, rotation: str, targets="all-linear") -> ss.AdapterConfig:
+    """The adapters folded here (random factors from `write_random_adapter`): rank 4, r_p 2."""
+    return ss.AdapterConfig(method=method, rotation=rotation, r=4, r_p=2, target_modules=targets)
 
 
 def peft_adapter(arch: str, out, *, use_dora: bool):
@@ -85,7 +78,7 @@ def sharded_bases(tmp_path_factory):
 @pytest.mark.parametrize("method,rotation", KINDS)
 def test_merged_logits_equal_runtime_adapter(sharded_bases, tmp_path, arch, method, rotation):
     base = sharded_bases[arch]
-    adapter = make_adapter(arch, method, rotation, tmp_path / "adapter")
+    adapter = write_random_adapter(tmp_path / "adapter", fold_config(method, rotation), arch=arch)
     result = fold_adapter(base, adapter, tmp_path / "merged", verify=False, progress=False)
 
     ids = random_ids(512, batch=2, length=12)
@@ -104,7 +97,7 @@ def test_merged_logits_equal_runtime_adapter(sharded_bases, tmp_path, arch, meth
 
 
 def test_verify_reports_the_error_and_float64_math(sharded_bases, tmp_path):
-    adapter = make_adapter("qwen2", "sora", "cayley", tmp_path / "adapter")
+    adapter = write_random_adapter(tmp_path / "adapter", fold_config("sora", "cayley"), arch="qwen2")
     result = fold_adapter(sharded_bases["qwen2"], adapter, tmp_path / "m", math_dtype="float64", progress=False)
     assert 0 <= result["max_abs_error"] <= FOLD_TOL
 
@@ -114,7 +107,9 @@ def test_tied_output_head_is_untied(tmp_path, capsys, arch):
     tie = {"tie_word_embeddings": True} if arch == "llama" else {}  # GPT-2 ties by default
     base = make_tiny_checkpoint(arch, tmp_path / "base", **tie)
     targets = ["lm_head", "c_attn"] if arch == "gpt2" else ["lm_head", "q_proj"]
-    adapter = make_adapter(arch, "sora", "first_order", tmp_path / "adapter", targets=targets, **tie)
+    adapter = write_random_adapter(
+        tmp_path / "adapter", fold_config("sora", "first_order", targets), model=make_tiny_model(arch, **tie)
+    )
     inputs = dir_digest(base) | {f"adapter/{k}": v for k, v in dir_digest(adapter).items()}
     result = fold_adapter(base, adapter, tmp_path / "merged", progress=False)
     assert result["untied"] == ["lm_head"] and "untied ['lm_head']" in capsys.readouterr().out
@@ -147,7 +142,7 @@ def test_prefixless_keys_bfloat16_output_and_cli(tmp_path, capsys):
         base / "model.safetensors",
         metadata={"format": "pt"},
     )
-    adapter = make_adapter("gpt2", "sora", "cayley", tmp_path / "adapter")
+    adapter = write_random_adapter(tmp_path / "adapter", fold_config("sora", "cayley"), arch="gpt2")
     out = tmp_path / "merged"
     assert (
         cli_main(
@@ -214,7 +209,9 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
     big = dict(hidden_size=1024, intermediate_size=2048, num_layers=6, vocab_size=4096)
     base = make_tiny_checkpoint("llama", tmp_path / "base", max_shard_size="40MB", **big)
     shard_bytes = [p.stat().st_size for p in base.glob("*.safetensors")]
-    adapter = make_adapter("llama", "sora", "cayley", tmp_path / "adapter", **big)
+    adapter = write_random_adapter(
+        tmp_path / "adapter", fold_config("sora", "cayley"), model=make_tiny_model("llama", **big)
+    )
     out = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(base), str(adapter), str(tmp_path / "m")],
         capture_output=True,
@@ -233,8 +230,8 @@ def test_peak_memory_stays_near_one_shard(tmp_path):
 
 def test_bad_input_is_refused_without_leftovers(sharded_bases, tmp_path):
     base = sharded_bases["llama"]
-    adapter = make_adapter("llama", "sora", "first_order", tmp_path / "adapter")
-    other = make_adapter("qwen2", "sora", "first_order", tmp_path / "qwen-adapter")
+    adapter = write_random_adapter(tmp_path / "adapter", fold_config("sora", "first_order"), arch="llama")
+    other = write_random_adapter(tmp_path / "qwen-adapter", fold_config("sora", "first_order"), arch="qwen2")
     out = tmp_path / "out"
     with pytest.raises(ss.AdapterError, match="base_fingerprint.*different base"):
         fold_adapter(base, other, out, progress=False)

@@ -17,8 +17,8 @@ from sora_serve.converters.fold import fold_adapter
 from sora_serve.converters.onnx_export import export_onnx
 from sora_serve.converters.onnx_genai import GENAI_CONFIG_FILE, GenaiCausalLM
 
-from .helpers import random_ids
-from .test_onnx import NEW_TOKENS, ONNX_TOL, greedy, save_random_adapter
+from .helpers import ATTENTION_AND_MLP, random_ids, write_random_adapter
+from .reference import NEW_TOKENS, ONNX_TOL, generate_greedy
 
 MLP = {"llama": ("o_proj", "up_proj"), "qwen2": ("o_proj", "up_proj"), "gpt2": ("c_fc",)}
 # name -> (method, r, r_p, rotation, other layers): every kind, different ranks and layer sets;
@@ -38,14 +38,14 @@ def genai_export(request, tiny_checkpoints, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(f"genai-{arch}")
     adapters = [
-        save_random_adapter(
-            arch,
+        write_random_adapter(
             root / name,
-            method,
-            r,
+            arch=arch,
+            method=method,
+            r=r,
             r_p=r_p,
             rotation=rotation,
-            targets=MLP[arch] if other else None,
+            target_modules=list(MLP[arch] if other else ATTENTION_AND_MLP[arch]),
             seed=seed,
             scale=0.05,
         )
@@ -74,11 +74,11 @@ def test_every_adapter_kind_generates_the_runtime_tokens(genai_export):
     arch, base, adapters, _, lm = genai_export
     runtime = AutoModelForCausalLM.from_pretrained(base).eval()
     prompt = random_ids(512, batch=2, length=6, seed=11)
-    base_tokens = greedy(runtime, prompt)
+    base_tokens = generate_greedy(runtime, prompt)
     assert np.array_equal(lm.generate(prompt.numpy(), NEW_TOKENS), base_tokens)
     for adapter in adapters:
         ss.load_adapter(runtime, adapter)  # made active
-        expected = greedy(runtime, prompt)
+        expected = generate_greedy(runtime, prompt)
         with torch.no_grad():
             next_logits = runtime(prompt).logits[:, -1].numpy()
         genai_logits = lm.next_token_logits(prompt.numpy(), adapter=adapter.name)
@@ -101,7 +101,16 @@ def test_tokenizer_files_work_in_genai(genai_export):
 
 def test_merged_genai_export_through_the_cli(tiny_checkpoints, tmp_path, capsys):
     """A folded SORA-Cayley checkpoint (no adapter inputs) exported by the CLI runs in genai."""
-    adapter = save_random_adapter("qwen2", tmp_path / "sora", "sora", 4, rotation="cayley", seed=9)
+    adapter = write_random_adapter(
+        tmp_path / "sora",
+        arch="qwen2",
+        method="sora",
+        r=4,
+        r_p=2,
+        rotation="cayley",
+        target_modules=list(ATTENTION_AND_MLP["qwen2"]),
+        seed=9,
+    )
     merged = tmp_path / "merged"
     fold_adapter(tiny_checkpoints["qwen2"], adapter, merged, verify=False, progress=False)
     out = tmp_path / "genai"
@@ -110,7 +119,7 @@ def test_merged_genai_export_through_the_cli(tiny_checkpoints, tmp_path, capsys)
     assert "onnxruntime-genai (next token) vs PyTorch" in printed and f"wrote {out} (genai, merged)" in printed
     runtime = AutoModelForCausalLM.from_pretrained(merged).eval()
     prompt = random_ids(512, batch=1, length=7, seed=12)
-    assert np.array_equal(GenaiCausalLM(out).generate(prompt.numpy(), NEW_TOKENS), greedy(runtime, prompt))
+    assert np.array_equal(GenaiCausalLM(out).generate(prompt.numpy(), NEW_TOKENS), generate_greedy(runtime, prompt))
 
 
 def test_bad_input(tiny_checkpoints, tmp_path):

@@ -14,18 +14,17 @@ from safetensors.torch import load_file, save_file
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_model
 
-from .helpers import max_abs, perturb_adapter, random_ids
+from .helpers import max_abs, random_ids, write_random_adapter
 
 PEFT_TOL = 1e-5  # fp32 logits, our runtime vs PEFT's forward
 
 
 def saved_adapter(tmp_path, arch="llama", method="sora", rotation="cayley", name="a", **kw):
+    """A random adapter (`write_random_adapter`) and the model that holds it as `name`."""
     model = make_tiny_model(arch)
     targets = ["q_proj", "v_proj", "o_proj"] if arch != "gpt2" else ["c_attn", "c_proj"]
     config = ss.AdapterConfig(method=method, r=4, r_p=2, rotation=rotation, target_modules=targets, **kw)
-    ss.attach(model, config, name, verbose=False)
-    perturb_adapter(model, name)
-    out = ss.save_adapter(model, tmp_path / f"{arch}-{method}-{rotation}", name)
+    out = write_random_adapter(tmp_path / f"{arch}-{method}-{rotation}", config, model=model, scale=0.05, name=name)
     return model, out
 
 

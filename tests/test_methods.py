@@ -1,4 +1,5 @@
-"""Each method on one layer against a float64 dense reference written here from the paper's formulas."""
+"""Each method on one layer against the float64 dense reference written from the paper's formulas
+(`reference.reference_dense`)."""
 
 from __future__ import annotations
 
@@ -6,64 +7,14 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers.pytorch_utils import Conv1D
 
 from sora_serve import AdapterConfig
 from sora_serve.layer import AdaptedLayer
 from sora_serve.methods import BaseView, build_adapter, rotation_factors
 
-IN, OUT, R, R_P = 48, 40, 4, 3
+from .reference import CASES, IN, LAYER_KINDS, R, make_layer, reference_dense
+
 TOL64 = 1e-9  # float64 forward vs dense reference
-
-CASES = [
-    ("lora", "first_order"),
-    ("dora", "first_order"),
-    ("prediag", "first_order"),
-    ("sora", "first_order"),
-    ("sora", "cayley"),
-]
-
-
-def make_layer(kind: str, bias: bool, method: str, rotation: str, s0: float = 1.0) -> AdaptedLayer:
-    base = nn.Linear(IN, OUT, bias=bias) if kind == "linear" else Conv1D(OUT, IN)
-    if kind == "conv1d":
-        nn.init.normal_(base.weight, std=0.2)
-        if bias:
-            nn.init.normal_(base.bias, std=0.2)
-    layer = AdaptedLayer(base.double())
-    config = AdapterConfig(method=method, r=R, lora_alpha=8, r_p=R_P, s0=s0, rotation=rotation)
-    layer.add_adapter("a", build_adapter(config, layer.base_view()))
-    with torch.no_grad():  # make every parameter non-trivial (B = 0, d = 1, D = C at init)
-        for p in layer.adapters["a"].parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    layer.active_adapter = "a"
-    return layer
-
-
-def reference_dense(layer: AdaptedLayer, method: str, rotation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_eff, b_eff straight from the formulas, materialising every matrix (fine at this size)."""
-    a = layer.adapters["a"]
-    w0, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    s = 8 / R
-    delta = s * a.lora_B.detach() @ a.lora_A.detach()
-    if method == "lora":
-        return w0 + delta, b
-    if method == "dora":
-        g = a.magnitude.detach() / (w0 + delta).norm(dim=1)
-        return g[:, None] * (w0 + delta), b
-    d = a.d.detach()
-    w, bb = d[:, None] * w0 + delta, None if b is None else d * b
-    if method == "prediag":
-        return w, bb
-    c, dd = a.sora_C.detach(), a.sora_D.detach()
-    s_p = min(1.0, 1.0 / (c.norm() + dd.norm() + 1e-6).item())
-    k = s_p * (dd @ c.T - c @ dd.T)
-    eye = torch.eye(OUT, dtype=torch.float64)
-    rot = eye + k if rotation == "first_order" else torch.linalg.solve(eye - k, eye + k)
-    return rot @ w, None if bb is None else rot @ bb
-
-
-LAYER_KINDS = [("linear", True), ("linear", False), ("conv1d", True)]  # transformers' Conv1D always has a bias
 
 
 @pytest.mark.parametrize("kind,bias", LAYER_KINDS)

@@ -13,40 +13,22 @@ from sora_serve.cli import main as cli_main
 from sora_serve.converters.fold import fold_adapter
 from sora_serve.converters.onnx_export import FACTOR_NAMES, export_onnx
 from sora_serve.converters.onnx_runtime import OnnxCausalLM
-from sora_serve.tiny import make_tiny_model
 
-from .helpers import perturb_adapter, random_ids
-
-ONNX_TOL = 1e-4  # fp32 logits, ONNX Runtime vs PyTorch
-NEW_TOKENS = 16
-TARGETS = {  # attention and MLP layers; GPT-2's are Conv1D (fan_in_fan_out)
-    "llama": ("q_proj", "v_proj", "down_proj"),
-    "qwen2": ("q_proj", "v_proj", "down_proj"),
-    "gpt2": ("c_attn", "c_proj"),
-}
-
-
-def save_random_adapter(arch, out, method, r, r_p=2, rotation="first_order", targets=None, seed=0, scale=0.1):
-    model = make_tiny_model(arch)
-    config = ss.AdapterConfig(
-        method=method, r=r, r_p=r_p, rotation=rotation, target_modules=list(targets or TARGETS[arch])
-    )
-    ss.attach(model, config, "a", verbose=False)
-    perturb_adapter(model, "a", scale=scale, seed=seed)
-    return ss.save_adapter(model, out, "a")
-
-
-@torch.no_grad()
-def greedy(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> np.ndarray:
-    mask = torch.ones_like(prompt) if attention_mask is None else attention_mask
-    return model.generate(
-        prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-    ).numpy()
+from .helpers import ATTENTION_AND_MLP, random_ids, write_random_adapter
+from .reference import NEW_TOKENS, ONNX_TOL, generate_greedy
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_merged_export_generates_the_same_tokens(tiny_checkpoints, tmp_path, arch):
-    adapter = save_random_adapter(arch, tmp_path / "sora", "sora", 4, rotation="cayley")
+    adapter = write_random_adapter(
+        tmp_path / "sora",
+        arch=arch,
+        method="sora",
+        r=4,
+        r_p=2,
+        rotation="cayley",
+        target_modules=list(ATTENTION_AND_MLP[arch]),
+    )
     merged = tmp_path / "merged"
     fold_adapter(tiny_checkpoints[arch], adapter, merged, verify=False, progress=False)
     result = export_onnx(merged, tmp_path / "onnx", verify=True)
@@ -54,7 +36,7 @@ def test_merged_export_generates_the_same_tokens(tiny_checkpoints, tmp_path, arc
 
     torch_model = AutoModelForCausalLM.from_pretrained(merged).eval()
     prompt = random_ids(512, batch=2, length=6, seed=5)
-    expected = greedy(torch_model, prompt)
+    expected = generate_greedy(torch_model, prompt)
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(expected)).logits.numpy()
     onnx_lm = OnnxCausalLM(tmp_path / "onnx")
@@ -63,7 +45,7 @@ def test_merged_export_generates_the_same_tokens(tiny_checkpoints, tmp_path, arc
     # A left-padded batch (prompts of different lengths): same tokens as transformers' generate.
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0
-    padded = greedy(torch_model, prompt, attention_mask=mask)
+    padded = generate_greedy(torch_model, prompt, attention_mask=mask)
     assert np.array_equal(onnx_lm.generate(prompt.numpy(), NEW_TOKENS, attention_mask=mask.numpy()), padded)
     if arch == "llama":  # --force replaces a finished export (here by the unmerged base)
         export_onnx(tiny_checkpoints[arch], tmp_path / "onnx", force=True, verify=False)
@@ -78,11 +60,24 @@ def test_merged_export_generates_the_same_tokens(tiny_checkpoints, tmp_path, arc
 def test_switchable_adapters_match_the_runtime(tiny_checkpoints, tmp_path, arch):
     base = tiny_checkpoints[arch]
     mlp = {"qwen2": ("q_proj", "o_proj", "up_proj"), "gpt2": ("c_fc", "c_proj")}[arch]
-    adapters = [  # different kinds, ranks and layer sets: padding to r_max / k_max and the union of layers
-        save_random_adapter(arch, tmp_path / "lora4", "lora", 4, seed=1),
-        save_random_adapter(arch, tmp_path / "prediag8", "prediag", 8, targets=mlp, seed=2),
-        save_random_adapter(arch, tmp_path / "soracay", "sora", 8, r_p=2, rotation="cayley", seed=3),
-        save_random_adapter(arch, tmp_path / "dora2", "dora", 2, seed=4),
+    kinds = {  # different kinds, ranks and layer sets: padding to r_max / k_max and the union of layers
+        "lora4": ("lora", 4, "first_order", ATTENTION_AND_MLP[arch]),
+        "prediag8": ("prediag", 8, "first_order", mlp),
+        "soracay": ("sora", 8, "cayley", ATTENTION_AND_MLP[arch]),
+        "dora2": ("dora", 2, "first_order", ATTENTION_AND_MLP[arch]),
+    }
+    adapters = [
+        write_random_adapter(
+            tmp_path / name,
+            arch=arch,
+            method=method,
+            r=r,
+            r_p=2,
+            rotation=rotation,
+            target_modules=list(targets),
+            seed=seed,
+        )
+        for seed, (name, (method, r, rotation, targets)) in enumerate(kinds.items(), start=1)
     ]
     out = tmp_path / "onnx"
     assert (
@@ -120,7 +115,9 @@ def test_switchable_adapters_match_the_runtime(tiny_checkpoints, tmp_path, arch)
     # Greedy decoding with the KV cache and the last adapter loaded (SORA-Cayley is the richest op).
     ss.set_active_adapter(runtime, "soracay")
     prompt = random_ids(512, batch=2, length=5, seed=8)
-    assert np.array_equal(onnx_lm.generate(prompt.numpy(), NEW_TOKENS, adapter="soracay"), greedy(runtime, prompt))
+    assert np.array_equal(
+        onnx_lm.generate(prompt.numpy(), NEW_TOKENS, adapter="soracay"), generate_greedy(runtime, prompt)
+    )
     # Adapters switch per run: back to the base with none.
     assert np.abs(onnx_lm.logits(ids.numpy()) - base_logits).max() <= ONNX_TOL
     with pytest.raises(ss.AdapterError, match="unknown adapter 'nope'"):
@@ -130,14 +127,24 @@ def test_switchable_adapters_match_the_runtime(tiny_checkpoints, tmp_path, arch)
 @pytest.mark.slow  # torch.export is ~10x slower than the TorchScript tracer
 def test_dynamo_exporter_gives_the_same_graph_behaviour(tiny_checkpoints, tmp_path):
     base = tiny_checkpoints["llama"]
-    adapter = save_random_adapter("llama", tmp_path / "sora", "sora", 4, rotation="cayley", seed=6)
+    adapter = write_random_adapter(
+        tmp_path / "sora",
+        arch="llama",
+        method="sora",
+        r=4,
+        r_p=2,
+        rotation="cayley",
+        target_modules=list(ATTENTION_AND_MLP["llama"]),
+        seed=6,
+    )
     result = export_onnx(base, tmp_path / "onnx", [adapter], exporter="dynamo", verify=True)
     assert max(result["max_abs_error"].values()) <= ONNX_TOL  # the base (nothing fed) and the adapter
     assert_adapter_inputs_have_identity_defaults(tmp_path / "onnx" / "model.onnx")
     runtime = ss.load_adapter(AutoModelForCausalLM.from_pretrained(base).eval(), adapter)
     prompt = random_ids(512, batch=2, length=5, seed=9)
     assert np.array_equal(
-        OnnxCausalLM(tmp_path / "onnx").generate(prompt.numpy(), NEW_TOKENS, adapter="sora"), greedy(runtime, prompt)
+        OnnxCausalLM(tmp_path / "onnx").generate(prompt.numpy(), NEW_TOKENS, adapter="sora"),
+        generate_greedy(runtime, prompt),
     )
 
 
@@ -194,7 +201,15 @@ def test_bad_input(tiny_checkpoints, tmp_path, capsys):
     out.mkdir()
     with pytest.raises(ss.AdapterError, match="output exists"):
         export_onnx(tiny_checkpoints["llama"], out, verify=False)
-    other = save_random_adapter("qwen2", tmp_path / "qwen-adapter", "sora", 4)
+    other = write_random_adapter(
+        tmp_path / "qwen-adapter",
+        arch="qwen2",
+        method="sora",
+        r=4,
+        r_p=2,
+        rotation="first_order",
+        target_modules=list(ATTENTION_AND_MLP["qwen2"]),
+    )
     with pytest.raises(ss.AdapterError, match="base_fingerprint"):
         export_onnx(tiny_checkpoints["llama"], tmp_path / "out", [other], verify=False)
     with pytest.raises(ss.AdapterError, match="must be unique"):

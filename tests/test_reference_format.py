@@ -15,16 +15,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
+from sora_serve.adapter_format import REFERENCE_S0_ENV
 from sora_serve.cli import main as cli_main
 from sora_serve.converters.convert import convert
 from sora_serve.converters.fold import fold_adapter
-from sora_serve.io import REFERENCE_S0_ENV
-from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+from sora_serve.tiny import make_tiny_checkpoint
 
 from .helpers import REFERENCE_ALPHA as ALPHA
 from .helpers import REFERENCE_R as R
 from .helpers import REFERENCE_R_P as R_P
-from .helpers import perturb_adapter, random_ids, write_reference_dir
+from .helpers import random_ids, write_random_adapter, write_reference_dir
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}  # gpt2: packed qkv, Conv1D
 
@@ -205,8 +205,8 @@ def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
     initial_s_p."""
     base = make_tiny_checkpoint("llama", tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base)
-    ss.attach(
-        model,
+    ours = write_random_adapter(
+        tmp_path / "ours",
         ss.AdapterConfig(
             method="sora",
             rotation="first_order",
@@ -216,11 +216,10 @@ def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
             s0=0.5,
             target_modules=["q_proj", "up_proj"],
         ),
-        "a",
-        verbose=False,
+        model=model,
+        scale=0.2,
+        seed=2,
     )
-    perturb_adapter(model, "a", scale=0.2, seed=2)
-    ours = ss.save_adapter(model, tmp_path / "ours", "a")
     out = Path(convert(ours, tmp_path / "reference", "reference")["out_dir"])
     assert json.loads((out / "adapter_config.json").read_text())["initial_s_p"] == 0.5
     ids = random_ids(512, seed=6)
@@ -230,15 +229,13 @@ def test_our_first_order_sora_converts_to_the_reference_forward(tmp_path):
 
 
 def test_cayley_converts_only_approximately_and_says_how_far(tmp_path, capsys):
-    model = make_tiny_model("llama")
-    ss.attach(
-        model,
+    ours = write_random_adapter(
+        tmp_path / "cayley",
         ss.AdapterConfig(method="sora", rotation="cayley", r=R, r_p=R_P, target_modules=["q_proj"]),
-        "a",
-        verbose=False,
+        arch="llama",
+        scale=0.3,
+        seed=1,
     )
-    perturb_adapter(model, "a", scale=0.3, seed=1)
-    ours = ss.save_adapter(model, tmp_path / "cayley", "a")
     with pytest.raises(ss.AdapterError, match="field 'rotation': rotation 'cayley' is not the reference's forward"):
         convert(ours, tmp_path / "refused", "reference")
     assert not (tmp_path / "refused").exists()
@@ -253,15 +250,14 @@ def test_convert_refuses_what_has_no_counterpart(reference, tmp_path):
     _, base, adapter = reference
     with pytest.raises(ss.AdapterError, match="already in the reference format"):
         convert(adapter, tmp_path / "x", "reference")
-    lora = write_random_lora(tmp_path / "lora")
+    lora = write_random_adapter(
+        tmp_path / "lora",
+        ss.AdapterConfig(method="lora", r=R, target_modules=["q_proj"]),
+        arch="llama",
+        scale=0.05,
+        seed=4,
+    )
     with pytest.raises(ss.AdapterError, match="no lora_C/lora_D/lora_Diag"):
         convert(lora, tmp_path / "y", "sora")
     with pytest.raises(ss.AdapterError, match="only SORA has a reference form"):
         convert(lora, tmp_path / "z", "reference")
-
-
-def write_random_lora(out: Path) -> Path:
-    model = make_tiny_model("llama")
-    ss.attach(model, ss.AdapterConfig(method="lora", r=R, target_modules=["q_proj"]), "a", verbose=False)
-    perturb_adapter(model, "a", seed=4)
-    return ss.save_adapter(model, out, "a")

@@ -11,24 +11,20 @@ from sora_serve.cli import main
 from sora_serve.converters.to_lora import to_lora
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import max_abs, perturb_adapter, random_ids
+from .helpers import max_abs, random_ids, write_random_adapter
 
 
 def sora_adapter(arch, out, *, keep_d_one: bool, rotation="cayley"):
-    model = make_tiny_model(arch)
+    """A random SORA adapter (`write_random_adapter`); `keep_d_one`: d = 1, the exact-rewrite case."""
     targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
-    ss.attach(
-        model,
-        ss.AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation, target_modules=targets),
-        "a",
-        verbose=False,
-    )
-    perturb_adapter(model, "a", scale=0.1)
-    if keep_d_one:
-        with torch.no_grad():
-            for _, layer in ss.adapted_layers(model):
-                layer.adapters["a"].d.fill_(1.0)
-    return ss.save_adapter(model, out, "a")
+    config = ss.AdapterConfig(method="sora", r=4, r_p=2, rotation=rotation, target_modules=targets)
+    return write_random_adapter(out, config, arch=arch, edit=pin_d_to_one if keep_d_one else None)
+
+
+@torch.no_grad()
+def pin_d_to_one(model) -> None:
+    for _, layer in ss.adapted_layers(model):
+        layer.adapters["a"].d.fill_(1.0)
 
 
 @pytest.mark.parametrize("rotation", ["first_order", "cayley"])

@@ -1,4 +1,4 @@
-"""One validator everywhere (issue 9): what read_adapter / check_against_base refuse, the CLI's
+"""One validator everywhere: what read_adapter / check_against_base refuse, the CLI's
 error lines (permissions included) and `serve`'s checks before the engine starts.
 
 No vLLM engine is started here; `serve` is run as a subprocess that must fail in its pre-checks.
@@ -26,18 +26,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.checkpoint import Checkpoint, checkpoint_layers
 from sora_serve.converters.fold import fold_adapter
-from sora_serve.io import (
+from sora_serve.fingerprint import BaseLayer
+from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model, randomize_biases
+from sora_serve.validation import (
     ALLOW_LARGE_UPDATES_ENV,
     PEFT_IGNORED,
     PEFT_READ,
     PEFT_REFUSED,
     RELATIVE_UPDATE_MAX,
     UPDATE_RMS_MAX,
-    BaseLayer,
 )
-from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model, randomize_biases
 
-from .helpers import max_abs, perturb_adapter, random_ids
+from .helpers import max_abs, random_ids, write_random_adapter
 
 PEFT_TOL = 1e-5  # fp32 logits, our runtime vs PEFT's forward
 REPO = Path(__file__).resolve().parents[1]
@@ -62,15 +62,13 @@ def peft_dir(tmp_path: Path, name: str = "peft", **config) -> Path:
 
 
 def sora_dir(tmp_path: Path, name: str = "sora", arch: str = "llama", **model_kw) -> Path:
-    model = make_tiny_model(arch, **model_kw)
-    ss.attach(
-        model,
+    """A valid SORA adapter (`write_random_adapter`) for `make_tiny_model(arch, **model_kw)`."""
+    return write_random_adapter(
+        tmp_path / name,
         ss.AdapterConfig(method="sora", r=4, r_p=2, rotation="cayley", target_modules=["q_proj", "v_proj"]),
-        "a",
-        verbose=False,
+        model=make_tiny_model(arch, **model_kw),
+        scale=0.05,
     )
-    perturb_adapter(model, "a")
-    return ss.save_adapter(model, tmp_path / name, "a")
 
 
 def edit_config(directory: Path, **changes) -> None:
@@ -455,9 +453,12 @@ def gemma2_untied(tmp_path_factory) -> tuple[Path, str]:
     model = AutoModelForCausalLM.from_config(config)
     randomize_biases(model)
     model.save_pretrained(root / "base")
-    ss.attach(model, ss.AdapterConfig(method="lora", r=4, target_modules=["lm_head", "q_proj"]), "a", verbose=False)
-    perturb_adapter(model, "a")
-    ss.save_adapter(model, root / "adapter", "a")
+    write_random_adapter(
+        root / "adapter",
+        ss.AdapterConfig(method="lora", r=4, target_modules=["lm_head", "q_proj"]),
+        model=model,
+        scale=0.05,
+    )
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         fold_adapter(root / "base", root / "adapter", root / "merged", progress=False)

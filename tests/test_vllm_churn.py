@@ -1,4 +1,4 @@
-"""Adapter churn and isolation through `sora-serve serve` (issue 9 items 1 and 2), one server per module.
+"""Adapter churn and isolation through `sora-serve serve`, one server per module.
 
 Every response is checked against the float64 eager runtime for the adapter version it can have
 been admitted with; an adapter version's output may never appear outside the time it was loaded.
@@ -24,17 +24,15 @@ from sora_serve.tiny import make_tiny_checkpoint
 from .helpers import (
     VLLM_BACKENDS,
     complete,
-    eager_greedy,
-    eager_model,
     error_message,
     new_tokens,
-    off_greedy,
     post,
     running_server,
     set_first_value,
     vllm_backend,
     write_random_adapter,
 )
+from .reference import eager_greedy, eager_model, off_greedy
 
 VERSIONS = {  # adapter dirs that names get loaded with; scale 0.05 keeps them inside the validator's bounds
     "lora_a": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -45,7 +43,7 @@ VERSIONS = {  # adapter dirs that names get loaded with; scale 0.05 keeps them i
     "lora_f": ss.AdapterConfig(method="lora", r=16, target_modules=["q_proj", "o_proj", "up_proj"]),
 }
 STATIC = "s1"  # served from the start (--adapter s1=...)
-# Issue 9 streamed 200 tokens; here 200 finish before the reload does, so the stream is longer.
+# Long enough to outlast the reload: a 200-token stream finishes before the reload does here.
 STREAM_TOKENS = 1000
 PROMPTS = ([5, 17, 99, 23, 4, 61], [7, 7, 300, 12])
 # pytest-timeout counts the module's server start (60-100 s on a busy 2-core machine) in whichever test runs first.
@@ -148,7 +146,7 @@ def stream_tokens(url: str, model: str, prompt: list[int], max_tokens: int, firs
 @pytest.mark.slow
 @pytest.mark.timeout(SERVER_START_S + 120)
 def test_reloading_a_name_while_its_stream_runs(served):
-    """Issue 9 item 1: x = A streaming; unload x; load x = B; a request to s1, one to x while the
+    """Reloading a name mid-stream: x = A streaming; unload x; load x = B; a request to s1, one to x while the
     stream runs. No engine death; the stream ends with A's tokens, x answers with B's."""
     url, root, process, _ = served
     first_chunk = threading.Event()
@@ -279,7 +277,7 @@ def test_load_unload_races_under_traffic(served):
 @pytest.mark.slow
 @pytest.mark.timeout(SERVER_START_S + 60)
 def test_bad_adapters_are_refused_at_load_with_400_naming_the_file(served):
-    """Issue 9 items 2-5: a plain PEFT LoRA with one NaN in lora_B (accepted by stock vLLM), `r: "16"`
+    """Bad adapters refused at load: a plain PEFT LoRA with one NaN in lora_B (accepted by stock vLLM), `r: "16"`
     (a TypeError inside vLLM) and `peft_type: "FOO"` (served by stock vLLM): each a 400 naming file and field."""
     url, root, process, backend = served
     if backend != VLLM_BACKENDS[0]:
@@ -303,8 +301,8 @@ def test_bad_adapters_are_refused_at_load_with_400_naming_the_file(served):
 @pytest.mark.slow
 @pytest.mark.timeout(SERVER_START_S + 120)
 def test_an_overflowing_adapter_fails_alone(served):
-    """Issue 9 item 2: finite factors x1e30 (admitted with SORA_SERVE_ALLOW_LARGE_UPDATES=1) overflow
-    at run time. Its requests fail with a clear error; the base and clean-adapter requests batched
+    """Finite factors x1e30 (admitted with SORA_SERVE_ALLOW_LARGE_UPDATES=1) overflow at run time.
+    Its requests fail with a clear error; the base and clean-adapter requests batched
     with them answer as they do alone, and so do the next 8 unrelated requests (no [0, 0, ...])."""
     url, root, process, _ = served
     status, body = load(url, "overflow", root / "overflow")

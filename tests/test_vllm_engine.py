@@ -8,15 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import VLLM_BACKENDS, fine_tuned_like, perturb_adapter, vllm_backend, write_reference_dir
+from .helpers import VLLM_BACKENDS, fine_tuned_like, vllm_backend, write_random_adapter, write_reference_dir
+from .reference import LOGPROB_TOL, PROMPTS, eager_reference
 
-LOGPROB_TOL = 1e-4  # fp32, per generated token
 KINDS = {
     "lora": dict(method="lora"),
     "dora": dict(method="dora"),
@@ -24,7 +22,6 @@ KINDS = {
     "sora_fo": dict(method="sora", r_p=2),
     "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
 }
-PROMPTS = [[5, 17, 99, 23, 4], [7, 7, 300, 12], [101, 44, 9, 250, 3, 88]]
 
 
 @pytest.fixture(scope="module", params=VLLM_BACKENDS)
@@ -33,10 +30,8 @@ def served(tmp_path_factory, request):
     root = tmp_path_factory.mktemp(f"vllm-{request.param}")
     base = make_tiny_checkpoint("qwen2", root / "base")  # q/k/v biases: the bias path is exercised
     for i, (name, kwargs) in enumerate(KINDS.items()):
-        model = make_tiny_model("qwen2")
-        ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
-        perturb_adapter(model, "a", scale=0.1, seed=i)
-        ss.save_adapter(model, root / name, "a")
+        config = ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs})
+        write_random_adapter(root / name, config, seed=i, scale=0.1)
     write_reference_dir(
         base, root / "reference", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -66,20 +61,6 @@ def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], 
         (list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
         for o in outputs
     ]
-
-
-@torch.no_grad()
-def eager_reference(root, name: str | None, prompt: list[int], max_tokens: int = 8):
-    """Greedy tokens and their log-probabilities from the HF model with our runtime adapter."""
-    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
-    if name is not None:
-        ss.load_adapter(model, root / name)
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    logprobs = torch.log_softmax(model(torch.tensor([tokens])).logits[0].double(), -1)
-    new = tokens[len(prompt) :]
-    return new, [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(new)]
 
 
 @pytest.mark.slow
@@ -219,9 +200,8 @@ def broken_copy(root, defect: str, tmp_path):
         if defect == "same_shape_other_base":
             fine_tuned_like(model, 1e-3, seed=13)
         targets = ["q_proj", "lm_head"] if defect == "output_head" else "all-linear"
-        ss.attach(model, ss.AdapterConfig(method="sora", r=8, target_modules=targets), "a", verbose=False)
-        perturb_adapter(model, "a", scale=0.1, seed=5)
-        return ss.save_adapter(model, target, "a")
+        config = ss.AdapterConfig(method="sora", r=8, target_modules=targets)
+        return write_random_adapter(target, config, model=model, seed=5, scale=0.1)
     if defect == "reference_missing_D":  # the paper's format, one lora_D.weight gone
         shutil.copytree(root / "reference", target)
         weights = load_file(target / "adapter_model.safetensors")
@@ -298,7 +278,7 @@ def count_opens(event, args):
 sys.addaudithook(count_opens)
 from vllm import SamplingParams
 from vllm.lora.request import LoRARequest
-from sora_serve.io import read_adapter
+from sora_serve.adapter_format import read_adapter
 from sora_serve.vllm_plugin import registry
 from sora_serve.vllm_plugin.engine import make_llm
 

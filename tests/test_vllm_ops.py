@@ -407,7 +407,7 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
     from sora_serve.methods import BaseView
     from sora_serve.vllm_plugin.activation import slice_factors
 
-    from .helpers import perturb_adapter
+    from .helpers import write_random_adapter
 
     torch.manual_seed(3)
     layer, weight = packed_float64_layer(monkeypatch)
@@ -416,9 +416,7 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
         {n: torch.nn.Linear(32, size, dtype=torch.float64) for n, size in zip(names, layer.output_slices)}
     )
     config = ss.AdapterConfig(r=6, r_p=3, target_modules=names, **METHODS[kind])
-    ss.attach(model, config, "a", verbose=False)
-    perturb_adapter(model, "a", scale=0.2, seed=7)
-    adapter = ss.read_adapter(ss.save_adapter(model, tmp_path / kind, "a"))
+    adapter = ss.read_adapter(write_random_adapter(tmp_path / kind, config, model=model, scale=0.2, seed=7))
     offsets = [0, 24, 32, 40]
     for i, name in enumerate(names):
         rows = slice(offsets[i], offsets[i + 1])

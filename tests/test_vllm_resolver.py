@@ -16,19 +16,16 @@ from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
 from .helpers import (
     complete,
-    eager_greedy,
-    eager_model,
     error_message,
     fine_tuned_like,
     new_tokens,
-    off_greedy,
-    perturb_adapter,
     post,
     running_server,
     save_base_copy,
     set_first_value,
     write_random_adapter,
 )
+from .reference import eager_greedy, eager_model, off_greedy
 
 KINDS = {
     "lora": ss.AdapterConfig(method="lora", r=8, target_modules="all-linear"),
@@ -64,9 +61,7 @@ def store(tmp_path_factory):
     # fingerprint's sampled weights tell. In the store (the resolver) and under extra/ (runtime loads).
     for directory in (root / "store" / "other_base", root / "extra" / "other_base"):
         other = fine_tuned_like(make_tiny_model("qwen2"), 1e-3, seed=12)
-        ss.attach(other, KINDS["sora"], "a", verbose=False)
-        perturb_adapter(other, "a", scale=0.05, seed=12)
-        ss.save_adapter(other, directory, "a")
+        write_random_adapter(directory, KINDS["sora"], model=other, seed=12, scale=0.05)
     save_base_copy(
         make_tiny_model("qwen2"), root / "base_bf16", root / "base", torch.bfloat16
     )  # the same base, re-saved in bf16

@@ -1,4 +1,4 @@
-"""Many adapters through `vllm.LLM` (issue 13 item 2, CI size): 40 adapters of every kind and mixed
+"""Many adapters through `vllm.LLM` (CI size): 40 adapters of every kind and mixed
 ranks registered over time with max_loras=2 and max_cpu_loras=4, so vLLM's LRU keeps evicting
 them; every answer equals its adapter alone, base requests stay base, and memory stays bounded."""
 
@@ -12,10 +12,11 @@ import pytest
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint
 
-from .helpers import eager_model, off_greedy, set_first_value, write_random_adapter
+from .helpers import set_first_value, write_random_adapter
+from .reference import eager_model, off_greedy
 
 # 10 rounds of 4 new adapters; memory compared after 16 and after all. SORA_SERVE_SCALE_ADAPTERS=256
-# runs the issue's full size (about 10 minutes here) with the same checks.
+# runs the full size (about 10 minutes here) with the same checks.
 N_ADAPTERS = int(os.environ.get("SORA_SERVE_SCALE_ADAPTERS", "40"))
 PER_ROUND, FIRST = 4, 16
 KINDS = (
@@ -113,7 +114,7 @@ def test_many_adapters_cycled_through_two_slots(engine):
 @pytest.mark.slow
 @pytest.mark.timeout(ENGINE_START_S + 60)
 def test_a_nan_adapter_request_is_refused_and_the_engine_keeps_serving(engine, tmp_path):
-    """Issue 9 item 2 through `vllm.LLM`: a plain PEFT LoRA with one NaN in lora_B, named by a
+    """A NaN adapter through `vllm.LLM`: a plain PEFT LoRA with one NaN in lora_B, named by a
     LoRARequest, is refused with an error naming the file; the same engine then serves on. (Here,
     not in test_vllm_churn, to share this module's engine.)"""
     root, llm = engine

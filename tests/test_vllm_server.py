@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import sora_serve as ss
-from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+from sora_serve.tiny import make_tiny_checkpoint
 
 from .helpers import complete as complete_tokens
-from .helpers import new_tokens, perturb_adapter, post, running_server
+from .helpers import new_tokens, post, running_server, write_random_adapter
+from .reference import eager_greedy, eager_model
 
 PROMPT = "the film is a charming"
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -34,10 +35,7 @@ def server(tmp_path_factory):
             ),  # lm_head: not servable
         }.items()
     ):
-        model = make_tiny_model("llama")
-        ss.attach(model, config, "a", verbose=False)
-        perturb_adapter(model, "a", scale=0.15, seed=i)
-        ss.save_adapter(model, root / name, "a")
+        write_random_adapter(root / name, config, arch="llama", seed=i, scale=0.15)
     (root / "chat.jinja").write_text(CHAT_TEMPLATE)
     arguments = [
         "--model",
@@ -60,17 +58,10 @@ def server(tmp_path_factory):
         yield url, root
 
 
-@torch.no_grad()
 def eager_tokens(root, adapter: str | None, prompt: str = PROMPT, max_tokens: int = 6) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(root / "base")
-    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
-    if adapter is not None:
-        ss.load_adapter(model, root / adapter)
-    ids = tokenizer(prompt).input_ids
-    prompt_len = len(ids)
-    for _ in range(max_tokens):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[prompt_len:]
+    """The fp32 eager runtime's greedy tokens for the text `prompt` (the base's tokenizer)."""
+    model = eager_model(root / "base", None if adapter is None else root / adapter, dtype=torch.float32)
+    return eager_greedy(model, AutoTokenizer.from_pretrained(root / "base")(prompt).input_ids, max_tokens)
 
 
 def complete(url: str, model: str) -> tuple[int, dict | str]:

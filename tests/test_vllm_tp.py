@@ -12,10 +12,10 @@ import os
 import pytest
 
 import sora_serve as ss
-from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
+from sora_serve.tiny import make_tiny_checkpoint
 
-from .helpers import VLLM_BACKENDS, perturb_adapter, vllm_backend
-from .test_vllm_engine import LOGPROB_TOL, PROMPTS, eager_reference
+from .helpers import VLLM_BACKENDS, vllm_backend, write_random_adapter
+from .reference import LOGPROB_TOL, PROMPTS, eager_reference
 
 KINDS = {
     "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
@@ -36,10 +36,8 @@ def test_tensor_parallel_mixed_batch_equals_eager(tmp_path, backend):
 
     base = make_tiny_checkpoint("qwen2", tmp_path / "base")  # 4 heads, 2 kv heads: one kv head per rank
     for i, (name, kwargs) in enumerate(KINDS.items()):
-        model = make_tiny_model("qwen2")
-        ss.attach(model, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), "a", verbose=False)
-        perturb_adapter(model, "a", scale=0.1, seed=10 + i)
-        ss.save_adapter(model, tmp_path / name, "a")
+        config = ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs})
+        write_random_adapter(tmp_path / name, config, seed=10 + i, scale=0.1)
     with vllm_backend(backend):
         llm = make_llm(
             base, max_loras=3, tensor_parallel_size=2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sora_serve.config import METHODS, ROTATIONS
+from sora_serve.config import ROTATIONS
+from sora_serve.methods import METHOD_CLASSES
 
 from .recipe import Recipe
 from .train import TASKS, TrainConfig, train_adapter
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, help="training data: .jsonl (text[, label]), .tsv/.csv with a header, or plain text"
     )
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", required=True, choices=tuple(METHOD_CLASSES))
     parser.add_argument("--out", required=True, help="adapter directory to write (with metrics.json)")
     parser.add_argument("--task", default="causal-lm", choices=TASKS)
     parser.add_argument("--eval-data", help="evaluation data (default: 10%% held out from --data)")

@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -395,14 +395,3 @@ def save_trained(model: nn.Module, cfg: TrainConfig, metrics: dict) -> None:
                 }
                 save_file(head, str(tmp / HEAD_FILE))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def load_seq_cls_head(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load the classifier head that `sora-serve train --task seq-cls` stored beside our adapter."""
-    path = Path(adapter_dir) / HEAD_FILE
-    if not path.is_file():
-        raise AdapterError("no trained classification head", file=path)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if unexpected:
-        raise AdapterError(f"tensors {unexpected} do not belong to {type(model).__name__}", file=path)
-    return model

@@ -11,7 +11,15 @@ from .lora import LoRA
 from .prediag import PreDiag
 from .sora import SORA, cayley_core, rotation_factors, scaled_generator
 
+# The registry: a fifth method is one module defining an `Adapter` subclass plus one line here.
 METHOD_CLASSES: dict[str, type[Adapter]] = {"lora": LoRA, "dora": DoRA, "prediag": PreDiag, "sora": SORA}
+
+
+def tensor_shapes(config: AdapterConfig, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape for a layer of this size under `config`, built on the meta device."""
+    with torch.device("meta"):
+        module = METHOD_CLASSES[config.method](in_features, out_features, config)
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
 
 
 def build_adapter(config: AdapterConfig, base: BaseView) -> Adapter:
@@ -44,4 +52,5 @@ __all__ = [
     "cayley_core",
     "rotation_factors",
     "scaled_generator",
+    "tensor_shapes",
 ]

@@ -125,8 +125,17 @@ class Adapter(nn.Module):
     """
 
     method: str = ""
+    # Its files: `peft_type` in adapter_config.json, and each parameter's tensor-name suffix in
+    # adapter_model.safetensors. A method PEFT writes (LoRA, DoRA) keeps PEFT's own layout.
+    peft_type: str = ""
+    peft_layout: bool = False
+    file_names: dict[str, str] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
     # What each parameter is to an optimizer recipe (training/recipe.py gives each role its lr and decay).
     param_roles: dict[str, str] = {"lora_A": "lowrank", "lora_B": "lowrank"}
+    # What serving must know of the base: whether the factors read W0 (DoRA's norms), and whether
+    # they change the base output itself (a scale or rotation, so the bias must be inside the op).
+    reads_base_weight: bool = False
+    changes_base_output: bool = True
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__()

@@ -27,7 +27,10 @@ class DoRA(Adapter):
     """Magnitude-direction decomposition. Parameters: lora_A, lora_B, magnitude (out,)."""
 
     method = "dora"
+    peft_type, peft_layout = "LORA", True  # PEFT's LoRA layout with use_dora
+    file_names = {**Adapter.file_names, "magnitude": "lora_magnitude_vector"}
     param_roles = {**Adapter.param_roles, "magnitude": "magnitude"}
+    reads_base_weight = True
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
         super().__init__(in_features, out_features, config)

@@ -11,6 +11,8 @@ class LoRA(Adapter):
     """Low-rank update on the input side. Parameters: lora_A (r x in), lora_B (out x r, init 0)."""
 
     method = "lora"
+    peft_type, peft_layout = "LORA", True
+    changes_base_output = False
 
     def forward(self, x, base_out, base):
         return self.add_lora_term(base_out, x)

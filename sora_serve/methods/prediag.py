@@ -18,6 +18,8 @@ class PreDiag(Adapter):
     """Parameters: lora_A (r x in), lora_B (out x r, init 0), d (out, init 1)."""
 
     method = "prediag"
+    peft_type = "PREDIAG"
+    file_names = {**Adapter.file_names, "d": "sora_d"}
     param_roles = {**Adapter.param_roles, "d": "diag"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):

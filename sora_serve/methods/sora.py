@@ -86,6 +86,8 @@ class SORA(PreDiag):
     """
 
     method = "sora"
+    peft_type = "SORA"
+    file_names = {**PreDiag.file_names, "sora_C": "sora_C", "sora_D": "sora_D"}
     param_roles = {**PreDiag.param_roles, "sora_C": "rotation", "sora_D": "rotation"}
 
     def __init__(self, in_features: int, out_features: int, config: AdapterConfig):

@@ -18,9 +18,9 @@ import functools
 
 import torch
 
+from sora_serve.adapter_format import AdapterFile
 from sora_serve.errors import AdapterError
-from sora_serve.io import AdapterFile
-from sora_serve.methods import BaseView, ServingFactors
+from sora_serve.methods import METHOD_CLASSES, BaseView, ServingFactors
 
 from .layers import SlotFactors, is_plugin_layer, parallel_kind
 
@@ -265,12 +265,13 @@ def check_servable(
             kind = "not found" if layer is None else f"a {type(layer).__name__}, not a plain linear layer"
             raise ValueError(f"sora-serve cannot serve adapter module '{path}' in vLLM: '{layer_name}' is {kind}")
         base = layer.base_layer
-        if adapter.method == "dora" and not isinstance(base.quant_method, UnquantizedLinearMethod):
+        method = METHOD_CLASSES[adapter.method]
+        if method.reads_base_weight and not isinstance(base.quant_method, UnquantizedLinearMethod):
             raise ValueError(
-                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; DoRA "
-                "needs its plain weight"
+                f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer is quantized; "
+                f"{adapter.method} needs its plain weight"
             )
-        if adapter.method != "lora" and base.bias is not None and base.skip_bias_add:
+        if method.changes_base_output and base.bias is not None and base.skip_bias_add:
             raise ValueError(
                 f"sora-serve cannot serve adapter module '{path}' in vLLM: its layer adds the bias outside "
                 "the LoRA op (skip_bias_add)"

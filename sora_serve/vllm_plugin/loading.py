@@ -22,8 +22,8 @@ import functools
 import os
 from pathlib import Path
 
+from sora_serve.adapter_format import PEFT_PREFIX, AdapterFile
 from sora_serve.errors import AdapterError
-from sora_serve.io import PEFT_PREFIX, AdapterFile
 
 from . import registry
 from .activation import check_servable, row_sq_norms, slice_offsets, slice_paths, slot_weights
@@ -201,7 +201,8 @@ def check_base_layers(
     """`check_against_base` with this engine's layers: whole (unsharded) shapes, bias, ||W0||_F."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    from sora_serve.io import BaseLayer, check_against_base
+    from sora_serve.fingerprint import BaseLayer
+    from sora_serve.validation import check_against_base
 
     layers = {}
     for module_name, layer in modules.items():

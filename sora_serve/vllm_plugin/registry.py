@@ -19,7 +19,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-from sora_serve.io import CONFIG_FILE, FINGERPRINT_FILE, WEIGHTS_FILE, AdapterFile, read_adapter
+from sora_serve.adapter_format import CONFIG_FILE, FINGERPRINT_FILE, WEIGHTS_FILE, AdapterFile, read_adapter
 
 logger = logging.getLogger("sora_serve.vllm_plugin")
 

@@ -33,8 +33,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
+from sora_serve.adapter_format import CONFIG_FILE
 from sora_serve.errors import AdapterError
-from sora_serve.io import CONFIG_FILE
 
 from . import access, registry
 from .loading import ERROR_MARK

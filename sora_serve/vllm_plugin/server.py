@@ -22,11 +22,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sora_serve.adapter_format import read_adapter
 from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import ALLOW_OTHER_BASE_ENV
 from sora_serve.fs import readable_dir
-from sora_serve.io import ALLOW_LARGE_UPDATES_ENV, read_adapter
+from sora_serve.validation import ALLOW_LARGE_UPDATES_ENV
 
 from .access import LOAD_ROOTS_ENV, encode_roots
 from .models import vllm_always_ties_head, vllm_model_class
