@@ -18,7 +18,7 @@ $(STAMP): $(wildcard requirements/*.txt) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m sora_serve.demo
+	$(VPY) -m sora_serve.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

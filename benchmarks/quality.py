@@ -50,7 +50,7 @@ SCALE = 2.0  # s = alpha / r for every method
 HELD_OUT_SEED = 12345  # which SST-2 training sentences the lr sweep holds out
 SERVED = "sora_cayley"  # the method whose Amazon adapters are served together
 PARTIAL = "quality-partial.json"
-# Training runs in parallel processes. On 2 shared cores, 2 workers with OMP_NUM_THREADS=1 each beat one
+# Training runs in parallel processes of one thread each (`init_worker`). On 2 shared cores, 2 such workers beat one
 # 2-thread process by far: small GEMMs gain little from a second thread and lose a lot when it is descheduled.
 WORKERS_ENV = "SORA_QUALITY_WORKERS"
 
@@ -477,6 +477,15 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def init_worker() -> None:
+    """A training worker: quiet, and one intra-op thread. Workers run side by side on every core, and
+    a second thread per process on oversubscribed cores made each step ~4x slower (torch spins)."""
+    import torch
+
+    quiet_transformers()
+    torch.set_num_threads(1)
+
+
 def write_partial(payload: dict, out_dir: Path) -> None:
     """The results so far, so a run stopped late still leaves its finished rounds (and can resume)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -555,7 +564,7 @@ def run(quick: bool, out_dir: Path | None = None, lr_from: Path | None = None) -
         print(f"resuming {out_dir / PARTIAL}: lr sweep and {done} seed round(s) already done")
     with (
         tqdm(total=n_runs, initial=done and sweep_runs + done * len(METHODS) * len(data), desc="quality runs") as bar,
-        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool,
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker) as pool,
     ):
         if not done:
             payload["lr_sweep"] = sweep or sweep_lr(settings, sst2_train, pool, bar)

@@ -38,6 +38,7 @@ from .quality import (
     WORKERS_ENV,
     best_lrs,
     held_out_split,
+    init_worker,
     lr_grid,
     quiet_transformers,
     read_tsv,
@@ -159,7 +160,7 @@ def run(quick: bool, part: str = "all", out_dir: Path | None = None) -> Path | N
     started = time.perf_counter()
     with (
         tqdm(total=n_runs, desc="stability runs") as bar,
-        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=quiet_transformers) as pool,
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=init_worker) as pool,
     ):
         for p in parts:
             if p.startswith("recipe"):

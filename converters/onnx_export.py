@@ -31,7 +31,6 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import sora_serve as ss
@@ -306,7 +305,7 @@ def write_export(
     switchable = install_switchable_layers(model, factors) if adapter_files else {}
     export_graph(model, out / MODEL_FILE, opset, switchable, exporter)
     (out / "adapters").mkdir()
-    for name, per_layer in tqdm(factors.items(), desc="onnx adapters", disable=not factors):
+    for name, per_layer in factors.items():  # milliseconds each: no progress bar
         write_onnx_adapter(out / "adapters" / f"{name}.onnx_adapter", per_layer, switchable)
     for side in model_dir.iterdir():
         if side.is_file() and (

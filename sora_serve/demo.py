@@ -7,14 +7,18 @@
 5. exports ONNX twice: the merged model, and one graph with the four adapters switchable;
 6. serves base + the four adapters from one vLLM engine in one mixed batch, checked against eager;
 7. rewrites a d = 1 SORA adapter as an exact plain PEFT LoRA.
-Outputs go to ./out/demo (override with SORA_DEMO_DIR).
+Outputs go to ./out/demo (override with --out or SORA_DEMO_DIR). Quiet by default: tables and
+verdicts only; `--verbose` (`make demo DEMO_ARGS=--verbose`) shows every library's logs and bars.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,11 +61,33 @@ def new_table(title: str, console: Console) -> Table:
     return Table(title=title, box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
 
 
-def train_all(base: Path, root: Path, console: Console) -> dict[str, dict]:
+def quiet_libraries() -> None:
+    """Only errors from vLLM (its engine process inherits the level through the environment), and
+    from transformers and PEFT; no library progress bars or deprecation notices."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def train_all(base: Path, root: Path, console: Console, verbose: bool) -> dict[str, dict]:
     results = {}
     for name, kwargs in RUNS.items():
         cfg = TrainConfig(
-            model=base, data=BUILTIN_TEXT * 8, out=root / name, steps=40, lr=3e-3, r=8, force=True, **kwargs
+            model=base,
+            data=BUILTIN_TEXT * 8,
+            out=root / name,
+            steps=40,
+            lr=3e-3,
+            r=8,
+            force=True,
+            progress=verbose,
+            **kwargs,
         )
         results[name] = train_adapter(cfg)
     table = new_table("trained adapters (tiny Llama, built-in text, 40 steps each)", console)
@@ -97,17 +123,32 @@ def mixed_batch_check(base: Path, root: Path, console: Console) -> float:
     return worst
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sora_serve.demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("SORA_DEMO_DIR", "out/demo")),
+        help="where every output goes (default: $SORA_DEMO_DIR or out/demo)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show vLLM's, transformers' and PEFT's logs and bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     console = make_console(sys.stdout)
-    root = Path(os.environ.get("SORA_DEMO_DIR", "out/demo")).absolute()
+    root = args.out.absolute()
     start = time.perf_counter()
     base = make_tiny_checkpoint(
         "llama", root / "base", max_shard_size="1MB", hidden_size=256, intermediate_size=512, num_layers=4
     )
     console.print(f"built a 4-layer Llama (hidden 256) with a local tokenizer at {base}")
-    train_all(base, root / "adapters", console)
+    train_all(base, root / "adapters", console, args.verbose)
     mixed_batch_check(base, root / "adapters", console)
-    folded = fold_adapter(base, root / "adapters" / "sora", root / "merged-sora", force=True)
+    folded = fold_adapter(base, root / "adapters" / "sora", root / "merged-sora", force=True, progress=args.verbose)
     console.print(
         f"folded SORA (cayley) into {folded['out_dir']}: {folded['layers']} layers, {folded['shards']} "
         f"shards, max logit error {folded['max_abs_error']:.2e}"
@@ -120,7 +161,7 @@ def main() -> None:
     errors = ", ".join(f"{k} {v:.1e}" for k, v in switchable["max_abs_error"].items())
     console.print(f"ONNX (one graph, .onnx_adapter per adapter): max logit error vs PyTorch: {errors}")
     vllm_mixed_batch(base, root / "adapters", console)
-    exact = exact_lora_rewrite(base, root, console)
+    exact = exact_lora_rewrite(base, root, args.verbose)
     console.print(f"SORA with d = 1 as a plain PEFT LoRA of rank {exact['rank']}: exact, written to {exact['out_dir']}")
     console.print(f"[bold green]demo finished in {time.perf_counter() - start:.0f} s[/]; outputs under {root}")
 
@@ -156,7 +197,7 @@ def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
     del llm
 
 
-def exact_lora_rewrite(base: Path, root: Path, console: Console) -> dict:
+def exact_lora_rewrite(base: Path, root: Path, verbose: bool) -> dict:
     """Pre-Diag/SORA with d = 1 on a base without biases is exactly a LoRA of rank r + 2 r_p."""
     model = AutoModelForCausalLM.from_pretrained(base)
     ss.attach(
@@ -170,7 +211,7 @@ def exact_lora_rewrite(base: Path, root: Path, console: Console) -> dict:
             layer.adapters["d1"].lora_B.normal_(0, 0.02)
             layer.adapters["d1"].sora_D.normal_(0, 0.05)
     ss.save_adapter(model, root / "adapters" / "sora-d1", "d1", force=True)
-    return to_lora(base, root / "adapters" / "sora-d1", root / "sora-d1-as-lora", force=True)
+    return to_lora(base, root / "adapters" / "sora-d1", root / "sora-d1-as-lora", force=True, progress=verbose)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .layer import AdaptedLayer, is_supported_layer, weight_out_in
+from .layer import is_supported_layer, weight_out_in
 
 SAMPLES = 32  # sampled W0 entries per layer
 SAMPLE_SEED = 20251100  # positions are drawn once per shape from this seed, and stored with the values
@@ -75,7 +75,7 @@ def model_layers(model: nn.Module, paths: Iterable[str], *, norms: bool = True) 
     layers = {}
     for path in paths:
         module = modules.get(path)
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base = getattr(module, "base_layer", module)  # ours (AdaptedLayer) or PEFT's wrapper of the base layer
         if module is None or not is_supported_layer(base):
             continue
         weight = weight_out_in(base).detach()

@@ -53,7 +53,10 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # a few ms of work; its bar left blank lines in every caller's output
     )
     tok.train_from_iterator(BUILTIN_TEXT, trainer=trainer)
     return PreTrainedTokenizerFast(

@@ -16,7 +16,7 @@ from sora_serve.errors import AdapterError
 from sora_serve.tiny import BUILTIN_TEXT, make_tiny_model
 from sora_serve.training.train import TrainConfig, minilm_path, train_adapter
 
-from .helpers import max_abs, perturb_adapter, random_ids
+from .helpers import fine_tuned_like, max_abs, perturb_adapter, random_ids
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,8 @@ def test_training_lowers_eval_loss_on_sst2_with_minilm(method, sst2_subset, tmp_
 
 
 def test_causal_lm_on_builtin_text_and_peft_dirs_load_in_our_runtime(tiny_checkpoints, tmp_path):
+    """Trained LoRA/DoRA dirs are PEFT's own and, like ours, record their base: a base of the same
+    shapes whose weights moved as a fine-tune moves them is refused."""
     base_dir = tiny_checkpoints["qwen2"]
     ids = random_ids(512)
     for method in ("lora", "dora", "sora"):
@@ -71,6 +73,8 @@ def test_causal_lm_on_builtin_text_and_peft_dirs_load_in_our_runtime(tiny_checkp
                 expected = PeftModel.from_pretrained(make_tiny_model("qwen2"), out).eval()(ids).logits
                 assert max_abs(got, expected) <= 1e-5
             assert max_abs(got, make_tiny_model("qwen2")(ids).logits) > 1e-4  # training changed the model
+        with pytest.raises(AdapterError, match="sampled entries differ by more than a dtype cast"):
+            ss.load_adapter(fine_tuned_like(make_tiny_model("qwen2"), 1e-3, seed=5), out)
 
 
 def test_cli_errors_are_clear_and_leave_nothing(tiny_checkpoints, tmp_path, capsys):

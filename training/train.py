@@ -39,8 +39,10 @@ from transformers import (
 )
 
 import sora_serve as ss
+from sora_serve.adapter_format import write_side_fingerprint
 from sora_serve.config import AdapterConfig
 from sora_serve.errors import AdapterError
+from sora_serve.fingerprint import base_fingerprint, model_layers
 from sora_serve.fs import atomic_output_dir
 from sora_serve.io import write_adapter_files
 
@@ -381,10 +383,22 @@ def train_loop(
     return losses, step_times, diagnostics
 
 
+def write_peft_fingerprint(peft_model: nn.Module, directory: Path) -> None:
+    """The base fingerprint beside PEFT's files (as `save_adapter` writes it for LoRA/DoRA), so every
+    entry can tell this adapter's base from another of the same shapes."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    paths = [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+    layers = model_layers(base, paths, norms=False)  # samples only: no pass over W0
+    write_side_fingerprint(directory, base_fingerprint(layers, getattr(base.config, "model_type", None)))
+
+
 def save_trained(model: nn.Module, cfg: TrainConfig, metrics: dict) -> None:
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
         if cfg.method in ("lora", "dora"):
             model.save_pretrained(str(tmp))
+            write_peft_fingerprint(model, tmp)
         else:
             write_adapter_files(model, tmp, ADAPTER_NAME, base_model_name_or_path=str(cfg.model))
             if cfg.task == "seq-cls":
