@@ -20,7 +20,6 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 import sora_serve as ss
 from sora_serve.adapter_format import PEFT_PREFIX, WEIGHTS_FILE, write_side_fingerprint
@@ -29,6 +28,7 @@ from sora_serve.cli import add_override_flags, override_kwargs
 from sora_serve.errors import AdapterError
 from sora_serve.fingerprint import base_fingerprint
 from sora_serve.fs import atomic_output_dir
+from sora_serve.layer import stores_in_out
 from sora_serve.methods import ServingFactors
 
 BIAS_RTOL = 1e-9  # float64 math: DoRA's g b + (1 - g) b equals b only up to rounding
@@ -126,7 +126,7 @@ def to_lora(
         r=out_rank,
         lora_alpha=out_rank,
         target_modules=sorted(adapter.tensors),  # s = 1: B A is the update itself
-        fan_in_fan_out=any(isinstance(modules[p], Conv1D) for p in adapter.tensors),
+        fan_in_fan_out=any(stores_in_out(modules[p]) for p in adapter.tensors),
         base_model_name_or_path=adapter.base_model_name_or_path,
     )
     with atomic_output_dir(out_dir, force=force) as tmp:

@@ -66,6 +66,11 @@ def our_peft_types() -> dict[str, str]:
     return {cls.peft_type: method for method, cls in METHOD_CLASSES.items() if not cls.peft_layout}
 
 
+def tensor_names(layout: str, method: str) -> dict[str, str]:
+    """Parameter name -> tensor-name suffix: the paper's names in its layout, else the method's own."""
+    return REFERENCE_NAMES if layout == "reference" else METHOD_CLASSES[method].file_names
+
+
 @dataclass
 class AdapterFile:
     """A validated adapter directory, not yet bound to a model."""
@@ -83,7 +88,7 @@ class AdapterFile:
     @property
     def file_names(self) -> dict[str, str]:
         """Parameter name -> tensor-name suffix in this dir's weights file."""
-        return REFERENCE_NAMES if self.layout == "reference" else METHOD_CLASSES[self.method].file_names
+        return tensor_names(self.layout, self.method)
 
     def tensor_key(self, module_path: str, param: str | None = None) -> str:
         """The weights file's key of `param` in module `module_path` (its prefix when `param` is None)."""
@@ -155,7 +160,7 @@ def read_adapter(directory: str | Path, *, allow_large_updates: bool | None = No
             file=config_path,
             field="initial_s_p",
         )
-    names = REFERENCE_NAMES if layout == "reference" else METHOD_CLASSES[config.method].file_names
+    names = tensor_names(layout, config.method)
     tensors = _group_tensors(flat, weights_path, config.method, names)
     module_configs = {path: module_config(path) for path in tensors}
     adapter = AdapterFile(

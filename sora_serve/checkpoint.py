@@ -24,13 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.pytorch_utils import Conv1D
 
 from .adapter_format import AdapterFile
 from .errors import AdapterError
 from .fingerprint import BaseLayer
 from .fs import readable_dir, readable_file
-from .layer import weight_out_in
+from .layer import is_supported_layer, stores_in_out, weight_out_in
 from .methods import BaseView
 from .validation import check_against_base
 
@@ -143,7 +142,7 @@ class Checkpoint:
 
     def is_transposed(self, module_path: str) -> bool:
         """Whether the file stores the layer's weight as (in, out): GPT-2's Conv1D."""
-        return isinstance(self.meta_model.get_submodule(module_path), Conv1D)
+        return stores_in_out(self.meta_model.get_submodule(module_path))
 
     def tensor_key(self, module_path: str, param: str) -> str | None:
         """Name of `<module_path>.<param>` in the file, with or without the base prefix; None if absent."""
@@ -203,7 +202,7 @@ def checkpoint_layers(checkpoint: Checkpoint, paths: Iterable[str], *, norms: bo
     layers = {}
     for path in paths:
         module = modules.get(path)
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if module is None or not is_supported_layer(module):
             continue
         key = checkpoint.weight_key(path)
         check_stored_shape(checkpoint, key, tuple(module.weight.shape), path)
@@ -239,7 +238,7 @@ def check_adapter_against(
 
 def _entry_reader(checkpoint: Checkpoint, key: str, module: nn.Module):
     """W0[rows, cols] of a layer (out x in) from the file, which stores Conv1D weights (in, out)."""
-    if isinstance(module, Conv1D):
+    if stores_in_out(module):
         return lambda rows, cols: checkpoint.read_entries(key, cols, rows)
     return lambda rows, cols: checkpoint.read_entries(key, rows, cols)
 

@@ -30,9 +30,15 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def stores_in_out(layer: nn.Module) -> bool:
+    """Whether the layer keeps its weight as (in, out), GPT-2's Conv1D (PEFT's `fan_in_fan_out`): the
+    one place that knows; everything else asks it or goes through `weight_out_in`."""
+    return isinstance(layer, Conv1D)
+
+
 def weight_out_in(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in): a view for GPT-2's Conv1D, which stores it (in, out)."""
-    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+    """The layer's weight as (out, in): a view for a layer that stores it (in, out)."""
+    return layer.weight.T if stores_in_out(layer) else layer.weight
 
 
 class AdaptedLayer(nn.Module):
@@ -41,7 +47,7 @@ class AdaptedLayer(nn.Module):
         if not is_supported_layer(base_layer):
             raise AdapterError(f"cannot adapt a {type(base_layer).__name__}; only nn.Linear and Conv1D")
         self.base_layer = base_layer
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = stores_in_out(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.row_adapters: Sequence[str | None] | None = None

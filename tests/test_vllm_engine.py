@@ -265,10 +265,11 @@ import json, sys
 from collections import Counter
 
 opened = Counter()  # (adapter file, opened by vLLM rather than sora_serve): every Python-level open
+ADAPTER_DIRS = tuple(path.rstrip("/") + "/" for path in sys.argv[2:])
 
 
 def count_opens(event, args):
-    if event == "open" and isinstance(args[0], str) and "/adapter_" in args[0]:
+    if event == "open" and isinstance(args[0], str) and args[0].startswith(ADAPTER_DIRS):
         frame, by_us = sys._getframe(1), False
         while frame is not None and not by_us:
             by_us, frame = "/sora_serve/" in frame.f_code.co_filename, frame.f_back

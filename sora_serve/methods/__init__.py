@@ -1,4 +1,4 @@
-"""The four adapter methods, one module each; `build_adapter` / `adapter_from_tensors` pick by name."""
+"""The adapter methods, one module each, and their registry; `build_adapter` / `adapter_from_tensors` pick by name."""
 
 from __future__ import annotations
 
