@@ -65,6 +65,10 @@ def quiet_libraries() -> None:
     """Only errors from vLLM (its engine process inherits the level through the environment), and
     from transformers and PEFT; no library progress bars or deprecation notices."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # vLLM's engine runs in a child process: these reach it through the environment.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -160,13 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     switchable = export_onnx(base, root / "onnx-adapters", [root / "adapters" / n for n in RUNS], force=True)
     errors = ", ".join(f"{k} {v:.1e}" for k, v in switchable["max_abs_error"].items())
     console.print(f"ONNX (one graph, .onnx_adapter per adapter): max logit error vs PyTorch: {errors}")
-    vllm_mixed_batch(base, root / "adapters", console)
+    vllm_mixed_batch(base, root / "adapters", console, args.verbose)
     exact = exact_lora_rewrite(base, root, args.verbose)
     console.print(f"SORA with d = 1 as a plain PEFT LoRA of rank {exact['rank']}: exact, written to {exact['out_dir']}")
     console.print(f"[bold green]demo finished in {time.perf_counter() - start:.0f} s[/]; outputs under {root}")
 
 
-def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
+def vllm_mixed_batch(base: Path, adapters: Path, console: Console, verbose: bool) -> None:
     """Base + the four kinds in one vLLM batch (through the plugin), each row checked against eager."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -175,7 +179,7 @@ def vllm_mixed_batch(base: Path, adapters: Path, console: Console) -> None:
 
     rows = [None, *RUNS]
     prompt = [5, 17, 99, 23, 4, 61]
-    llm = make_llm(base, max_loras=4, max_lora_rank=16)
+    llm = make_llm(base, max_loras=4, max_lora_rank=16, use_tqdm_on_load=verbose)
     requests = [None if n is None else LoRARequest(n, i + 1, str(adapters / n)) for i, n in enumerate(rows)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": prompt}] * len(rows), params, lora_request=requests, use_tqdm=False)
