@@ -52,7 +52,7 @@ RECIPE_SCALES = (1.0, 0.3, 0.1, 0.03)
 PARTS = ("recipe", "recipe_long", "grid")
 FULL_PLAN = {
     "recipe": {"lrs": (5e-3, 1e-2), "seeds": (200, 201, 202), "scales": RECIPE_SCALES, "steps": 60},
-    # the horizon where the paper's single lr let the rotation run away (docs/benchmarks/rotation-collapse.md)
+    # the horizon where an earlier trainer's single lr let the rotation run away (docs/benchmarks/rotation-collapse.md)
     "recipe_long": {"lrs": (5e-3,), "seeds": (200, 201), "scales": (1.0, 0.1), "steps": 300},
     "grid": {"lrs": (1e-3, 2e-3, 5e-3, 1e-2), "seeds": (100, 101, 102, 103, 104)},
     "steps": 60,
