@@ -321,8 +321,18 @@ def recipe_defaults() -> dict:
     return asdict(Recipe())
 
 
+def mean_ci95(diff: list[float]) -> tuple[float, float]:
+    """Student-t 95% confidence interval of the mean of paired differences (the point itself for n = 1)."""
+    mean = statistics.mean(diff)
+    if len(diff) < 2:
+        return mean, mean
+    half = float(scipy_stats.t.ppf(0.975, len(diff) - 1)) * statistics.stdev(diff) / math.sqrt(len(diff))
+    return mean - half, mean + half
+
+
 def paired(a: list[float], b: list[float]) -> dict:
-    """Per-seed differences a - b: mean, std, wins/losses/ties, two-sided sign test and paired t-test."""
+    """Per-seed differences a - b: mean with its 95% CI, std, wins/losses/ties, two-sided sign test and
+    paired t-test."""
     diff = [x - y for x, y in zip(a, b)]
     wins, losses = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
     sign_p = float(scipy_stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
@@ -330,6 +340,7 @@ def paired(a: list[float], b: list[float]) -> dict:
     return {
         "diff": diff,
         "mean": statistics.mean(diff),
+        "ci95": list(mean_ci95(diff)),
         "std": statistics.stdev(diff) if len(diff) > 1 else 0.0,
         "wins": wins,
         "losses": losses,
@@ -633,8 +644,8 @@ def markdown(payload: dict, settings: Settings) -> str:
         f"{settings.max_length} tokens. Eval: SST-2 dev ({tasks['sst2']['n_eval']} sentences), Amazon "
         f"{settings.amazon_eval} random test reviews per domain.",
         "",
-        "Paired per seed (accuracy points, a - b): mean ± std of the difference, wins/losses, two-sided "
-        "sign test p, paired t-test p.",
+        "Paired per seed (accuracy points, a - b): mean of the difference [its 95% confidence interval], "
+        "wins/losses, two-sided sign test p, paired t-test p.",
         "",
         "| comparison | SST-2 | Amazon (all domains × seeds) | all tasks × seeds |",
         "| --- | --- | --- | --- |",
@@ -642,8 +653,9 @@ def markdown(payload: dict, settings: Settings) -> str:
 
     def cell(p: dict) -> str:
         t_p = "n/a" if p["t_p"] is None else f"{p['t_p']:.3f}"
+        low, high = p["ci95"]
         return (
-            f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}, {p['wins']}/{p['losses']}, sign p "
+            f"{100 * p['mean']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}], {p['wins']}/{p['losses']}, sign p "
             f"{p['sign_p']:.3f}, t p {t_p}"
         )
 

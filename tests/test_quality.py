@@ -25,8 +25,12 @@ def test_paired_comparison_counts_signs_and_tests():
     assert (p["wins"], p["losses"], p["ties"]) == (4, 1, 0)
     assert p["mean"] == pytest.approx(0.01) and p["sign_p"] == pytest.approx(0.375)  # 2 * P(X >= 4), X ~ Bin(5, 1/2)
     assert 0 < p["t_p"] < 1
+    # differences 0.01, 0.02, -0.01, 0.01, 0.02: sd = sqrt(6e-4 / 4), t(0.975, 4) = 2.776445
+    half = 2.776445 * (6e-4 / 4) ** 0.5 / 5**0.5
+    assert p["ci95"] == pytest.approx([0.01 - half, 0.01 + half], abs=1e-6)
+    assert p["ci95"][0] < 0 < p["ci95"][1] and p["t_p"] > 0.05  # the interval covers 0 exactly when t p > 0.05
     same = paired([0.5, 0.6], [0.5, 0.6])
-    assert same["ties"] == 2 and same["sign_p"] == 1.0 and same["t_p"] is None
+    assert same["ties"] == 2 and same["sign_p"] == 1.0 and same["t_p"] is None and same["ci95"] == [0.0, 0.0]
 
 
 def partial_payload(settings: dict, rounds: dict[str, int]) -> dict:
