@@ -46,7 +46,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # LoRA/DoRA dirs are PEFT's own files; the base fingerprint we record for them sits beside them.
 FINGERPRINT_FILE = "base_fingerprint.json"
 PEFT_PREFIX = "base_model.model."
-# Adapter parameter name -> tensor-name suffix in the file.
+# The paper's code (github MaeChd/SORA, a PEFT 0.14 fork): a PEFT LoRA dir whose modules also hold
 # these tensors, nn.Linear weights: C, D (out x r_p) and the diagonal (out x 1). Its forward is our
 # first-order SORA, z = d * (W0 x + b) + s B A x, y = z + s_p (z C D^T - z D C^T).
 REFERENCE_NAMES = {
