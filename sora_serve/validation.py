@@ -226,6 +226,8 @@ BASE_MOVING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 def refuse_peft_options(raw: dict, path: Path) -> None:
+    """PEFT's LoraConfig `raw`: refuse, naming the field, any option set that changes the outputs in a
+    way we do not implement (PEFT_REFUSED, a trained bias, a W0-moving init) or that PEFT 0.21 lacks."""
     for key, value in raw.items():
         if key in PEFT_REFUSED and value:
             raise AdapterError(
