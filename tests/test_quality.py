@@ -12,6 +12,7 @@ from benchmarks.quality import (
     METHODS,
     PARTIAL,
     QUICK,
+    best_lrs,
     paired,
     recipe_defaults,
     resume_from_partial,
@@ -98,6 +99,34 @@ def full_settings() -> dict:
 def test_lr_from_a_grid_takes_the_best_mean_over_seeds(tmp_path):
     sweep = sweep_from_grid(grid_file(tmp_path, full_settings()), FULL)
     assert sweep["lr"] == {m: 2e-3 for m in METHODS} and sweep["seeds"] == [100, 101, 102]
+
+
+def cell(method: str, lr: float, accuracies: list[float], one_class: int = 0) -> list[dict]:
+    return [
+        {"method": method, "lr": lr, "seed": i, "accuracy": a, "eval_loss": 0.5, "one_class": i < one_class}
+        for i, a in enumerate(accuracies)
+    ]
+
+
+def test_best_lrs_takes_the_lowest_lr_within_one_standard_error_of_the_best():
+    # 1e-2 is best by 0.4 points; its seeds' standard error is 0.55 points, so 5e-3 is chosen.
+    # 2e-3 is 1.2 points down, outside that error, so it is not.
+    grid = (
+        cell("m", 1e-2, [0.798, 0.812, 0.798, 0.824, 0.794])
+        + cell("m", 5e-3, [0.794, 0.784, 0.814, 0.816, 0.796])
+        + cell("m", 2e-3, [0.786, 0.802, 0.808, 0.800, 0.770])
+    )
+    assert best_lrs(grid) == {"m": 5e-3}
+    # With the seeds closer together (standard error 0.1 points) the best lr stands.
+    tight = cell("m", 1e-2, [0.804, 0.806, 0.805, 0.803, 0.807]) + cell("m", 5e-3, [0.801] * 5)
+    assert best_lrs(tight) == {"m": 1e-2}
+
+
+def test_best_lrs_never_takes_an_lr_with_a_one_class_seed():
+    grid = cell("m", 1e-2, [0.95, 0.95, 0.52], one_class=1) + cell("m", 5e-3, [0.80, 0.81, 0.79])
+    assert best_lrs(grid) == {"m": 5e-3}
+    with pytest.raises(ValueError, match="every lr of m has a one-class seed"):
+        best_lrs(cell("m", 1e-2, [0.52, 0.9, 0.9], one_class=1))
 
 
 @pytest.mark.parametrize(
