@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -66,6 +67,17 @@ def stats(samples: list[float]) -> dict:
         "n": len(ordered),
         "samples": samples,
     }
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Student-t 95% confidence interval of the mean (the point itself for n = 1)."""
+    from scipy import stats as scipy_stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, mean
+    half = float(scipy_stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
 
 
 @dataclass
