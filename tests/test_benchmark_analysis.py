@@ -1,0 +1,63 @@
+"""The benchmark tools' analysis (no engine here): py-spy stacks by category, and the A/B comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.ab_commits import RATIOS, compare
+from benchmarks.profile_step import ENGINE, MODEL_OTHER, WORKER_OTHER, breakdown
+
+WORKER = (
+    "run (vllm/v1/executor/multiproc_executor.py:900);worker_busy_loop (vllm/v1/executor/multiproc_executor.py:950)"
+)
+STEP = (
+    f"{WORKER};reporting.<locals>.wrapper (sora_serve/vllm_plugin/isolation.py:90);"
+    "execute_model (vllm/v1/worker/gpu_worker.py:500)"
+)
+GROUPED = "sora_serve/vllm_plugin/backends/grouped.py"
+LAYER = f"{STEP};forward (vllm/model_executor/models/llama.py:200);apply (sora_serve/vllm_plugin/layers.py:96)"
+
+
+@pytest.mark.parametrize(
+    "stack, category",
+    [
+        (f"{LAYER};apply (vllm/model_executor/layers/linear.py:230)", "base linear GEMMs"),
+        (f"{LAYER};apply (sora_serve/vllm_plugin/backends/grouped.py:140)", "adapter math (ours)"),
+        (
+            f"{LAYER};apply ({GROUPED}:137);step_plan ({GROUPED}:64)",
+            "step plan (ours)",
+        ),
+        (
+            f"{LAYER};apply ({GROUPED}:150);quarantine_rows (sora_serve/vllm_plugin/isolation.py:44)",
+            "isolation check (ours)",
+        ),
+        (f"{STEP};set_active_adapters (vllm/lora/worker_manager.py:80)", "vLLM LoRA bookkeeping"),
+        (f"{STEP};forward (vllm/attention/layer.py:300)", "attention"),
+        # the plugin's wrapper around the worker's step does not claim what runs inside it
+        (f"{STEP};forward (vllm/model_executor/layers/layernorm.py:120)", MODEL_OTHER),
+        (f"{WORKER};dequeue (vllm/distributed/device_communicators/shm_broadcast.py:971)", ENGINE),
+        (WORKER, WORKER_OTHER),
+    ],
+)
+def test_a_sample_goes_to_the_innermost_category(stack, category):
+    assert breakdown(f"{stack} 3\n") == {category: 3}
+
+
+def test_samples_add_up_per_category():
+    gemm = f"{LAYER};apply (vllm/model_executor/layers/linear.py"
+    raw = f"{gemm}:230) 5\n{gemm}:231) 2\n{WORKER} 1\n"
+    assert breakdown(raw) == {"base linear GEMMs": 7, WORKER_OTHER: 1}
+
+
+def ab_round(this: float, other: float) -> dict:
+    return {"ratios": {"this": dict.fromkeys(RATIOS, this), "other": dict.fromkeys(RATIOS, other)}}
+
+
+def test_ab_comparison_says_within_noise_only_when_the_interval_holds_one():
+    noisy = compare([ab_round(1.70, 1.75), ab_round(1.80, 1.70), ab_round(1.72, 1.74)])
+    slower = compare([ab_round(1.60, 1.75), ab_round(1.61, 1.76), ab_round(1.59, 1.74)])
+    for name in RATIOS:
+        low, high = noisy[name]["ci95"]
+        assert low < 1 < high and noisy[name]["within_noise"]
+        assert slower[name]["ci95"][1] < 1 and not slower[name]["within_noise"]
+        assert slower[name]["this_over_other"] == pytest.approx([1.60 / 1.75, 1.61 / 1.76, 1.59 / 1.74])
