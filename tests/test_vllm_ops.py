@@ -211,7 +211,7 @@ def test_backend_gives_every_token_its_slot(layout, backend, prefill, monkeypatc
     layer.punica_wrapper = punica_wrapper(indices, len(SLOT_SPECS), prefill)
     grouped.new_step()
     if backend == "grouped":
-        plan = grouped.step_plan(layer.punica_wrapper, len(indices))
+        plan, _ = grouped.step_plan(layer.punica_wrapper, len(indices), layer.sora_failed)
         assert (
             "none" if not plan.slots else "one slot" if plan.rows is None else "padded" if plan.balanced else "per slot"
         ) == strategy
@@ -231,12 +231,61 @@ def test_grouped_plan_is_built_once_per_step():
     buffer = torch.tensor([0, 0, 1, -1])
     wrapper = SimpleNamespace(token_lora_indices=buffer)
     grouped.new_step()
-    first = grouped.step_plan(wrapper, 4)
-    assert grouped.step_plan(wrapper, 4) is first and first.slots == [0, 1] and first.counts == [2, 1]
+    flags = isolation.failure_flags(2, "cpu")
+    first, masks = grouped.step_plan(wrapper, 4, flags)
+    assert grouped.step_plan(wrapper, 4, flags)[0] is first and first.slots == [0, 1] and first.counts == [2, 1]
+    assert masks.adapted.tolist() == [True, True, True, False] and masks.flag_index.tolist() == [0, 0, 1, 2]
     buffer.data.copy_(torch.tensor([2, 2, 2, 2]))  # .data: no version bump
     grouped.new_step()
-    second = grouped.step_plan(wrapper, 4)
+    second, _ = grouped.step_plan(wrapper, 4, flags)
     assert second.slots == [2] and second.rows is None
+
+
+@pytest.mark.parametrize("entry", ["plugin factors", "vLLM plain A/B"])
+def test_grouped_packs_a_slots_slices_side_by_side(entry, monkeypatch):
+    """The grouped backend's packed buffers hold slice i's A rows and its Bᵀ, U, Vᵀ blocks on its own
+    output columns, zeros elsewhere, for plugin factors of uneven ranks and for vLLM's plain A/B
+    (its dummy LoRAs, at the max rank); one slot over the whole batch then matches float64."""
+    apply()
+    torch.manual_seed(3)
+    layer = plugin_layer(monkeypatch=monkeypatch)
+    sizes, r_of, k_of = layer.output_slices, [3, 16, 7], [2, 0, 4]
+    factors = [
+        ServingFactors(
+            torch.randn(r, 32), torch.randn(n, r), None, None, *((0.1 * torch.randn(n, k),) * 2 if k else (None, None))
+        )
+        for n, r, k in zip(sizes, r_of, k_of)
+    ]
+    if entry == "vLLM plain A/B":
+        factors = [ServingFactors(f.lora_A, f.lora_B) for f in factors]
+        layer.set_lora(2, [f.lora_A for f in factors], [f.lora_B for f in factors])
+        r_of, k_of = [16] * 3, [0] * 3  # vLLM's slot rank: zero-padded A and B
+    else:
+        layer.set_lora(2, SlotFactors(factors), [f.lora_B for f in factors])
+    a, bt, u, vt = (
+        t[2] for t in (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u, layer.sora_packed_vt)
+    )
+    assert layer.sora_slots[2].rank == sum(r_of) and layer.sora_slots[2].rot_rank == sum(k_of)
+    col, r0, k0 = 0, 0, 0
+    for f, n, r, k in zip(factors, sizes, r_of, k_of):
+        rows, cols = slice(r0, r0 + r), slice(col, col + n)
+        r_real = f.lora_A.shape[0]
+        assert torch.equal(a[r0 : r0 + r_real], f.lora_A) and not a[r0 + r_real : r0 + r].any()
+        assert torch.equal(bt[r0 : r0 + r_real, cols], f.lora_B.T)
+        assert not bt[rows, :col].any() and not bt[rows, col + n :].any()
+        if k:
+            assert torch.equal(u[cols, k0 : k0 + k], f.rot_U) and torch.equal(vt[k0 : k0 + k, cols], f.rot_V.T)
+            assert not u[:col, k0 : k0 + k].any() and not vt[k0 : k0 + k, col + n :].any()
+        col, r0, k0 = col + n, r0 + r, k0 + k
+    assert not a[r0:].any() and not u[:, k0:].any()
+    layer.punica_wrapper = punica_wrapper([2] * 5, 5, prefill=False)
+    grouped.new_step()
+    x = torch.randn(5, 32)
+    base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+    expected = per_slot_reference({2: factors}, torch.full((5,), 2), x, base, sizes)
+    assert torch.allclose(layer.apply(x, layer.base_layer.bias).double(), expected, **FP32_TOL)
+    layer.reset_lora(2)
+    assert not any(t[2].any() for t in (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u))
 
 
 def test_slot_reused_by_a_plain_lora_or_reset_has_identity_extras(monkeypatch):
@@ -246,7 +295,7 @@ def test_slot_reused_by_a_plain_lora_or_reset_has_identity_extras(monkeypatch):
     factors = random_factors(layer, 8, 4, True)
     for refill in ("plain", "reset"):
         layer.set_lora(1, SlotFactors(factors), [f.lora_B for f in factors])
-        assert layer.sora_slots[1].rot_rank == 4 and layer.sora_slots[1].scaled
+        assert layer.sora_slots[1].rot_rank == 3 * 4 and layer.sora_slots[1].scaled  # summed over 3 slices
         if refill == "plain":
             layer.set_lora(1, [f.lora_A for f in factors], [f.lora_B for f in factors])
             assert torch.equal(layer.lora_a_stacked[0][1, 0, :8], factors[0].lora_A)
@@ -449,7 +498,7 @@ def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():
     output[1, 2], output[3, 0], output[4, 5] = float("nan"), float("inf"), float("nan")
     token_slots = torch.tensor([0, 1, 0, 1, -1])  # row 4 is a base row: not ours to touch
     before = output.clone()
-    isolation.quarantine_rows(output, token_slots, flags)
+    isolation.quarantine_rows(output, isolation.token_masks(token_slots, flags), flags)
     assert not output[1].any() and not output[3].any()
     assert torch.equal(output[[0, 2]], before[[0, 2]]) and torch.isnan(output[4, 5])
     assert flags.tolist() == [0, 2, 0, 0, 0]

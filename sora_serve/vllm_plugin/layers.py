@@ -11,6 +11,9 @@ kind of wrapper, ours. Each owns, next to vLLM's `lora_a_stacked`/`lora_b_stacke
     sora_rot_u[i]   (max_loras, 1, rank, out_i)  Uᵀ, stacked like lora_a (the rotation's shrink)
     sora_rot_v[i]   (max_loras, 1, out_i, rank)  V, stacked like lora_b (the rotation's expand)
 
+(`sora_scale[i]` and `sora_shift[i]` are column views of one (max_loras + 1, out) tensor each,
+`sora_scale_all` / `sora_shift_all`), plus whatever the backend packs from them (`pack_slot`).
+
 so that a slot holds an adapter's whole `ServingFactors` (z = scale·base + shift + (x Aᵀ) Bᵀ,
 y = z + (z U) Vᵀ), and `apply` runs the base GEMM, then the backend (`backends/`). Index -1 (a
 token without adapter) reads the identity row of scale and shift, so a gather needs no branch.
@@ -48,8 +51,8 @@ class SlotFactors(list):
 class SlotInfo:
     """What the grouped backend needs to know about a slot without reading tensors."""
 
-    rank: int = 0  # LoRA rank (0: no input LoRA)
-    rot_rank: int = 0  # rotation rank (0: none)
+    rank: int = 0  # LoRA rank, summed over the layer's slices (0: no input LoRA)
+    rot_rank: int = 0  # rotation rank, summed over the layer's slices (0: none)
     scaled: bool = False
     shifted: bool = False
 
@@ -65,30 +68,36 @@ class SoraLinearMixin:
         super().create_lora_weights(max_loras, lora_config, model_config)
         max_rank, dtype, device = lora_config.max_lora_rank, self.lora_b_stacked[0].dtype, self.lora_b_stacked[0].device
         sizes = [b.shape[2] for b in self.lora_b_stacked]
-        self.sora_scale = tuple(torch.ones(max_loras + 1, n, dtype=dtype, device=device) for n in sizes)
-        self.sora_shift = tuple(torch.zeros(max_loras + 1, n, dtype=dtype, device=device) for n in sizes)
+        self.sora_scale_all = torch.ones(max_loras + 1, sum(sizes), dtype=dtype, device=device)
+        self.sora_shift_all = torch.zeros(max_loras + 1, sum(sizes), dtype=dtype, device=device)
+        self.sora_scale = self.sora_scale_all.split(sizes, dim=1)
+        self.sora_shift = self.sora_shift_all.split(sizes, dim=1)
         self.sora_rot_u = tuple(torch.zeros(max_loras, 1, max_rank, n, dtype=dtype, device=device) for n in sizes)
         self.sora_rot_v = tuple(torch.zeros(max_loras, 1, n, max_rank, dtype=dtype, device=device) for n in sizes)
         self.sora_slots = [SlotInfo() for _ in range(max_loras)]
         self.sora_failed = isolation.failure_flags(max_loras, device)
         self.sora_backend = backends.selected()
+        self.sora_backend.allocate(self, max_loras, max_rank)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
         self._reset_extras(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
+        n_slices = len(self.lora_b_stacked)
         if not isinstance(lora_a, SlotFactors):  # vLLM's own plain A/B (its dummy LoRAs)
             super().set_lora(index, lora_a, lora_b)
             self._reset_extras(index)
-            self.sora_slots[index] = SlotInfo(rank=self.lora_a_stacked[0].shape[2])
+            max_rank = self.lora_a_stacked[0].shape[2]
+            self._pack(index, SlotInfo(rank=n_slices * max_rank), [max_rank] * n_slices, [0] * n_slices)
             return
         self.reset_lora(index)
-        info = SlotInfo()
+        info, ranks, rot_ranks = SlotInfo(), [0] * n_slices, [0] * n_slices
         for i, factors in enumerate(lora_a.factors):
             if factors is not None:
-                self._write_slice(i, index, factors, info)
-        self.sora_slots[index] = info
+                ranks[i], rot_ranks[i] = self._write_slice(i, index, factors, info)
+        info.rank, info.rot_rank = sum(ranks), sum(rot_ranks)
+        self._pack(index, info, ranks, rot_ranks)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         output = self._get_quant_method().apply(self.base_layer, x, bias)
@@ -97,29 +106,35 @@ class SoraLinearMixin:
         return result.view(output.shape) if flat else result
 
     def _reset_extras(self, index: int) -> None:
-        for i in range(len(self.sora_scale)):
-            self.sora_scale[i][index] = 1
-            self.sora_shift[i][index] = 0
-            self.sora_rot_u[i][index] = 0
-            self.sora_rot_v[i][index] = 0
-        self.sora_slots[index] = SlotInfo()
+        self.sora_scale_all[index] = 1
+        self.sora_shift_all[index] = 0
+        for u, v in zip(self.sora_rot_u, self.sora_rot_v):
+            u[index] = 0
+            v[index] = 0
+        n_slices = len(self.lora_b_stacked)
+        self._pack(index, SlotInfo(), [0] * n_slices, [0] * n_slices)
 
-    def _write_slice(self, i: int, index: int, f: ServingFactors, info: SlotInfo) -> None:
+    def _pack(self, index: int, info: SlotInfo, ranks: list[int], rot_ranks: list[int]) -> None:
+        self.sora_slots[index] = info
+        self.sora_backend.pack_slot(self, index, ranks, rot_ranks)
+
+    def _write_slice(self, i: int, index: int, f: ServingFactors, info: SlotInfo) -> tuple[int, int]:
+        """Slice i of slot `index`; returns its LoRA and rotation ranks."""
         r = f.lora_A.shape[0]
         self.lora_a_stacked[i][index, 0, :r].copy_(f.lora_A)
         self.lora_b_stacked[i][index, 0, :, :r].copy_(f.lora_B)
-        info.rank = max(info.rank, r)
         if f.scale is not None:
             self.sora_scale[i][index].copy_(f.scale)
             info.scaled = True
         if f.bias_shift is not None:
             self.sora_shift[i][index].copy_(f.bias_shift)
             info.shifted = True
-        if f.rot_U is not None:
-            k = f.rot_U.shape[1]
-            self.sora_rot_u[i][index, 0, :k].copy_(f.rot_U.T)
-            self.sora_rot_v[i][index, 0, :, :k].copy_(f.rot_V)
-            info.rot_rank = max(info.rot_rank, k)
+        if f.rot_U is None:
+            return r, 0
+        k = f.rot_U.shape[1]
+        self.sora_rot_u[i][index, 0, :k].copy_(f.rot_U.T)
+        self.sora_rot_v[i][index, 0, :, :k].copy_(f.rot_V)
+        return r, k
 
 
 def parallel_kind(layer) -> str:

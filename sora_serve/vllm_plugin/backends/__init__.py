@@ -10,6 +10,10 @@ for the rows of tokens with an adapter (slot >= 0); rows with slot -1 keep the b
 - `grouped` (CPU): tokens grouped by slot once per step, all slots in one padded batched GEMM
   that reads each slot's factors once. Data-dependent shapes; the fastest path on CPU.
 
+A backend module has `apply(layer, x, output) -> output`, and `allocate(layer, max_loras,
+max_rank)` / `pack_slot(layer, index, ranks, rot_ranks)`, called by the layer when it creates its
+slot buffers and after it writes a slot, for a backend that lays factors out its own way.
+
 `SORA_SERVE_VLLM_BACKEND=punica|grouped` overrides the platform's default (grouped on CPU,
 punica elsewhere); every vLLM process inherits it.
 """

@@ -1,11 +1,19 @@
 """The CPU backend: every token with its slot's `ServingFactors`, all slots of a step in batched GEMMs.
 
+A packed layer's slices (q, k, v; gate, up) run as one: at slot entry (`pack_slot`) the slices'
+A are stacked along the rank and their Bᵀ, U and Vᵀ laid out block-diagonally, so the input LoRA
+is one shrink GEMM and one expand GEMM added in place, and the rotation one pair more, whatever
+the number of slices (one GEMM per factor per slice, then a concatenation, cost 3x as much at
+decode batch 8 on qkv; docs/benchmarks/serving.md). The block-diagonal zeros add exact zeros;
+they cost n_slices times the bytes of B, U and V per slot.
+
 Tokens are grouped by slot once per step (the plan, shared by every layer and rebuilt when vLLM
-sets the step's adapters, see `new_step`); every slot present runs `ServingFactors.apply` over a
-padded (slots, tokens per slot) layout that reads each slot's factors once, as views of the
-layer's slot buffers (one GEMM per slot when padding would more than double the work). Slot -1
-(no adapter) is left at the base output. The plan's shapes depend on the tokens' slots and are
-read on the host once per step: fine on CPU, where vLLM runs LoRA engines eagerly.
+sets the step's adapters, see `new_step`); every slot present runs over a padded (slots, tokens
+per slot) layout that reads each slot's factors once, as views of the packed buffers (one GEMM
+per slot when padding would more than double the work). One slot for the whole batch (one
+adapter) updates the base output in place. Slot -1 (no adapter) is left at the base output. The
+plan's shapes depend on the tokens' slots and are read on the host once per step: fine on CPU,
+where vLLM runs LoRA engines eagerly.
 """
 
 from __future__ import annotations
@@ -14,8 +22,6 @@ import itertools
 from typing import NamedTuple
 
 import torch
-
-from sora_serve.methods import ServingFactors
 
 from .. import isolation
 from ..layers import parallel_kind
@@ -28,6 +34,33 @@ def new_step() -> None:
     """vLLM has (re)written the token -> slot indices: plans of earlier steps are stale."""
     global _current_step
     _current_step = next(_step)
+
+
+def allocate(layer, max_loras: int, max_rank: int) -> None:
+    """The packed slot buffers: (slots, ranks of all slices, in) for A, (slots, ranks, out) for Bᵀ
+    and Vᵀ, (slots, out, ranks) for U; a slot's slices sit side by side, `pack_slot` fills them."""
+    n_slices, out = len(layer.lora_b_stacked), sum(b.shape[2] for b in layer.lora_b_stacked)
+    a = layer.lora_a_stacked[0]
+    width, like = n_slices * max_rank, dict(dtype=a.dtype, device=a.device)
+    layer.sora_packed_a = torch.zeros(max_loras, width, a.shape[3], **like)
+    layer.sora_packed_bt = torch.zeros(max_loras, width, out, **like)
+    layer.sora_packed_u = torch.zeros(max_loras, out, width, **like)
+    layer.sora_packed_vt = torch.zeros(max_loras, width, out, **like)
+
+
+def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None:
+    """Slot `index` of the per-slice buffers, packed: slice i's first ranks[i] rows of A and its Bᵀ
+    block (its own output columns), then its rotation's rot_ranks[i] columns of U and rows of Vᵀ."""
+    for packed in (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u, layer.sora_packed_vt):
+        packed[index] = 0
+    col, r0, k0 = 0, 0, 0
+    for i, (r, k) in enumerate(zip(ranks, rot_ranks)):
+        cols = slice(col, col + layer.lora_b_stacked[i].shape[2])
+        layer.sora_packed_a[index, r0 : r0 + r] = layer.lora_a_stacked[i][index, 0, :r]
+        layer.sora_packed_bt[index, r0 : r0 + r, cols] = layer.lora_b_stacked[i][index, 0, :, :r].T
+        layer.sora_packed_u[index, cols, k0 : k0 + k] = layer.sora_rot_u[i][index, 0, :k].T
+        layer.sora_packed_vt[index, k0 : k0 + k, cols] = layer.sora_rot_v[i][index, 0, :, :k].T
+        col, r0, k0 = cols.stop, r0 + r, k0 + k
 
 
 class BatchPlan(NamedTuple):
@@ -55,15 +88,17 @@ class BatchPlan(NamedTuple):
         return (self.slots[-1] - self.slots[0] + 1) * self.width <= 2 * sum(self.counts)
 
 
-def step_plan(punica_wrapper, n_tokens: int) -> BatchPlan:
-    """This step's plan, built by the first layer that asks and cached on the wrapper."""
+def step_plan(punica_wrapper, n_tokens: int, flags: torch.Tensor) -> tuple[BatchPlan, isolation.TokenMasks]:
+    """This step's plan and isolation masks, built by the first layer that asks and cached on the wrapper."""
     cached = getattr(punica_wrapper, "sora_plan", None)
     if cached is None or cached[0] != (_current_step, n_tokens):
+        indices = punica_wrapper.token_lora_indices[:n_tokens]
         cached = punica_wrapper.sora_plan = (
             (_current_step, n_tokens),
-            make_plan(punica_wrapper.token_lora_indices[:n_tokens]),
+            make_plan(indices),
+            isolation.token_masks(indices, flags),
         )
-    return cached[1]
+    return cached[1], cached[2]
 
 
 def make_plan(indices: torch.Tensor) -> BatchPlan:
@@ -98,13 +133,11 @@ def make_plan(indices: torch.Tensor) -> BatchPlan:
 
 
 class TokenGroup(NamedTuple):
-    """Rows of the batch computed together, and their outputs per slice before the rotation."""
+    """Rows of the batch computed together, and their output before the rotation."""
 
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
-    z: list[torch.Tensor]  # per slice: scale * base + shift + (x A^T) B^T; (tokens, out), or (slots, width, out) padded
-    rotation: (
-        list[tuple[torch.Tensor, torch.Tensor]] | None
-    )  # per slice (U, V): 2-D for one slot, 3-D per slot when padded
+    z: torch.Tensor  # scale * base + shift + (x A^T) B^T, all slices; (tokens, out), or (slots, width, out) padded
+    rotation: tuple[torch.Tensor, torch.Tensor] | None  # packed (U, V^T): 2-D for one slot, 3-D per slot when padded
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
     gather: torch.Tensor | None = None  # padded: the token row of each position
 
@@ -122,14 +155,15 @@ class TokenGroup(NamedTuple):
     def from_token_order(self, t: torch.Tensor) -> torch.Tensor:
         """This group's positions read from a (batch tokens, ...) tensor."""
         if self.padded:
-            return t.index_select(0, self.gather).view(*self.z[0].shape[:2], *t.shape[1:])
+            return t.index_select(0, self.gather).view(*self.z.shape[:2], *t.shape[1:])
         return t if self.rows is None else t.index_select(0, self.rows)
 
 
 def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """All slots present at once, as batched GEMMs over a padded (slots, tokens per slot) layout;
-    when padding would more than double the work (uneven prefill), each slot on its own tokens."""
-    plan = step_plan(layer.punica_wrapper, x.shape[0])
+    """All slots at once, as batched GEMMs over a padded (slots, tokens per slot) layout; when
+    padding would more than double the work (uneven prefill), each slot on its own tokens; one
+    slot for the whole batch, in place on the base output."""
+    plan, masks = step_plan(layer.punica_wrapper, x.shape[0], layer.sora_failed)
     if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
         return output
     if plan.rows is None:
@@ -141,105 +175,86 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     _rotate(layer, groups, x.shape[0])
     for group in groups:
         output = _write_group(output, group)
-    isolation.quarantine_rows(output, layer.punica_wrapper.token_lora_indices[: output.shape[0]], layer.sora_failed)
+    isolation.quarantine_rows(output, masks, layer.sora_failed)
     return output
 
 
 def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
-    z = group.z[0] if len(group.z) == 1 else torch.cat(group.z, dim=-1)
-    z = z.reshape(-1, z.shape[-1])
+    if group.rows is None:
+        return group.z  # the base output itself, updated in place
+    z = group.z.reshape(-1, group.z.shape[-1])
     if group.keep is not None:
         z = z.index_select(0, group.keep)
-    return z if group.rows is None else output.index_copy_(0, group.rows, z)
+    return output.index_copy_(0, group.rows, z)
 
 
 def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
-    """One slot on its tokens (`rows`; None: the whole batch), one GEMM per factor at its own rank."""
+    """One slot on its tokens (`rows`: a gathered copy; None: the whole batch, `y` updated in place),
+    one GEMM per factor at the slot's packed rank."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
     info = layer.sora_slots[slot]
     r, k = info.rank, info.rot_rank
-    z = []
-    for i, part in enumerate(y.split(layer.output_slices, dim=1)):
-        factors = ServingFactors(
-            lora_A=layer.lora_a_stacked[i][slot, 0, :r],
-            lora_B=layer.lora_b_stacked[i][slot, 0, :, :r],
-            scale=layer.sora_scale[i][slot] if info.scaled else None,
-            bias_shift=layer.sora_shift[i][slot] if info.shifted else None,
-        )  # the rotation is applied by _rotate, across ranks
-        z.append(factors.apply(x, part))
-    rotation = (
-        [(layer.sora_rot_u[i][slot, 0, :k].T, layer.sora_rot_v[i][slot, 0, :, :k]) for i in range(len(z))]
-        if k
-        else None
-    )
-    return TokenGroup(rows, z, rotation)
+    if info.scaled:
+        y.mul_(layer.sora_scale_all[slot])
+    if info.shifted:
+        y.add_(layer.sora_shift_all[slot])
+    if r:
+        y.addmm_(x @ layer.sora_packed_a[slot, :r].T, layer.sora_packed_bt[slot, :r])
+    rotation = (layer.sora_packed_u[slot, :, :k], layer.sora_packed_vt[slot, :k]) if k else None
+    return TokenGroup(rows, y, rotation)
 
 
 def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
-    """Every slot at once: (slots, width, in) tokens against each slot's factors (views of the
-    stacked buffers), padded to the largest rank present. Padding holds zeros (A, B, U, V) and
-    the identity (scale 1, shift 0), so it adds exact zeros; absent slots' rows are dropped."""
+    """Every slot at once: (slots, width, in) tokens against each slot's packed factors (views of
+    the buffers), padded to the largest rank present. Padding holds zeros (A, Bᵀ, U, Vᵀ) and the
+    identity (scale 1, shift 0), so it adds exact zeros; absent slots' rows are dropped."""
     span = plan.slot_range
     n_slots, width = span.stop - span.start, plan.width
     x = x.index_select(0, plan.gather).view(n_slots, width, -1)
-    y = y.index_select(0, plan.gather).view(n_slots, width, -1)
+    z = y.index_select(0, plan.gather).view(n_slots, width, -1)
     present = [layer.sora_slots[s] for s in plan.slots]
     r, k = max(s.rank for s in present), max(s.rot_rank for s in present)
-    scaled, shifted = any(s.scaled for s in present), any(s.shifted for s in present)
-    z = []
-    for i, zi in enumerate(y.split(layer.output_slices, dim=2)):
-        if scaled:
-            zi = zi * layer.sora_scale[i][span, None, :]
-        if shifted:
-            zi = zi + layer.sora_shift[i][span, None, :]
-        if r:
-            a = layer.lora_a_stacked[i][span, 0, :r]  # (slots, r, in)
-            b = layer.lora_b_stacked[i][span, 0, :, :r]  # (slots, out, r)
-            zi = torch.baddbmm(zi, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        z.append(zi)
-    rotation = (
-        [(layer.sora_rot_u[i][span, 0, :k].transpose(1, 2), layer.sora_rot_v[i][span, 0, :, :k]) for i in range(len(z))]
-        if k
-        else None
-    )
+    if any(s.scaled for s in present):
+        z.mul_(layer.sora_scale_all[span, None, :])
+    if any(s.shifted for s in present):
+        z.add_(layer.sora_shift_all[span, None, :])
+    if r:
+        z.baddbmm_(torch.bmm(x, layer.sora_packed_a[span, :r].transpose(1, 2)), layer.sora_packed_bt[span, :r])
+    rotation = (layer.sora_packed_u[span, :, :k], layer.sora_packed_vt[span, :k]) if k else None
     return TokenGroup(plan.rows, z, rotation, plan.keep, plan.gather)
 
 
 def _rotate(layer, groups: list[TokenGroup], n_tokens: int) -> None:
-    """z += (z U) V^T in place of each group's z, with one all-reduce of (z U) under column parallelism."""
+    """z += (z U) Vᵀ in place of each group's z, with one all-reduce of (z U) under column parallelism."""
     rotated = [group for group in groups if group.rotation]
-    projections = [[z @ u for z, (u, _) in zip(group.z, group.rotation)] for group in rotated]
+    projections = [group.z @ group.rotation[0] for group in rotated]
     if rotated and parallel_kind(layer) == "column":
         projections = _sum_over_ranks(rotated, projections, n_tokens)
-    for group, parts in zip(rotated, projections):
-        for i, (zu, (_, v)) in enumerate(zip(parts, group.rotation)):
-            group.z[i] = (
-                torch.addmm(group.z[i], zu, v.T) if v.ndim == 2 else torch.baddbmm(group.z[i], zu, v.transpose(1, 2))
-            )
+    for group, zu in zip(rotated, projections):
+        vt = group.rotation[1]
+        if zu.ndim == 2:
+            group.z.addmm_(zu, vt)
+        else:
+            group.z.baddbmm_(zu, vt)
 
 
-def _sum_over_ranks(
-    groups: list[TokenGroup], projections: list[list[torch.Tensor]], n_tokens: int
-) -> list[list[torch.Tensor]]:
+def _sum_over_ranks(groups: list[TokenGroup], projections: list[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
     """(z U) sums over the full output dim. A column-parallel rank holds some output rows of z and
-    U, so the ranks add their partial products: one all-reduce of (slices, tokens, rank) values.
+    U, so the ranks add their partial products: one all-reduce of (tokens, packed rank) values.
     Row-parallel ranks hold partial sums of z that vLLM reduces after the op; R is linear, so
     rotating each partial is exact.
 
     The sum is laid out by token, never by slot: each TP worker's LoRA manager fills its slots in
     the iteration order of a set of requests hashed by adapter name (string hashes differ per
-    process), so the same adapter can sit in different slots on different ranks."""
+    process), so the same adapter can sit in different slots on different ranks. Its packed
+    layout is the same on every rank (it follows the adapter's per-slice ranks)."""
     from vllm.distributed import tensor_model_parallel_all_reduce
 
-    n_slices, width = len(projections[0]), max(p.shape[-1] for parts in projections for p in parts)
-    by_token = projections[0][0].new_zeros(n_slices, n_tokens, width)
-    for group, parts in zip(groups, projections):
+    width = max(p.shape[-1] for p in projections)
+    by_token = projections[0].new_zeros(n_tokens, width)
+    for group, zu in zip(groups, projections):
         rows = slice(None) if group.rows is None else group.rows
-        for i, part in enumerate(parts):
-            by_token[i, rows, : part.shape[-1]] = group.real_rows(part)
+        by_token[rows, : zu.shape[-1]] = group.real_rows(zu)
     total = tensor_model_parallel_all_reduce(by_token)
-    return [
-        [group.from_token_order(total[i, :, : part.shape[-1]]) for i, part in enumerate(parts)]
-        for group, parts in zip(groups, projections)
-    ]
+    return [group.from_token_order(total[:, : zu.shape[-1]]) for group, zu in zip(groups, projections)]

@@ -32,7 +32,7 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     _scale_and_shift(layer, output, slots)
     wrapper.add_lora_linear(output, x, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
     _rotate(layer, wrapper, output)
-    isolation.quarantine_rows(output, slots, layer.sora_failed)
+    isolation.quarantine_rows(output, isolation.token_masks(slots, layer.sora_failed), layer.sora_failed)
     return output
 
 
@@ -55,3 +55,11 @@ def _rotate(layer, wrapper, output: torch.Tensor) -> None:
 
         projections = tensor_model_parallel_all_reduce(projections)
     wrapper.add_expand(output, projections, layer.sora_rot_v, layer.output_slices, offset_start=0, add_inputs=True)
+
+
+def allocate(layer, max_loras: int, max_rank: int) -> None:
+    """Nothing beyond the layer's per-slice buffers: vLLM's kernels read those."""
+
+
+def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None:
+    """Nothing to pack: vLLM's kernels read the per-slice buffers."""
