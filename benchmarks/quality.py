@@ -40,7 +40,7 @@ from pathlib import Path
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
-from .common import RESULTS, plt, save_suite
+from .common import RESULTS, mean_ci95, plt, save_suite
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SST2 = SHARED_DATA / "sst2"
@@ -330,15 +330,6 @@ def recipe_defaults() -> dict:
     from sora_serve.training.recipe import Recipe
 
     return asdict(Recipe())
-
-
-def mean_ci95(diff: list[float]) -> tuple[float, float]:
-    """Student-t 95% confidence interval of the mean of paired differences (the point itself for n = 1)."""
-    mean = statistics.mean(diff)
-    if len(diff) < 2:
-        return mean, mean
-    half = float(scipy_stats.t.ppf(0.975, len(diff) - 1)) * statistics.stdev(diff) / math.sqrt(len(diff))
-    return mean - half, mean + half
 
 
 def paired(a: list[float], b: list[float]) -> dict:
