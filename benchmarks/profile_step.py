@@ -36,6 +36,7 @@ CATEGORIES: list[tuple[str, object]] = [
         "adapter math (ours)",
         lambda fn, f: "vllm_plugin/backends/" in f or "sora_serve/methods/" in f,
     ),
+    ("punica ops (vLLM's CPU ops, mended)", lambda fn, f: f.endswith("vllm_plugin/cpu_ops.py")),
     ("plugin other (ours)", lambda fn, f: f.startswith("sora_serve/")),
     ("vLLM LoRA bookkeeping", lambda fn, f: f.startswith("vllm/lora/")),
     ("attention", lambda fn, f: "attention" in f),
@@ -44,7 +45,7 @@ CATEGORIES: list[tuple[str, object]] = [
         lambda fn, f: (
             f.startswith("vllm/model_executor/layers/")
             and ("linear" in f or "utils" in f)
-            and fn == "apply"
+            and fn.rpartition(".")[2] == "apply"
             or "cpu_unquantized_gemm" in fn
         ),
     ),

@@ -21,7 +21,11 @@ LAYER = f"{STEP};forward (vllm/model_executor/models/llama.py:200);apply (sora_s
 @pytest.mark.parametrize(
     "stack, category",
     [
-        (f"{LAYER};apply (vllm/model_executor/layers/linear.py:230)", "base linear GEMMs"),
+        (f"{LAYER};UnquantizedLinearMethod.apply (vllm/model_executor/layers/linear.py:230)", "base linear GEMMs"),
+        (
+            f"{LAYER};ops_with.<locals>.bgmv_expand (sora_serve/vllm_plugin/cpu_ops.py:60)",
+            "punica ops (vLLM's CPU ops, mended)",
+        ),
         (f"{LAYER};apply (sora_serve/vllm_plugin/backends/grouped.py:140)", "adapter math (ours)"),
         (
             f"{LAYER};apply ({GROUPED}:137);step_plan ({GROUPED}:64)",
