@@ -122,11 +122,12 @@ def test_best_lrs_takes_the_lowest_lr_within_one_standard_error_of_the_best():
     assert best_lrs(tight) == {"m": 1e-2}
 
 
-def test_best_lrs_never_takes_an_lr_with_a_one_class_seed():
+def test_best_lrs_prefers_the_lrs_with_the_fewest_one_class_seeds():
     grid = cell("m", 1e-2, [0.95, 0.95, 0.52], one_class=1) + cell("m", 5e-3, [0.80, 0.81, 0.79])
     assert best_lrs(grid) == {"m": 5e-3}
-    with pytest.raises(ValueError, match="every lr of m has a one-class seed"):
-        best_lrs(cell("m", 1e-2, [0.52, 0.9, 0.9], one_class=1))
+    # When every lr has one (short quick runs), the lrs with the fewest compete.
+    everywhere = cell("m", 1e-2, [0.52, 0.9, 0.9], one_class=1) + cell("m", 5e-3, [0.52, 0.52, 0.8], one_class=2)
+    assert best_lrs(everywhere) == {"m": 1e-2}
 
 
 @pytest.mark.parametrize(
