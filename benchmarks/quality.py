@@ -674,7 +674,9 @@ def markdown(payload: dict, settings: Settings) -> str:
         "",
         f"lr sweep (trained on SST-2's training set minus {settings.sweep_held_out} held-out sentences, "
         "scored on those; "
-        f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs)",
+        f"seeds {sweep['seeds']}; from {sweep['source']}): mean held-out accuracy % per lr (one-class runs); "
+        "chosen: the lowest lr within one standard error of the best mean among the lrs with the fewest "
+        "one-class runs (`best_lrs`)",
         "",
         "| method | " + " | ".join(f"{lr:g}" for lr in settings.sweep_lrs) + " | chosen |",
         "| --- | " + " | ".join("---" for _ in settings.sweep_lrs) + " | --- |",
