@@ -13,6 +13,7 @@ bf16 where the CPU has native bf16; `--shape small` (the quick run's default): t
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import subprocess
@@ -222,6 +223,7 @@ def vllm_engine(
     if backend:
         env["SORA_SERVE_VLLM_BACKEND"] = backend
     if checkout is not None:
+        checkout = checkout_mirror(checkout, root)
         env["PYTHONPATH"] = str(checkout)  # vLLM's entry point then loads that checkout's plugin
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.vllm_worker", str(path)],
@@ -241,6 +243,28 @@ def vllm_engine(
             if metric in row:
                 row[metric] = stats(row[metric]) if row[metric] else None
     return result
+
+
+def checkout_mirror(checkout: Path, root: Path) -> Path:
+    """A directory that imports `sora_serve` with its mapped subpackages (pyproject's package-dir:
+    `converters/` and `training/` install as `sora_serve.converters` / `.training`) all from
+    `checkout`: links to the checkout's entries, with `sora_serve` a directory of links that adds
+    the mapped ones. Run from it (cwd and PYTHONPATH), a plain path import finds them; from the
+    checkout itself the installed editable finder would serve this checkout's subpackages."""
+    checkout = Path(checkout).resolve()
+    mirror = Path(root) / f"checkout-{checkout.name}-{hashlib.sha256(str(checkout).encode()).hexdigest()[:12]}"
+    package = mirror / "sora_serve"
+    package.mkdir(parents=True, exist_ok=True)
+    links = {e.name: e for e in checkout.iterdir() if e.name != "sora_serve"}
+    mapped = {d: checkout / d for d in ("converters", "training") if (checkout / d).is_dir()}
+    for folder, entries in (
+        (mirror, links),
+        (package, {e.name: e for e in (checkout / "sora_serve").iterdir()} | mapped),
+    ):
+        for name, target in entries.items():
+            if not (folder / name).is_symlink():
+                (folder / name).symlink_to(target)
+    return mirror
 
 
 def decode(name: str, adapters: list, batch: int, tokens: int) -> dict:
