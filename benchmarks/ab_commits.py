@@ -87,6 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds: at least 2, for a confidence interval")
+    if not (args.other / "sora_serve" / "vllm_plugin").is_dir():
+        parser.error(f"other: {args.other} is not a checkout of this repository (no sora_serve/vllm_plugin)")
     shape = resolve_dtype(SHAPES["realistic"])
     base = base_checkpoint(shape).absolute()
     specs = {"sora": KINDS["sora"], "lora": KINDS["lora"], **{n: KINDS["lora"] for n in LORAS}}
