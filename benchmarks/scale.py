@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 
 from .common import Target
-from .shapes import RANK, Shape, adapter_terms, decode_bytes
+from .shapes import KINDS, RANK, Shape, adapter_terms, decode_bytes
 
 FIRST_REQUEST_KINDS = ("lora", "dora", "prediag", "sora")
 KIND_LABELS = {"lora": "LoRA", "dora": "DoRA", "prediag": "Pre-Diag", "sora": "SORA", "sora_cayley": "SORA cayley"}
@@ -110,6 +110,15 @@ def factor_values(shape: Shape, kind: str) -> int:
     return adapter_terms(shape, kind)[0]
 
 
+def first_request_values(shape: Shape, kind: str) -> int:
+    """Values a never-seen adapter's one-token request must read: its factors, the base weights
+    once (the request's forward), and for DoRA the adapted layers' W0 once more (W0 Aᵀ, for the
+    row norms of W0 + sBA in g; exact g cannot skip it)."""
+    reads_base = KINDS[kind]["method"] == "dora"
+    adapted = shape.num_layers * sum(n_in * n_out for n_in, n_out in shape.projections().values())
+    return factor_values(shape, kind) + shape.parameters() + (adapted if reads_base else 0)
+
+
 def rotation_limit(shape: Shape, scenario: dict) -> float:
     """The swap-heavy ratio the bytes allow: a wave's decode steps read the base weights and the
     wave's adapters; swapping copies `per_wave` LoRA adapters into slots (read + write)."""
@@ -153,7 +162,9 @@ def targets(
                     first[name][kind]["cold_s"] / lora,
                     1.5,
                     higher_is_better=False,
-                    note=f"bytes allow {factor_values(shapes[name], kind) / factor_values(shapes[name], 'lora'):.2f}",
+                    note=f"bytes allow "
+                    f"{first_request_values(shapes[name], kind) / first_request_values(shapes[name], 'lora'):.2f} "
+                    f"(factors x{factor_values(shapes[name], kind) / factor_values(shapes[name], 'lora'):.2f})",
                 )
             )
     ordered = sorted(shapes, key=lambda n: shapes[n].hidden_size)

@@ -450,11 +450,11 @@ METHODS = {
 def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch):
     """Factors computed once at load, per slice of a packed layer with a bias, equal each method's
     float64 `serving_factors` on a dense view of (W0, b) to 1e-10; the plugin's DoRA factors come
-    from the norms recorded at load and the layer's GEMM on A, never from W0. Entering a slot
-    copies exactly those factors."""
+    from the norms recorded at load and one GEMM of the layer on all slices' A, never from W0.
+    Entering a slot copies exactly those factors."""
     import sora_serve as ss
     from sora_serve.methods import BaseView
-    from sora_serve.vllm_plugin.activation import slice_factors
+    from sora_serve.vllm_plugin.activation import StackedProjections, slice_factors
 
     from .helpers import write_random_adapter
 
@@ -467,10 +467,15 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
     config = ss.AdapterConfig(r=6, r_p=3, target_modules=names, **METHODS[kind])
     adapter = ss.read_adapter(write_random_adapter(tmp_path / kind, config, model=model, scale=0.2, seed=7))
     offsets = [0, 24, 32, 40]
+    gemm_calls = []
+    quant_method = layer._get_quant_method()
+    stock_apply = quant_method.apply
+    monkeypatch.setattr(quant_method, "apply", lambda *a, **k: gemm_calls.append(1) or stock_apply(*a, **k))
+    projections = StackedProjections(layer, [adapter.tensors[n]["lora_A"] for n in names])
     for i, name in enumerate(names):
         rows = slice(offsets[i], offsets[i + 1])
         dense = adapter.serving_factors(name, BaseView(weight[rows], layer.base_layer.bias[rows]))
-        got = slice_factors(layer, i, adapter, name)
+        got = slice_factors(layer, i, adapter, name, projections)
         for field, expected in vars(dense).items():
             actual = getattr(got, field)
             assert (actual is None) == (expected is None), field
@@ -486,6 +491,9 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
         assert layer.sora_slots[1].scaled == (got.scale is not None) and layer.sora_slots[1].rot_rank == (
             0 if got.rot_U is None else got.rot_U.shape[1]
         )
+    assert len(gemm_calls) == (1 if kind == "dora" else 0)  # W0 read once for the three slices
+    other = torch.randn(2, 32, dtype=torch.float64)  # not slice 0's A: its own GEMM, same answer
+    assert torch.allclose(projections.weight_times(0, other), weight @ other.T, rtol=1e-12, atol=1e-12)
 
 
 def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():
