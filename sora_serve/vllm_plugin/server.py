@@ -30,6 +30,7 @@ from sora_serve.fs import readable_dir
 from sora_serve.validation import ALLOW_LARGE_UPDATES_ENV
 
 from .access import LOAD_ROOTS_ENV, encode_roots
+from .engine import default_thread_env
 from .models import vllm_always_ties_head, vllm_model_class
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         LOAD_ROOTS_ENV: encode_roots(roots),
     }
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(default_thread_env(env))
     if args.adapter_dir:
         env[ADAPTER_DIR_ENV] = str(Path(args.adapter_dir).absolute())
     if args.allow_large_updates:
