@@ -26,6 +26,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from sora_serve.vllm_plugin.engine import default_thread_env
+
 from .common import machine
 
 # (category, predicate on one frame's (function, file)); the innermost matching frame decides.
@@ -181,6 +183,7 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
         path = out_dir / f"profile-config-{int(enable_lora)}.json"
         path.write_text(json.dumps(config))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+        env |= default_thread_env(env)  # what `sora-serve serve` runs with
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.profile_step", "--worker", str(path)],
             capture_output=True,
