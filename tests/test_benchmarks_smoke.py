@@ -100,9 +100,11 @@ def test_serving_suite(tmp_path):
     assert set(data["limits"]) == set(data["ratios"]) and all(
         0 < v <= 1 for v in data["limits"].values() if v is not None
     )
-    assert (
-        all(t["met"] in (True, False) for t in data["targets"]) and len(data["targets"]) == 10
-    )  # quick: no second hidden size, no first-request targets
+    # quick: no second hidden size, no first-request targets; no --peers: llama.cpp's targets not measured
+    peer_targets = [t for t in data["targets"] if "llama.cpp" in t["name"]]
+    assert len(data["targets"]) == 21 and len(peer_targets) == 4
+    assert all(t["met"] is None for t in peer_targets)
+    assert all(t["met"] in (True, False) for t in data["targets"] if t not in peer_targets)
     assert all(row["tok_per_s"]["samples"] for row in data["vllm"] if row["kind"] in ("decode", "prefill"))
     # online load: every request streamed its tokens, at every rate, for every adapter set
     for result in data["online"]["results"].values():

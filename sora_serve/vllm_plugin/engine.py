@@ -28,6 +28,7 @@ def intel_openmp() -> Path | None:
 
 THREAD_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS")
 FEW_CPUS = 4  # at most this many usable CPUs: no core is kept from the model worker
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # as vLLM CPU recognises them in LD_PRELOAD
 
 
 def cpu_thread_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
@@ -43,9 +44,11 @@ def cpu_thread_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
     if any(name in environ for name in THREAD_SETTINGS) or cpus > FEW_CPUS:
         return {}
     settings = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    iomp = intel_openmp()
-    if iomp is not None and "libiomp" not in environ.get("LD_PRELOAD", ""):
-        settings["LD_PRELOAD"] = " ".join(filter(None, [str(iomp), environ.get("LD_PRELOAD", "")]))
+    iomp, preload = intel_openmp(), environ.get("LD_PRELOAD", "")
+    # One OpenMP runtime per process (vLLM CPU asserts it): one already preloaded (the caller's,
+    # or torch's libgomp that vLLM adds to this process's own environment) is kept.
+    if iomp is not None and not any(runtime in preload for runtime in OPENMP_RUNTIMES):
+        settings["LD_PRELOAD"] = ":".join(filter(None, [str(iomp), preload]))
     return settings
 
 
