@@ -4,7 +4,7 @@
 
 vLLM CPU binds its model worker's OpenMP threads to cores and, by default on x86, keeps one core
 per worker for the engine core and API server (`VLLM_CPU_NUM_OF_RESERVED_CPU`): on a 2-core
-machine the model computes on one core. Each setting of `SETTINGS` gets its own plugin engine
+machine the model computes on one core. Each setting of `settings()` gets its own plugin engine
 (the serving suite's cached base and adapters) that decodes base, LoRA and SORA batches and a
 LoRA prefill; settings run in rounds, the order reversed every other round, so a machine whose
 speed drifts hits each alike. Each setting's throughput is compared with vLLM's default in the
