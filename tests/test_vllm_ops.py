@@ -13,7 +13,7 @@ import torch
 
 from sora_serve.methods import ServingFactors
 from sora_serve.vllm_plugin import apply, cpu_ops, isolation
-from sora_serve.vllm_plugin.backends import grouped, punica
+from sora_serve.vllm_plugin.backends import grouped, prepacked, punica
 from sora_serve.vllm_plugin.layers import SlotFactors, SoraLinearMixin
 
 SLOTS, RANK, IN, OUT = 3, 4, 16, 24
@@ -180,6 +180,7 @@ def per_slot_reference(slot_factors: dict[int, list[ServingFactors]], indices: t
 # Token -> slot layouts, and the strategy of the grouped backend each one takes.
 LAYOUTS = {
     "one slot, whole batch": ([1] * 6, "one slot"),
+    "one slot, prefill-sized": ([3] * 20, "one slot"),  # past prepacked.MAX_PREPACKED_ROWS: torch's matmul
     "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
     "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
     "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
@@ -494,6 +495,50 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
     assert len(gemm_calls) == (1 if kind == "dora" else 0)  # W0 read once for the three slices
     other = torch.randn(2, 32, dtype=torch.float64)  # not slice 0's A: its own GEMM, same answer
     assert torch.allclose(projections.weight_times(0, other), weight @ other.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, dict(atol=0.05, rtol=0.02))])
+@pytest.mark.parametrize("rows", [1, 8, prepacked.MAX_PREPACKED_ROWS, prepacked.MAX_PREPACKED_ROWS + 1, 64])
+def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
+    """A slot's factor gives x @ w (+ y, + bias) against float64 whichever GEMM runs: vLLM CPU's
+    prepacked oneDNN one for decode-sized rows, torch's above; the prepacked copy is taken when the
+    slot is written, so later writes to the packed buffer leave it alone until it is rebuilt.
+    (bf16: the output's rounding, 2^-8 of values of ~5.)"""
+    torch.manual_seed(rows)
+    packed = torch.randn(48, 96, dtype=dtype)
+    factor = prepacked.Factor(packed[:40].T)  # a rank-40 view of the buffer, as SlotOperands takes
+    assert factor.handler is not None  # vLLM CPU has its oneDNN ops here
+    assert factor.prepacked_for(torch.empty(rows, 96)) == (rows <= prepacked.MAX_PREPACKED_ROWS)
+    x, y, bias = torch.randn(rows, 96, dtype=dtype), torch.randn(rows, 40, dtype=dtype), torch.randn(40, dtype=dtype)
+    expected = x.double() @ packed[:40].T.double()
+    assert torch.allclose(factor(x).double(), expected, **tol)
+    total = y.double() + expected + bias.double()
+    assert torch.allclose(factor.add_product(y.clone(), x, bias).double(), total, **tol)
+    if factor.prepacked_for(x):
+        packed.zero_()
+        assert torch.allclose(factor(x).double(), expected, **tol)
+
+
+def test_host_checked_quarantine_does_what_the_masked_one_does():
+    """The CPU form (one sum read on the host, the masked pass only when it is not finite) leaves a
+    finite output and the flags alone, and otherwise zeroes and flags exactly what the masked form does."""
+    flags = isolation.failure_flags(4, "cpu")
+    isolation.take_failed_slots()
+    token_slots = torch.tensor([0, 1, 0, 1, -1])
+    finite = torch.randn(5, 6)
+    checked = finite.clone()
+    isolation.quarantine_rows_host_checked(checked, isolation.token_masks(token_slots, flags), flags)
+    assert torch.equal(checked, finite) and not flags.any()
+    bad = finite.clone()
+    bad[1, 2], bad[4, 5] = float("nan"), float("inf")
+    masked, checked = bad.clone(), bad.clone()
+    isolation.quarantine_rows(masked, isolation.token_masks(token_slots, flags), flags)
+    masked_flags = flags.clone()
+    flags.zero_()
+    isolation.quarantine_rows_host_checked(checked, isolation.token_masks(token_slots, flags), flags)
+    assert torch.equal(checked.nan_to_num(7.0, 7.0), masked.nan_to_num(7.0, 7.0)) and not checked[1].any()
+    assert torch.equal(flags, masked_flags) and flags.tolist() == [0, 1, 0, 0, 0]
+    flags.zero_()
 
 
 def test_non_finite_adapter_rows_are_zeroed_and_flagged_on_the_device():

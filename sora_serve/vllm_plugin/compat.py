@@ -148,6 +148,22 @@ SYMBOLS: tuple[Symbol, ...] = (
         "row-parallel DoRA: float64 sums of ||W0||² and W0 Aᵀ",
         ("input_", "dim"),
     ),
+    # backends/prepacked.py
+    Symbol(
+        "vllm._custom_ops:create_onednn_mm",
+        "called",
+        "the grouped backend prepacks each slot's thin factors the way vLLM CPU prepacks its linear weights",
+        ("weight", "primitive_cache_size"),
+        mentions=("_supports_onednn",),
+        alternatives=("vllm._cpu_ops:create_onednn_mm",),  # vLLM 0.34 moved the CPU ops there
+    ),
+    Symbol(
+        "vllm._custom_ops:onednn_mm",
+        "called",
+        "decode-sized GEMMs against a slot's prepacked factor",
+        ("dnnl_handler", "x", "bias"),
+        alternatives=("vllm._cpu_ops:onednn_mm",),
+    ),
     # cpu_ops.py
     *(
         Symbol(

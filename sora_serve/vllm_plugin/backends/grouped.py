@@ -25,6 +25,7 @@ import torch
 
 from .. import isolation
 from ..layers import parallel_kind
+from .prepacked import Factor, SlotOperands
 
 _step = itertools.count()
 _current_step = next(_step)
@@ -46,6 +47,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_bt = torch.zeros(max_loras, width, out, **like)
     layer.sora_packed_u = torch.zeros(max_loras, out, width, **like)
     layer.sora_packed_vt = torch.zeros(max_loras, width, out, **like)
+    layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
 
 
 def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None:
@@ -61,6 +63,11 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
         layer.sora_packed_u[index, cols, k0 : k0 + k] = layer.sora_rot_u[i][index, 0, :k].T
         layer.sora_packed_vt[index, k0 : k0 + k, cols] = layer.sora_rot_v[i][index, 0, :, :k].T
         col, r0, k0 = cols.stop, r0 + r, k0 + k
+    layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
+
+
+def _packed(layer, index: int) -> tuple[torch.Tensor, ...]:
+    return (layer.sora_packed_a[index], layer.sora_packed_bt[index], layer.sora_packed_u[index], layer.sora_packed_vt[index])
 
 
 class BatchPlan(NamedTuple):
@@ -137,7 +144,7 @@ class TokenGroup(NamedTuple):
 
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
     z: torch.Tensor  # scale * base + shift + (x A^T) B^T, all slices; (tokens, out), or (slots, width, out) padded
-    rotation: tuple[torch.Tensor, torch.Tensor] | None  # packed (U, V^T): 2-D for one slot, 3-D per slot when padded
+    rotation: tuple[Factor, Factor] | tuple[torch.Tensor, torch.Tensor] | None  # (U, V^T): one slot's operands, or 3-D per slot when padded
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
     gather: torch.Tensor | None = None  # padded: the token row of each position
 
@@ -175,7 +182,8 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     _rotate(layer, groups, x.shape[0])
     for group in groups:
         output = _write_group(output, group)
-    isolation.quarantine_rows(output, masks, layer.sora_failed)
+    quarantine = isolation.quarantine_rows_host_checked if output.device.type == "cpu" else isolation.quarantine_rows
+    quarantine(output, masks, layer.sora_failed)
     return output
 
 
@@ -190,18 +198,19 @@ def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
 
 def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
     """One slot on its tokens (`rows`: a gathered copy; None: the whole batch, `y` updated in place),
-    one GEMM per factor at the slot's packed rank."""
+    one GEMM per factor at the slot's packed rank (prepacked operands, `prepacked.py`); the shift
+    rides on the expand as its bias."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
-    info = layer.sora_slots[slot]
-    r, k = info.rank, info.rot_rank
+    info, operands = layer.sora_slots[slot], layer.sora_operands[slot]
     if info.scaled:
         y.mul_(layer.sora_scale_all[slot])
-    if info.shifted:
-        y.add_(layer.sora_shift_all[slot])
-    if r:
-        y.addmm_(x @ layer.sora_packed_a[slot, :r].T, layer.sora_packed_bt[slot, :r])
-    rotation = (layer.sora_packed_u[slot, :, :k], layer.sora_packed_vt[slot, :k]) if k else None
+    shift = layer.sora_shift_all[slot] if info.shifted else None
+    if operands.a_t is not None:
+        operands.bt.add_product(y, operands.a_t(x), shift)
+    elif shift is not None:
+        y.add_(shift)
+    rotation = (operands.u, operands.vt) if operands.u is not None else None
     return TokenGroup(rows, y, rotation)
 
 
@@ -228,15 +237,20 @@ def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> T
 def _rotate(layer, groups: list[TokenGroup], n_tokens: int) -> None:
     """z += (z U) Vᵀ in place of each group's z, with one all-reduce of (z U) under column parallelism."""
     rotated = [group for group in groups if group.rotation]
-    projections = [group.z @ group.rotation[0] for group in rotated]
+    projections = [_times(group.z, group.rotation[0]) for group in rotated]
     if rotated and parallel_kind(layer) == "column":
         projections = _sum_over_ranks(rotated, projections, n_tokens)
     for group, zu in zip(rotated, projections):
         vt = group.rotation[1]
-        if zu.ndim == 2:
-            group.z.addmm_(zu, vt)
-        else:
+        if group.padded:
             group.z.baddbmm_(zu, vt)
+        else:
+            vt.add_product(group.z, zu)
+
+
+def _times(z: torch.Tensor, u: torch.Tensor | Factor) -> torch.Tensor:
+    """z U: per slot (bmm) for a padded group, the slot's prepacked operand otherwise."""
+    return torch.bmm(z, u) if isinstance(u, torch.Tensor) else u(z)
 
 
 def _sum_over_ranks(groups: list[TokenGroup], projections: list[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
