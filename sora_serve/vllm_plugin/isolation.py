@@ -3,9 +3,9 @@
 After every plugin layer, rows of adapter tokens that are not finite are zeroed with masked ops and
 their slots flagged in a small device tensor (`quarantine_rows`): no host read per layer, nothing
 a CUDA graph cannot capture (on a CPU, where a host read costs nothing, the grouped backend sums
-the output first and runs that pass only when the sum is not finite). k/v come out of an adapted `qkv_proj`, so nothing non-finite from an
-adapter is written to the KV cache, whose blocks other requests reuse (stale NaN/inf there turned
-later, unrelated requests into `[0, 0, ...]`).
+the output first and runs that pass only when the sum is not finite). k/v come out of an adapted
+`qkv_proj`, so nothing non-finite from an adapter is written to the KV cache, whose blocks other
+requests reuse (stale NaN/inf there turned later, unrelated requests into `[0, 0, ...]`).
 
 Once per step, when the worker returns the step's output (`Worker.sample_tokens` /
 `execute_model`, after vLLM has synchronized to read the sampled tokens), the flags are read once

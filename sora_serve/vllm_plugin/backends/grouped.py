@@ -67,7 +67,9 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
 
 
 def _packed(layer, index: int) -> tuple[torch.Tensor, ...]:
-    return (layer.sora_packed_a[index], layer.sora_packed_bt[index], layer.sora_packed_u[index], layer.sora_packed_vt[index])
+    """Slot `index` of the packed A, Bᵀ, U and Vᵀ."""
+    packed = (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u, layer.sora_packed_vt)
+    return tuple(t[index] for t in packed)
 
 
 class BatchPlan(NamedTuple):
@@ -144,7 +146,8 @@ class TokenGroup(NamedTuple):
 
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
     z: torch.Tensor  # scale * base + shift + (x A^T) B^T, all slices; (tokens, out), or (slots, width, out) padded
-    rotation: tuple[Factor, Factor] | tuple[torch.Tensor, torch.Tensor] | None  # (U, V^T): one slot's operands, or 3-D per slot when padded
+    # (U, V^T): one slot's prepacked operands, or (slots, ...) tensors when padded; None: no rotation
+    rotation: tuple[Factor, Factor] | tuple[torch.Tensor, torch.Tensor] | None
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
     gather: torch.Tensor | None = None  # padded: the token row of each position
 
