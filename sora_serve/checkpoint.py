@@ -35,6 +35,7 @@ from .validation import check_against_base
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_CACHED_SAMPLES = 4096  # (tensor, positions) entries kept per checkpoint: a few bases of a few hundred layers
 # safetensors dtype names (the header's "dtype" field).
 DTYPE_NAMES = {
     "F64": torch.float64,
@@ -65,6 +66,10 @@ class Checkpoint:
         if not isinstance(self.config_dict, dict):
             raise AdapterError("expected a JSON object", file=config_file)
         self.weight_map = self._read_weight_map()
+        # Every adapter of this base samples the same W0 entries (positions drawn per shape, see
+        # fingerprint.py): read once, each later adapter's check costs no file access.
+        self._entries: dict[tuple, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
@@ -124,14 +129,22 @@ class Checkpoint:
                 )
 
     def read_entries(self, key: str, rows: list[int], cols: list[int]) -> torch.Tensor:
-        """tensor[rows[k], cols[k]] for every k, each read alone from the (memory-mapped) file."""
-        with self.open(self.weight_map[key]) as f:
-            stored = f.get_slice(key)
-            return torch.stack([stored[r : r + 1, c : c + 1].reshape(()) for r, c in zip(rows, cols)])
+        """tensor[rows[k], cols[k]] for every k, each read alone from the (memory-mapped) file once."""
+        cache_key = (key, tuple(rows), tuple(cols))
+        if cache_key not in self._entries:
+            with self.open(self.weight_map[key]) as f:
+                stored = f.get_slice(key)
+                values = torch.stack([stored[r : r + 1, c : c + 1].reshape(()) for r, c in zip(rows, cols)])
+            if len(self._entries) >= MAX_CACHED_SAMPLES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[cache_key] = values
+        return self._entries[cache_key].clone()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with self.open(self.weight_map[key]) as f:
-            return tuple(f.get_slice(key).get_shape())
+        if key not in self._shapes:
+            with self.open(self.weight_map[key]) as f:
+                self._shapes[key] = tuple(f.get_slice(key).get_shape())
+        return self._shapes[key]
 
     def base_view(self, module_path: str, dtype: torch.dtype) -> BaseView:
         """The layer's W0 (as out x in, whatever the file's orientation) and bias, read in `dtype`."""

@@ -186,3 +186,28 @@ def test_malformed_sampled_weights_are_refused_naming_the_field(tmp_path, weight
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ss.AdapterError, match=rf"adapter_config.json: field '{field}'"):
         ss.read_adapter(adapter)
+
+
+def test_a_checkpoint_reads_its_sampled_entries_once_and_still_refuses_another_base(bases, monkeypatch):
+    """Every adapter of a base samples the same W0 entries, so a server's second adapter is checked
+    without opening the base's files again; the values come from that base, so an adapter of the
+    same shapes is still refused against another base's checkpoint, and a changed record against
+    the cached values."""
+    from sora_serve.adapter_format import read_adapter
+    from sora_serve.checkpoint import Checkpoint, check_adapter_against
+
+    paths, adapters = bases
+    checkpoint, other = Checkpoint(paths["base"]), Checkpoint(paths["other"])
+    check_adapter_against(read_adapter(adapters["sora"]), checkpoint)
+    opened = []
+    monkeypatch.setattr(Checkpoint, "open", lambda self, shard: opened.append(shard) or pytest.fail("file opened"))
+    check_adapter_against(read_adapter(adapters["lora"]), checkpoint, norms=False)
+    assert opened == []
+    monkeypatch.undo()
+    with pytest.raises(ss.AdapterError, match="the base's weights are not the ones"):
+        check_adapter_against(read_adapter(adapters["lora"]), other, norms=False)
+    adapter = read_adapter(adapters["lora"])
+    module, samples = next(iter(adapter.fingerprint["weights"].items()))
+    samples[0][2] = samples[0][2] * 1.5 + 1.0  # a record that no longer matches the cached entry
+    with pytest.raises(ss.AdapterError, match=f"module '{module}'"):
+        check_adapter_against(adapter, checkpoint, norms=False)
