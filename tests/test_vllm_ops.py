@@ -180,7 +180,7 @@ def per_slot_reference(slot_factors: dict[int, list[ServingFactors]], indices: t
 # Token -> slot layouts, and the strategy of the grouped backend each one takes.
 LAYOUTS = {
     "one slot, whole batch": ([1] * 6, "one slot"),
-    "one slot, prefill-sized": ([3] * 20, "one slot"),  # past prepacked.MAX_PREPACKED_ROWS: torch's matmul
+    "one slot, prefill-sized": ([3] * 40, "one slot"),  # past prepacked.MAX_PREPACKED_ROWS: torch's matmul
     "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
     "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
     "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),
@@ -500,7 +500,7 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, dict(atol=0.05, rtol=0.02))])
 @pytest.mark.parametrize("rows", [1, 8, prepacked.MAX_PREPACKED_ROWS, prepacked.MAX_PREPACKED_ROWS + 1, 64])
 def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
-    """A slot's factor gives x @ w (+ y, + bias) against float64 whichever GEMM runs: vLLM CPU's
+    """A slot's factor gives x @ w (+ y) against float64 whichever GEMM runs: vLLM CPU's
     prepacked oneDNN one for decode-sized rows, torch's above; the prepacked copy is taken when the
     slot is written, so later writes to the packed buffer leave it alone until it is rebuilt.
     (bf16: the output's rounding, 2^-8 of values of ~5.)"""
@@ -509,11 +509,10 @@ def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
     factor = prepacked.Factor(packed[:40].T)  # a rank-40 view of the buffer, as SlotOperands takes
     assert factor.handler is not None  # vLLM CPU has its oneDNN ops here
     assert factor.prepacked_for(torch.empty(rows, 96)) == (rows <= prepacked.MAX_PREPACKED_ROWS)
-    x, y, bias = torch.randn(rows, 96, dtype=dtype), torch.randn(rows, 40, dtype=dtype), torch.randn(40, dtype=dtype)
+    x, y = torch.randn(rows, 96, dtype=dtype), torch.randn(rows, 40, dtype=dtype)
     expected = x.double() @ packed[:40].T.double()
     assert torch.allclose(factor(x).double(), expected, **tol)
-    total = y.double() + expected + bias.double()
-    assert torch.allclose(factor.add_product(y.clone(), x, bias).double(), total, **tol)
+    assert torch.allclose(factor.add_product(y.clone(), x).double(), y.double() + expected, **tol)
     if factor.prepacked_for(x):
         packed.zero_()
         assert torch.allclose(factor(x).double(), expected, **tol)

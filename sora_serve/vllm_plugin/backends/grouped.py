@@ -201,18 +201,16 @@ def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
 
 def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
     """One slot on its tokens (`rows`: a gathered copy; None: the whole batch, `y` updated in place),
-    one GEMM per factor at the slot's packed rank (prepacked operands, `prepacked.py`); the shift
-    rides on the expand as its bias."""
+    one GEMM per factor at the slot's packed rank (prepacked operands, `prepacked.py`)."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
     info, operands = layer.sora_slots[slot], layer.sora_operands[slot]
     if info.scaled:
         y.mul_(layer.sora_scale_all[slot])
-    shift = layer.sora_shift_all[slot] if info.shifted else None
+    if info.shifted:
+        y.add_(layer.sora_shift_all[slot])
     if operands.a_t is not None:
-        operands.bt.add_product(y, operands.a_t(x), shift)
-    elif shift is not None:
-        y.add_(shift)
+        operands.bt.add_product(y, operands.a_t(x))
     rotation = (operands.u, operands.vt) if operands.u is not None else None
     return TokenGroup(rows, y, rotation)
 

@@ -7,21 +7,29 @@ Llama 2048 qkv at batch 8, 2-core Xeon: shrink 33 -> 12 us, expand 39 -> 17 us p
 So each slot's factors are prepacked when the slot is written (docs/benchmarks/serving.md has
 the decode-step profile before and after).
 
-oneDNN builds one kernel per number of rows, the first time it sees it (1-6 ms, cached per
-weight shape, 32 row counts at most): worth it for decode batches, not for prefill, whose row
-counts vary every step and whose GEMMs are large enough for torch's per-call cost not to matter.
-So rows up to `MAX_PREPACKED_ROWS` take the prepacked GEMM, more rows torch's matmul on the same
-values. Without vLLM's oneDNN ops (another platform or build), torch's matmul does it all.
+oneDNN builds one kernel per number of rows the first time it sees it (1-6 ms), and keeps 32
+per weight shape. So rows up to `MAX_PREPACKED_ROWS` = 32 (decode batches; on these shapes the
+prepacked GEMM stays ahead up to 64 rows) take the prepacked GEMM, each row count built once and
+never evicted; more rows (prefill, whose row counts vary every step and whose GEMMs are large
+enough for torch's per-call cost not to matter) take torch's matmul on the same values. No bias
+is passed to oneDNN: with and without one are two kernels, which would overflow those 32.
+Without vLLM's oneDNN ops (another platform or build), torch's matmul does it all.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import threading
 
 import torch
 
-MAX_PREPACKED_ROWS = 16  # decode batches; oneDNN caches 32 row counts per weight shape
+KERNELS_KEPT = 32  # row counts oneDNN keeps per weight shape (create_onednn_mm's cache size)
+MAX_PREPACKED_ROWS = KERNELS_KEPT
+# vLLM's oneDNN handlers share per-shape state that two threads must not use at once (seen: wrong
+# sums from two tensor-parallel ranks run as threads of one process). vLLM runs one model thread
+# per process, where this lock is never contended.
+_ONEDNN = threading.Lock()
 
 
 @functools.cache
@@ -48,7 +56,8 @@ class Factor:
         self.handler = None
         if self._ops is not None:
             try:
-                self.handler = self._ops.create_onednn_mm(weight, 32)  # copies the values in oneDNN's layout
+                with _ONEDNN:
+                    self.handler = self._ops.create_onednn_mm(weight, KERNELS_KEPT)  # copies the values in oneDNN's layout
             except RuntimeError:  # a dtype this CPU's oneDNN cannot run: torch's matmul does it
                 self.handler = None
 
@@ -57,15 +66,15 @@ class Factor:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked_for(x):
-            return self._ops.onednn_mm(self.handler, x, None)
+            with _ONEDNN:
+                return self._ops.onednn_mm(self.handler, x, None)
         return x @ self.weight
 
-    def add_product(self, y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """y += x @ weight (+ bias), in place."""
+    def add_product(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y += x @ weight, in place."""
         if self.prepacked_for(x):
-            return y.add_(self._ops.onednn_mm(self.handler, x, bias))
-        y.addmm_(x, self.weight)
-        return y if bias is None else y.add_(bias)
+            return y.add_(self(x))
+        return y.addmm_(x, self.weight)
 
 
 class SlotOperands:
