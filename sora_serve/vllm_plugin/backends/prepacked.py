@@ -56,8 +56,8 @@ class Factor:
         self.handler = None
         if self._ops is not None:
             try:
-                with _ONEDNN:
-                    self.handler = self._ops.create_onednn_mm(weight, KERNELS_KEPT)  # copies the values in oneDNN's layout
+                with _ONEDNN:  # the handler copies the values in oneDNN's layout
+                    self.handler = self._ops.create_onednn_mm(weight, KERNELS_KEPT)
             except RuntimeError:  # a dtype this CPU's oneDNN cannot run: torch's matmul does it
                 self.handler = None
 
