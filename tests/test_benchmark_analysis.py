@@ -65,3 +65,28 @@ def test_ab_comparison_says_within_noise_only_when_the_interval_holds_one():
         assert low < 1 < high and noisy[name]["within_noise"]
         assert slower[name]["ci95"][1] < 1 and not slower[name]["within_noise"]
         assert slower[name]["this_over_other"] == pytest.approx([1.60 / 1.75, 1.61 / 1.76, 1.59 / 1.74])
+
+
+def test_adapter_cost_table_takes_medians_per_path_and_switches_both_settings():
+    """The A/B of the grouped backend's two paths: medians per (batch, kind, path), their ratio; and
+    `use_path` switches both the GEMMs and the isolation check, back and forth."""
+    from benchmarks import adapter_cost
+    from sora_serve.vllm_plugin import isolation
+    from sora_serve.vllm_plugin.backends import prepacked
+
+    samples = [
+        {"batch": 8, "kind": "lora", "path": path, "ours_ms": ours, "step_ms": 70.0 + ours}
+        for path, values in (("torch", (16.0, 30.0, 15.0)), ("prepacked", (8.0, 9.0, 40.0)))
+        for ours in values
+    ]
+    rows = adapter_cost.summary({"samples": samples})
+    assert [(r["path"], r["ours_ms"]) for r in rows] == [("prepacked", 9.0), ("torch", 16.0)]
+    table = adapter_cost.markdown({"samples": samples, "shape": "realistic", "rounds": 3, "machine": {"cpu": "x"}})
+    assert "| 8 | lora | 16.0 | 9.0 | 0.56 | 86.0 | 79.0 |" in table
+    try:
+        adapter_cost.use_path("torch")
+        assert prepacked.MAX_PREPACKED_ROWS == 0 and isolation.quarantine_rows_host_checked is isolation.quarantine_rows
+    finally:
+        adapter_cost.use_path("prepacked")
+    assert prepacked.MAX_PREPACKED_ROWS == prepacked.KERNELS_KEPT
+    assert isolation.quarantine_rows_host_checked is adapter_cost.HOST_CHECKED
