@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from sora_serve.vllm_plugin import isolation
 from sora_serve.vllm_plugin.backends import prepacked
-from sora_serve.vllm_plugin.engine import default_thread_env
 
-from .common import machine
+from .common import machine, run_worker, worker_tool_main
 
 KINDS = ("lora", "prediag", "sora")
 PATHS = ("torch", "prepacked")
@@ -112,20 +108,13 @@ def measure(out_dir: Path, shape_name: str, batches: list[int], rounds: int) -> 
         "batches": batches,
         "rounds": rounds,
     }
-    path = out_dir / "adapter-cost-config.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env |= default_thread_env(env)
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.adapter_cost", "--worker", str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
+    samples = run_worker(
+        "benchmarks.adapter_cost",
+        config,
+        out_dir / "adapter-cost-config.json",
+        {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
-    line = next((t for t in done.stdout.splitlines() if t.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"adapter-cost worker failed:\n{done.stderr[-4000:]}")
-    return {"machine": machine(), "shape": shape_name, "rounds": rounds, "samples": json.loads(line[len("RESULT ") :])}
+    return {"machine": machine(), "shape": shape_name, "rounds": rounds, "samples": samples}
 
 
 def summary(payload: dict) -> list[dict]:
@@ -172,14 +161,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker.read_text()))
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = measure(args.out.absolute(), args.shape, args.batches, args.rounds)
-    (args.out / "adapter-cost.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / "adapter-cost.md").write_text(markdown(payload))
-    print(markdown(payload))
+    worker_tool_main(
+        args, worker, lambda out: measure(out, args.shape, args.batches, args.rounds), "adapter-cost", markdown
+    )
 
 
 if __name__ == "__main__":

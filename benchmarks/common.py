@@ -8,9 +8,12 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -52,6 +55,37 @@ def machine() -> dict:
     )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_mib": mem, "gpu": gpu, "versions": versions}
+
+
+def run_worker(module: str, config: dict, path: Path, env: dict[str, str]) -> Any:
+    """`python -m <module> --worker <path>` with `config` written to `path`, `env` on top of this
+    process's environment and `sora-serve serve`'s CPU thread settings; the JSON of the line the
+    worker printed as `RESULT <json>`."""
+    from sora_serve.vllm_plugin.engine import default_thread_env
+
+    path.write_text(json.dumps(config))
+    full_env = {**os.environ, **env}
+    full_env |= default_thread_env(full_env)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--worker", str(path)], capture_output=True, text=True, env=full_env
+    )
+    line = next((t for t in done.stdout.splitlines() if t.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{module} worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def worker_tool_main(args, worker, measure, stem: str, markdown) -> None:
+    """The `main` of a tool that measures in a worker subprocess: `--worker FILE` runs
+    `worker(config)`; otherwise `measure(out_dir)`'s payload is written as `<stem>.{json,md}`."""
+    if args.worker:
+        worker(json.loads(args.worker.read_text()))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = measure(args.out.absolute())
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(payload))
+    print(markdown(payload))
 
 
 def stats(samples: list[float]) -> dict:

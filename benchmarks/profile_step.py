@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from sora_serve.vllm_plugin.engine import default_thread_env
-
-from .common import machine
+from .common import machine, run_worker, worker_tool_main
 
 # (category, predicate on one frame's (function, file)); the innermost matching frame decides.
 CATEGORIES: list[tuple[str, object]] = [
@@ -180,20 +177,12 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
             "out": str(out_dir),
             "py_spy": py_spy,
         }
-        path = out_dir / f"profile-config-{int(enable_lora)}.json"
-        path.write_text(json.dumps(config))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-        env |= default_thread_env(env)  # what `sora-serve serve` runs with
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.profile_step", "--worker", str(path)],
-            capture_output=True,
-            text=True,
-            env=env,
+        results |= run_worker(
+            "benchmarks.profile_step",
+            config,
+            out_dir / f"profile-config-{int(enable_lora)}.json",
+            {"VLLM_CPU_KVCACHE_SPACE": "2"},
         )
-        line = next((t for t in done.stdout.splitlines() if t.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"profile worker failed:\n{done.stderr[-4000:]}")
-        results |= json.loads(line[len("RESULT ") :])
     return {
         "machine": machine(),
         "shape": shape_name,
@@ -235,14 +224,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker.read_text()))
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = profile(args.out.absolute(), args.shape, args.batch, args.seconds, args.tokens)
-    (args.out / "profile-step.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / "profile-step.md").write_text(markdown(payload))
-    print(markdown(payload))
+    worker_tool_main(
+        args,
+        worker,
+        lambda out: profile(out, args.shape, args.batch, args.seconds, args.tokens),
+        "profile-step",
+        markdown,
+    )
 
 
 if __name__ == "__main__":
