@@ -3,9 +3,11 @@
 At decode a plugin layer's adapter math is a few thin GEMMs (8 rows against ranks of 16-48).
 On such shapes torch's bf16 CPU matmul costs 2-3x what the same GEMM costs with its weight
 prepacked once, the way vLLM CPU runs its own linear layers (`vllm._custom_ops.create_onednn_mm`;
-Llama 2048 qkv at batch 8, 2-core Xeon: shrink 33 -> 12 us, expand 39 -> 17 us plus the add).
+Llama 2048 qkv at batch 8, 2-core Xeon, a one-off hot-loop timing: shrink 33 -> 12 us, expand
+39 -> 17 us plus the add; in an engine: `python -m benchmarks.adapter_cost`).
 So each slot's factors are prepacked when the slot is written (docs/benchmarks/serving.md has
-the decode-step profile before and after).
+the decode-step profile before and after). Cost: a second copy of each filled slot's packed
+factors (block-diagonal zeros included), and ~0.3 ms per factor and layer at slot entry.
 
 oneDNN builds one kernel per number of rows the first time it sees it (1-6 ms), and keeps 32
 per weight shape. So rows up to `MAX_PREPACKED_ROWS` = 32 (decode batches; on these shapes the
