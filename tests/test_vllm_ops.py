@@ -226,6 +226,41 @@ def test_backend_gives_every_token_its_slot(layout, backend, prefill, monkeypatc
     assert torch.equal(result[index_tensor == -1], base[index_tensor == -1])
 
 
+def test_padded_path_follows_slots_rewritten_after_it_ran(monkeypatch):
+    """The padded path reads compact copies of the slots' factors below the buffers' width
+    (`grouped.padded_operands`): after a step, a slot rewritten at the same ranks, one reset, and
+    one given larger ranks are what the next steps compute, against float64."""
+    apply()
+    torch.manual_seed(5)
+    layer = plugin_layer(monkeypatch=monkeypatch)
+    indices = [0, 1, 2, -1, 1, 0]
+    layer.punica_wrapper = punica_wrapper(indices, 5, prefill=False)
+    slots = {slot: random_factors(layer, 4, 2, True) for slot in range(3)}
+
+    def check_step():
+        for slot, factors in slots.items():
+            if factors:
+                layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+        grouped.new_step()
+        x = torch.randn(len(indices), 32)
+        base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+        expected = per_slot_reference(
+            {s: f for s, f in slots.items() if f}, torch.tensor(indices), x, base, layer.output_slices
+        )
+        assert torch.allclose(layer.apply(x, layer.base_layer.bias).double(), expected, **FP32_TOL)
+
+    check_step()
+    assert set(layer.sora_at_rank) == {(12, 6)}  # 3 slices x (4, 2), below the width 3 x 16
+    slots[1] = random_factors(layer, 4, 2, False)
+    check_step()
+    layer.reset_lora(2)
+    slots[2] = None
+    check_step()
+    slots[0] = random_factors(layer, 8, 3, True)
+    check_step()
+    assert (24, 9) in layer.sora_at_rank and len(layer.sora_at_rank) <= grouped.AT_RANK_KEPT
+
+
 def test_grouped_plan_is_built_once_per_step():
     """Every layer of a step shares the plan; a new step (vLLM rewrote the indices in place, as it
     does every step, version counter bumped or not) rebuilds it."""

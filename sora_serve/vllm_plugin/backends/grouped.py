@@ -9,8 +9,9 @@ they cost n_slices times the bytes of B, U and V per slot.
 
 Tokens are grouped by slot once per step (the plan, shared by every layer and rebuilt when vLLM
 sets the step's adapters, see `new_step`); every slot present runs over a padded (slots, tokens
-per slot) layout that reads each slot's factors once, as views of the packed buffers (one GEMM
-per slot when padding would more than double the work). One slot for the whole batch (one
+per slot) layout that reads each slot's factors once, from the packed buffers or, below their
+width, compact copies of them (`padded_operands`; one GEMM per slot when padding would more than
+double the work). One slot for the whole batch (one
 adapter) updates the base output in place. Slot -1 (no adapter) is left at the base output. The
 plan's shapes depend on the tokens' slots and are read on the host once per step: fine on CPU,
 where vLLM runs LoRA engines eagerly.
@@ -48,6 +49,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_u = torch.zeros(max_loras, out, width, **like)
     layer.sora_packed_vt = torch.zeros(max_loras, width, out, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
+    layer.sora_at_rank = {}
 
 
 def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None:
@@ -64,6 +66,10 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
         layer.sora_packed_vt[index, k0 : k0 + k, cols] = layer.sora_rot_v[i][index, 0, :, :k].T
         col, r0, k0 = cols.stop, r0 + r, k0 + k
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
+    for (r, k), compact in layer.sora_at_rank.items():
+        for copy, view in zip(compact, _at_rank(layer, r, k)):
+            if copy.data_ptr() != view.data_ptr():  # a copy, not the buffer itself
+                copy[index] = view[index]
 
 
 def _packed(layer, index: int) -> tuple[torch.Tensor, ...]:
@@ -72,11 +78,39 @@ def _packed(layer, index: int) -> tuple[torch.Tensor, ...]:
     return tuple(t[index] for t in packed)
 
 
+AT_RANK_KEPT = 2  # (r, k) pairs kept per layer: a server's adapters seldom have more than two shapes
+
+
+def _at_rank(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Views of the packed A, Bᵀ, U and Vᵀ at LoRA rank r and rotation rank k."""
+    return (
+        layer.sora_packed_a[:, :r],
+        layer.sora_packed_bt[:, :r],
+        layer.sora_packed_u[:, :, :k],
+        layer.sora_packed_vt[:, :k],
+    )
+
+
+def padded_operands(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Every slot's packed A, Bᵀ, U and Vᵀ at ranks (r, k), each slot's block contiguous.
+
+    Below the buffers' width (n_slices x max_lora_rank), a view at rank r is strided between
+    slots, and torch's CPU bmm copies such an operand first or runs ~3x slower on it (bf16,
+    hidden 2048, 16 slots; docs/benchmarks/serving.md). So the padded path reads compact
+    copies, made once per (r, k) and kept current by `pack_slot`; at full width, the buffers."""
+    compact = layer.sora_at_rank.get((r, k))
+    if compact is None:
+        while len(layer.sora_at_rank) >= AT_RANK_KEPT:
+            del layer.sora_at_rank[next(iter(layer.sora_at_rank))]
+        compact = layer.sora_at_rank[(r, k)] = tuple(view.contiguous() for view in _at_rank(layer, r, k))
+    return compact
+
+
 class BatchPlan(NamedTuple):
     """Where this step's adapter tokens go, computed once per step and shared by every layer.
 
     The padded layout has one row of `width` positions per slot of the range lo..hi of slots
-    present, so each slot's factors are a view of the stacked buffers, never copied. `gather`
+    present, so each slot's factors are a slice of the stacked operands, never gathered. `gather`
     is the token row of each position (padding repeats a real row; its results are dropped),
     `keep` the positions of real tokens in `rows` order (None when nothing is padded)."""
 
@@ -229,9 +263,10 @@ def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> T
         z.mul_(layer.sora_scale_all[span, None, :])
     if any(s.shifted for s in present):
         z.add_(layer.sora_shift_all[span, None, :])
+    a, bt, u, vt = (t[span] for t in padded_operands(layer, r, k))
     if r:
-        z.baddbmm_(torch.bmm(x, layer.sora_packed_a[span, :r].transpose(1, 2)), layer.sora_packed_bt[span, :r])
-    rotation = (layer.sora_packed_u[span, :, :k], layer.sora_packed_vt[span, :k]) if k else None
+        z.baddbmm_(torch.bmm(x, a.transpose(1, 2)), bt)
+    rotation = (u, vt) if k else None
     return TokenGroup(plan.rows, z, rotation, plan.keep, plan.gather)
 
 
