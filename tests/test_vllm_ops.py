@@ -553,6 +553,33 @@ def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
         assert torch.allclose(factor(x).double(), expected, **tol)
 
 
+BF16_LAYOUTS = {"decode": [1] * 8, "prefill": [1] * (prepacked.MAX_PREPACKED_ROWS + 8), "padded": [0, 1, 2, 3, 4, 1]}
+
+
+@pytest.mark.parametrize("layout", BF16_LAYOUTS)
+def test_bf16_slots_match_float64(layout, monkeypatch):
+    """In bf16 (the serving dtype), each strategy's steps (p = x Aᵀ; q = z U + p (BᵀU); z += p Bᵀ
+    + q Vᵀ, with BᵀU rounded once at slot entry, and the prepacked stacked [Bᵀ; Vᵀ] at decode)
+    match float64 ServingFactors.apply on the same bf16 values, to 1% of the output's norm (bf16
+    keeps 8 bits; each of the ~4 roundings on the way costs up to 2^-9)."""
+    apply()
+    torch.manual_seed(11)
+    indices = BF16_LAYOUTS[layout]
+    layer = plugin_layer(dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    slots = {}
+    for slot, spec in enumerate(SLOT_SPECS):
+        factors = [f.to(torch.bfloat16) for f in random_factors(layer, *spec)]
+        layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+        slots[slot] = factors
+    layer.punica_wrapper = punica_wrapper(indices, len(SLOT_SPECS), prefill=False)
+    grouped.new_step()
+    x = torch.randn(len(indices), 32, dtype=torch.bfloat16)
+    base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+    expected = per_slot_reference(slots, torch.tensor(indices), x, base, layer.output_slices)
+    error = (layer.apply(x, layer.base_layer.bias).double() - expected).norm() / expected.norm()
+    assert error < 0.01
+
+
 def test_host_checked_quarantine_does_what_the_masked_one_does():
     """The CPU form (one sum read on the host, the masked pass only when it is not finite) leaves a
     finite output and the flags alone, and otherwise zeroes and flags exactly what the masked form does."""

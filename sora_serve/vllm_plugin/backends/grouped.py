@@ -26,7 +26,7 @@ import torch
 
 from .. import isolation
 from ..layers import parallel_kind
-from .prepacked import Factor, SlotOperands
+from .prepacked import SlotOperands
 
 _step = itertools.count()
 _current_step = next(_step)
@@ -48,6 +48,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_bt = torch.zeros(max_loras, width, out, **like)
     layer.sora_packed_u = torch.zeros(max_loras, out, width, **like)
     layer.sora_packed_vt = torch.zeros(max_loras, width, out, **like)
+    layer.sora_packed_btu = torch.zeros(max_loras, width, width, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
     layer.sora_at_rank = {}
 
@@ -55,7 +56,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
 def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None:
     """Slot `index` of the per-slice buffers, packed: slice i's first ranks[i] rows of A and its Bᵀ
     block (its own output columns), then its rotation's rot_ranks[i] columns of U and rows of Vᵀ."""
-    for packed in (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u, layer.sora_packed_vt):
+    for packed in _packed(layer, slice(None)):
         packed[index] = 0
     col, r0, k0 = 0, 0, 0
     for i, (r, k) in enumerate(zip(ranks, rot_ranks)):
@@ -65,6 +66,8 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
         layer.sora_packed_u[index, cols, k0 : k0 + k] = layer.sora_rot_u[i][index, 0, :k].T
         layer.sora_packed_vt[index, k0 : k0 + k, cols] = layer.sora_rot_v[i][index, 0, :, :k].T
         col, r0, k0 = cols.stop, r0 + r, k0 + k
+    bt, u = layer.sora_packed_bt[index, :r0], layer.sora_packed_u[index, :, :k0]
+    layer.sora_packed_btu[index, :r0, :k0] = bt.double() @ u.double()  # rounded once, to the slot dtype
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
     for (r, k), compact in layer.sora_at_rank.items():
         for copy, view in zip(compact, _at_rank(layer, r, k)):
@@ -72,27 +75,53 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
                 copy[index] = view[index]
 
 
-def _packed(layer, index: int) -> tuple[torch.Tensor, ...]:
-    """Slot `index` of the packed A, Bᵀ, U and Vᵀ."""
-    packed = (layer.sora_packed_a, layer.sora_packed_bt, layer.sora_packed_u, layer.sora_packed_vt)
-    return tuple(t[index] for t in packed)
+def _packed(layer, index: int | slice) -> tuple[torch.Tensor, ...]:
+    """Slot `index` of the packed A, Bᵀ, U, Vᵀ and BᵀU."""
+    names = ("sora_packed_a", "sora_packed_bt", "sora_packed_u", "sora_packed_vt", "sora_packed_btu")
+    return tuple(getattr(layer, name)[index] for name in names)
 
 
 AT_RANK_KEPT = 2  # (r, k) pairs kept per layer: a server's adapters seldom have more than two shapes
 
 
 def _at_rank(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
-    """Views of the packed A, Bᵀ, U and Vᵀ at LoRA rank r and rotation rank k."""
+    """Views of the packed A, Bᵀ, U, Vᵀ and BᵀU at LoRA rank r and rotation rank k."""
     return (
         layer.sora_packed_a[:, :r],
         layer.sora_packed_bt[:, :r],
         layer.sora_packed_u[:, :, :k],
         layer.sora_packed_vt[:, :k],
+        layer.sora_packed_btu[:, :r, :k],
     )
 
 
-def padded_operands(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
-    """Every slot's packed A, Bᵀ, U and Vᵀ at ranks (r, k), each slot's block contiguous.
+class PaddedOperands(NamedTuple):
+    """Slots' packed factors as (slots, ...) tensors: the steps of `SlotOperands` as batched GEMMs."""
+
+    a: torch.Tensor
+    bt: torch.Tensor
+    u: torch.Tensor
+    vt: torch.Tensor
+    btu: torch.Tensor
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        return torch.bmm(x, self.a.transpose(1, 2)) if self.a.shape[1] else None
+
+    def project(self, z: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.u.shape[2]:
+            return None
+        q = torch.bmm(z, self.u)
+        return q if p is None else q.baddbmm_(p, self.btu)
+
+    def add_expansions(self, z: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None) -> None:
+        if p is not None:
+            z.baddbmm_(p, self.bt)
+        if q is not None:
+            z.baddbmm_(q, self.vt)
+
+
+def padded_operands(layer, r: int, k: int) -> PaddedOperands:
+    """Every slot's packed A, Bᵀ, U, Vᵀ and BᵀU at ranks (r, k), each slot's block contiguous.
 
     Below the buffers' width (n_slices x max_lora_rank), a view at rank r is strided between
     slots, and torch's CPU bmm copies such an operand first or runs ~3x slower on it (bf16,
@@ -102,7 +131,7 @@ def padded_operands(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
     if compact is None:
         while len(layer.sora_at_rank) >= AT_RANK_KEPT:
             del layer.sora_at_rank[next(iter(layer.sora_at_rank))]
-        compact = layer.sora_at_rank[(r, k)] = tuple(view.contiguous() for view in _at_rank(layer, r, k))
+        compact = layer.sora_at_rank[(r, k)] = PaddedOperands(*(view.contiguous() for view in _at_rank(layer, r, k)))
     return compact
 
 
@@ -176,12 +205,13 @@ def make_plan(indices: torch.Tensor) -> BatchPlan:
 
 
 class TokenGroup(NamedTuple):
-    """Rows of the batch computed together, and their output before the rotation."""
+    """Rows of the batch computed together: z = scale * base + shift, then, in place, the slots'
+    LoRA and rotation (`SlotOperands` has the three steps)."""
 
     rows: torch.Tensor | None  # output rows this group writes; None: the whole batch
-    z: torch.Tensor  # scale * base + shift + (x A^T) B^T, all slices; (tokens, out), or (slots, width, out) padded
-    # (U, V^T): one slot's prepacked operands, or (slots, ...) tensors when padded; None: no rotation
-    rotation: tuple[Factor, Factor] | tuple[torch.Tensor, torch.Tensor] | None
+    z: torch.Tensor  # (tokens, out), or (slots, width, out) padded
+    p: torch.Tensor | None  # x Aᵀ, all slices; None: no input LoRA
+    operands: SlotOperands | PaddedOperands
     keep: torch.Tensor | None = None  # padded: the positions that are real tokens (None: all are)
     gather: torch.Tensor | None = None  # padded: the token row of each position
 
@@ -216,8 +246,11 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         groups = [_padded_group(layer, plan, x, output)]
     else:
         groups = [_slot_group(layer, s, rows, x, output) for s, rows in zip(plan.slots, plan.rows.split(plan.counts))]
-    _rotate(layer, groups, x.shape[0])
-    for group in groups:
+    projections = [group.operands.project(group.z, group.p) for group in groups]
+    if parallel_kind(layer) == "column" and any(q is not None for q in projections):
+        projections = _sum_over_ranks(groups, projections, x.shape[0])
+    for group, q in zip(groups, projections):
+        group.operands.add_expansions(group.z, group.p, q)
         output = _write_group(output, group)
     quarantine = isolation.quarantine_rows_host_checked if output.device.type == "cpu" else isolation.quarantine_rows
     quarantine(output, masks, layer.sora_failed)
@@ -233,67 +266,55 @@ def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
     return output.index_copy_(0, group.rows, z)
 
 
+def _scale_and_shift(z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """z = scale * z + shift in place: one pass when both are set."""
+    if scale is not None and shift is not None:
+        torch.addcmul(shift, z, scale, out=z)
+    elif scale is not None:
+        z.mul_(scale)
+    elif shift is not None:
+        z.add_(shift)
+
+
 def _slot_group(layer, slot: int, rows: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
     """One slot on its tokens (`rows`: a gathered copy; None: the whole batch, `y` updated in place),
-    one GEMM per factor at the slot's packed rank (prepacked operands, `prepacked.py`)."""
+    one GEMM per step at the slot's packed ranks (prepacked operands, `prepacked.py`)."""
     if rows is not None:
         x, y = x.index_select(0, rows), y.index_select(0, rows)
     info, operands = layer.sora_slots[slot], layer.sora_operands[slot]
-    if info.scaled:
-        y.mul_(layer.sora_scale_all[slot])
-    if info.shifted:
-        y.add_(layer.sora_shift_all[slot])
-    if operands.a_t is not None:
-        operands.bt.add_product(y, operands.a_t(x))
-    rotation = (operands.u, operands.vt) if operands.u is not None else None
-    return TokenGroup(rows, y, rotation)
+    _scale_and_shift(
+        y, layer.sora_scale_all[slot] if info.scaled else None, layer.sora_shift_all[slot] if info.shifted else None
+    )
+    return TokenGroup(rows, y, operands.shrink(x), operands)
 
 
 def _padded_group(layer, plan: BatchPlan, x: torch.Tensor, y: torch.Tensor) -> TokenGroup:
-    """Every slot at once: (slots, width, in) tokens against each slot's packed factors (views of
-    the buffers), padded to the largest rank present. Padding holds zeros (A, Bᵀ, U, Vᵀ) and the
+    """Every slot at once: (slots, width, in) tokens against each slot's packed factors, padded to
+    the largest ranks present (`padded_operands`). Padding holds zeros (A, Bᵀ, U, Vᵀ) and the
     identity (scale 1, shift 0), so it adds exact zeros; absent slots' rows are dropped."""
     span = plan.slot_range
     n_slots, width = span.stop - span.start, plan.width
     x = x.index_select(0, plan.gather).view(n_slots, width, -1)
     z = y.index_select(0, plan.gather).view(n_slots, width, -1)
     present = [layer.sora_slots[s] for s in plan.slots]
+    _scale_and_shift(
+        z,
+        layer.sora_scale_all[span, None, :] if any(s.scaled for s in present) else None,
+        layer.sora_shift_all[span, None, :] if any(s.shifted for s in present) else None,
+    )
     r, k = max(s.rank for s in present), max(s.rot_rank for s in present)
-    if any(s.scaled for s in present):
-        z.mul_(layer.sora_scale_all[span, None, :])
-    if any(s.shifted for s in present):
-        z.add_(layer.sora_shift_all[span, None, :])
-    a, bt, u, vt = (t[span] for t in padded_operands(layer, r, k))
-    if r:
-        z.baddbmm_(torch.bmm(x, a.transpose(1, 2)), bt)
-    rotation = (u, vt) if k else None
-    return TokenGroup(plan.rows, z, rotation, plan.keep, plan.gather)
+    operands = PaddedOperands(*(t[span] for t in padded_operands(layer, r, k)))
+    return TokenGroup(plan.rows, z, operands.shrink(x), operands, plan.keep, plan.gather)
 
 
-def _rotate(layer, groups: list[TokenGroup], n_tokens: int) -> None:
-    """z += (z U) Vᵀ in place of each group's z, with one all-reduce of (z U) under column parallelism."""
-    rotated = [group for group in groups if group.rotation]
-    projections = [_times(group.z, group.rotation[0]) for group in rotated]
-    if rotated and parallel_kind(layer) == "column":
-        projections = _sum_over_ranks(rotated, projections, n_tokens)
-    for group, zu in zip(rotated, projections):
-        vt = group.rotation[1]
-        if group.padded:
-            group.z.baddbmm_(zu, vt)
-        else:
-            vt.add_product(group.z, zu)
-
-
-def _times(z: torch.Tensor, u: torch.Tensor | Factor) -> torch.Tensor:
-    """z U: per slot (bmm) for a padded group, the slot's prepacked operand otherwise."""
-    return torch.bmm(z, u) if isinstance(u, torch.Tensor) else u(z)
-
-
-def _sum_over_ranks(groups: list[TokenGroup], projections: list[torch.Tensor], n_tokens: int) -> list[torch.Tensor]:
-    """(z U) sums over the full output dim. A column-parallel rank holds some output rows of z and
-    U, so the ranks add their partial products: one all-reduce of (tokens, packed rank) values.
-    Row-parallel ranks hold partial sums of z that vLLM reduces after the op; R is linear, so
-    rotating each partial is exact.
+def _sum_over_ranks(
+    groups: list[TokenGroup], projections: list[torch.Tensor | None], n_tokens: int
+) -> list[torch.Tensor | None]:
+    """q = z U + p (BᵀU) sums over the full output dim. A column-parallel rank holds some output
+    columns of z, rows of U and columns of Bᵀ (p is whole on every rank: A is not split), so the
+    ranks add their partial products: one all-reduce of (tokens, packed rank) values. Row-parallel
+    ranks hold partial sums of z and p that vLLM reduces after the op; R is linear, so rotating
+    each partial is exact.
 
     The sum is laid out by token, never by slot: each TP worker's LoRA manager fills its slots in
     the iteration order of a set of requests hashed by adapter name (string hashes differ per
@@ -301,10 +322,13 @@ def _sum_over_ranks(groups: list[TokenGroup], projections: list[torch.Tensor], n
     layout is the same on every rank (it follows the adapter's per-slice ranks)."""
     from vllm.distributed import tensor_model_parallel_all_reduce
 
-    width = max(p.shape[-1] for p in projections)
-    by_token = projections[0].new_zeros(n_tokens, width)
-    for group, zu in zip(groups, projections):
+    rotated = [(group, q) for group, q in zip(groups, projections) if q is not None]
+    width = max(q.shape[-1] for _, q in rotated)
+    by_token = rotated[0][1].new_zeros(n_tokens, width)
+    for group, q in rotated:
         rows = slice(None) if group.rows is None else group.rows
-        by_token[rows, : zu.shape[-1]] = group.real_rows(zu)
+        by_token[rows, : q.shape[-1]] = group.real_rows(q)
     total = tensor_model_parallel_all_reduce(by_token)
-    return [group.from_token_order(total[:, : zu.shape[-1]]) for group, zu in zip(groups, projections)]
+    return [
+        None if q is None else group.from_token_order(total[:, : q.shape[-1]]) for group, q in zip(groups, projections)
+    ]

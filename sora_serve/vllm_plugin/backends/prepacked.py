@@ -48,28 +48,37 @@ def _onednn_ops():
     return None
 
 
+def _prepack(weight: torch.Tensor):
+    """vLLM's oneDNN handler holding `weight` (k, n) in its own layout, or None where it cannot."""
+    ops = _onednn_ops() if weight.device.type == "cpu" else None
+    if ops is None:
+        return None
+    try:
+        with _ONEDNN:  # the handler copies the values in oneDNN's layout
+            return ops.create_onednn_mm(weight, KERNELS_KEPT)
+    except RuntimeError:  # a dtype this CPU's oneDNN cannot run: torch's matmul does it
+        return None
+
+
+def _prepacked_mm(handler, x: torch.Tensor) -> torch.Tensor:
+    with _ONEDNN:
+        return _onednn_ops().onednn_mm(handler, x, None)
+
+
 class Factor:
     """`x @ weight` for a (k, n) factor of one slot: a view of the backend's packed buffers, which
     the slot keeps until it is written again (then its factors are built anew)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self._ops = _onednn_ops() if weight.device.type == "cpu" else None
-        self.handler = None
-        if self._ops is not None:
-            try:
-                with _ONEDNN:  # the handler copies the values in oneDNN's layout
-                    self.handler = self._ops.create_onednn_mm(weight, KERNELS_KEPT)
-            except RuntimeError:  # a dtype this CPU's oneDNN cannot run: torch's matmul does it
-                self.handler = None
+        self.handler = _prepack(weight)
 
     def prepacked_for(self, x: torch.Tensor) -> bool:
         return self.handler is not None and x.shape[0] <= MAX_PREPACKED_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked_for(x):
-            with _ONEDNN:
-                return self._ops.onednn_mm(self.handler, x, None)
+            return _prepacked_mm(self.handler, x)
         return x @ self.weight
 
     def add_product(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +88,49 @@ class Factor:
         return y.addmm_(x, self.weight)
 
 
-class SlotOperands:
-    """A slot's packed factors of one layer as GEMM operands: Aᵀ and Bᵀ at its LoRA rank r, U and
-    Vᵀ at its rotation rank k (None where the rank is 0)."""
+class Expand:
+    """y += p Bᵀ + q Vᵀ as one GEMM: [p q] against [Bᵀ; Vᵀ], prepacked stacked (either part may be
+    absent). At decode the cost of these thin GEMMs is their (tokens, out) output, not their rank:
+    one GEMM and one add in place of two of each (docs/benchmarks/serving.md). Past the prepacked
+    row limit, torch's addmm on each part (views of the buffers: no stacked copy is kept)."""
 
-    def __init__(self, a: torch.Tensor, bt: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, r: int, k: int):
+    def __init__(self, bt: torch.Tensor | None, vt: torch.Tensor | None):
+        self.parts = [w for w in (bt, vt) if w is not None]
+        self.handler = _prepack(torch.cat(self.parts)) if self.parts else None
+
+    def add_products(self, y: torch.Tensor, *inputs: torch.Tensor | None) -> None:
+        inputs = [x for x in inputs if x is not None]
+        if self.handler is not None and y.shape[0] <= MAX_PREPACKED_ROWS:
+            y.add_(_prepacked_mm(self.handler, inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)))
+            return
+        for x, w in zip(inputs, self.parts):
+            y.addmm_(x, w)
+
+
+class SlotOperands:
+    """A slot's packed factors of one layer as GEMM operands, at its LoRA rank r and rotation rank
+    k: Aᵀ, U, BᵀU (k x r, so the rotation's projection needs no pass over z + p Bᵀ) and [Bᵀ; Vᵀ].
+    The three steps of `ServingFactors` on these tokens, z being scale * base + shift in place:
+
+        p = x Aᵀ;  q = z U + p (BᵀU);  z += p Bᵀ + q Vᵀ     (= z + p Bᵀ + ((z + p Bᵀ) U) Vᵀ)
+    """
+
+    def __init__(self, a, bt, u, vt, btu, r: int, k: int):
         self.a_t = Factor(a[:r].T) if r else None
-        self.bt = Factor(bt[:r]) if r else None
         self.u = Factor(u[:, :k]) if k else None
-        self.vt = Factor(vt[:k]) if k else None
+        self.btu = Factor(btu[:r, :k]) if r and k else None
+        self.expand = Expand(bt[:r] if r else None, vt[:k] if k else None)
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.a_t is None else self.a_t(x)
+
+    def project(self, z: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor | None:
+        if self.u is None:
+            return None
+        q = self.u(z)
+        if self.btu is not None:
+            self.btu.add_product(q, p)
+        return q
+
+    def add_expansions(self, z: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None) -> None:
+        self.expand.add_products(z, p, q)
