@@ -180,7 +180,7 @@ def per_slot_reference(slot_factors: dict[int, list[ServingFactors]], indices: t
 # Token -> slot layouts, and the strategy of the grouped backend each one takes.
 LAYOUTS = {
     "one slot, whole batch": ([1] * 6, "one slot"),
-    "one slot, prefill-sized": ([3] * 40, "one slot"),  # past prepacked.MAX_PREPACKED_ROWS: torch's matmul
+    "one slot, prefill-sized": ([1] * 40, "one slot"),  # past prepacked.MAX_PREPACKED_ROWS: torch's matmul
     "decode, one token per slot": ([0, 1, 2, 3, 4], "padded"),
     "uneven counts and base rows": ([0, 1, -1, 2, 3, 1, -1, 0, 1], "padded"),
     "slots absent inside the range": ([4, 0, 2, -1, 0, 2, 4], "padded"),

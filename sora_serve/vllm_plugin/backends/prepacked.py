@@ -89,10 +89,11 @@ class Factor:
 
 
 class Expand:
-    """y += p Bᵀ + q Vᵀ as one GEMM: [p q] against [Bᵀ; Vᵀ], prepacked stacked (either part may be
-    absent). At decode the cost of these thin GEMMs is their (tokens, out) output, not their rank:
-    one GEMM and one add in place of two of each (docs/benchmarks/serving.md). Past the prepacked
-    row limit, torch's addmm on each part (views of the buffers: no stacked copy is kept)."""
+    """y += p Bᵀ + q Vᵀ as one GEMM: [p q] against [Bᵀ; Vᵀ] (either part may be absent). These
+    GEMMs' cost is their (tokens, out) output, not their rank: one GEMM and one pass over y in
+    place of two of each (docs/benchmarks/serving.md). At decode the stacked factor is prepacked
+    once; past the prepacked row limit it is stacked per call from the buffers' views (r + k rows,
+    small beside the tokens' activation), so no second torch copy is kept."""
 
     def __init__(self, bt: torch.Tensor | None, vt: torch.Tensor | None):
         self.parts = [w for w in (bt, vt) if w is not None]
@@ -100,11 +101,13 @@ class Expand:
 
     def add_products(self, y: torch.Tensor, *inputs: torch.Tensor | None) -> None:
         inputs = [x for x in inputs if x is not None]
-        if self.handler is not None and y.shape[0] <= MAX_PREPACKED_ROWS:
-            y.add_(_prepacked_mm(self.handler, inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)))
+        if not inputs:
             return
-        for x, w in zip(inputs, self.parts):
-            y.addmm_(x, w)
+        stacked = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
+        if self.handler is not None and y.shape[0] <= MAX_PREPACKED_ROWS:
+            y.add_(_prepacked_mm(self.handler, stacked))
+        else:
+            y.addmm_(stacked, self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts))
 
 
 class SlotOperands:
