@@ -70,9 +70,9 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
     layer.sora_packed_btu[index, :r0, :k0] = bt.double() @ u.double()  # rounded once, to the slot dtype
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
     for (r, k), compact in layer.sora_at_rank.items():
-        for copy, view in zip(compact, _at_rank(layer, r, k)):
-            if copy.data_ptr() != view.data_ptr():  # a copy, not the buffer itself
-                copy[index] = view[index]
+        for copy, fresh in zip(compact, _padded_views(layer, r, k, slice(index, index + 1))):
+            if copy[index].data_ptr() != fresh[0].data_ptr():  # a copy, not the buffer itself
+                copy[index] = fresh[0]
 
 
 def _packed(layer, index: int | slice) -> tuple[torch.Tensor, ...]:
@@ -84,25 +84,14 @@ def _packed(layer, index: int | slice) -> tuple[torch.Tensor, ...]:
 AT_RANK_KEPT = 2  # (r, k) pairs kept per layer: a server's adapters seldom have more than two shapes
 
 
-def _at_rank(layer, r: int, k: int) -> tuple[torch.Tensor, ...]:
-    """Views of the packed A, Bᵀ, U, Vᵀ and BᵀU at LoRA rank r and rotation rank k."""
-    return (
-        layer.sora_packed_a[:, :r],
-        layer.sora_packed_bt[:, :r],
-        layer.sora_packed_u[:, :, :k],
-        layer.sora_packed_vt[:, :k],
-        layer.sora_packed_btu[:, :r, :k],
-    )
-
-
 class PaddedOperands(NamedTuple):
-    """Slots' packed factors as (slots, ...) tensors: the steps of `SlotOperands` as batched GEMMs."""
+    """Slots' packed factors as (slots, ...) tensors: the steps of `SlotOperands` as batched GEMMs,
+    the expansions over [Bᵀ; Vᵀ] stacked (one batched GEMM and one pass over z, not two)."""
 
-    a: torch.Tensor
-    bt: torch.Tensor
-    u: torch.Tensor
-    vt: torch.Tensor
-    btu: torch.Tensor
+    a: torch.Tensor  # (slots, r, in)
+    u: torch.Tensor  # (slots, out, k)
+    btu: torch.Tensor  # (slots, r, k)
+    expand: torch.Tensor  # (slots, r + k, out)
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor | None:
         return torch.bmm(x, self.a.transpose(1, 2)) if self.a.shape[1] else None
@@ -114,24 +103,35 @@ class PaddedOperands(NamedTuple):
         return q if p is None else q.baddbmm_(p, self.btu)
 
     def add_expansions(self, z: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor | None) -> None:
-        if p is not None:
-            z.baddbmm_(p, self.bt)
-        if q is not None:
-            z.baddbmm_(q, self.vt)
+        inputs = [t for t in (p, q) if t is not None]
+        if inputs:
+            z.baddbmm_(inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=2), self.expand)
+
+
+def _padded_views(layer, r: int, k: int, slots: slice = slice(None)) -> PaddedOperands:
+    """`slots` of the packed buffers at LoRA rank r and rotation rank k: views, but for [Bᵀ; Vᵀ]."""
+    bt, vt = layer.sora_packed_bt[slots, :r], layer.sora_packed_vt[slots, :k]
+    return PaddedOperands(
+        layer.sora_packed_a[slots, :r],
+        layer.sora_packed_u[slots, :, :k],
+        layer.sora_packed_btu[slots, :r, :k],
+        vt if not r else bt if not k else torch.cat([bt, vt], dim=1),
+    )
 
 
 def padded_operands(layer, r: int, k: int) -> PaddedOperands:
-    """Every slot's packed A, Bᵀ, U, Vᵀ and BᵀU at ranks (r, k), each slot's block contiguous.
+    """Every slot's packed factors at ranks (r, k), each slot's block contiguous.
 
     Below the buffers' width (n_slices x max_lora_rank), a view at rank r is strided between
     slots, and torch's CPU bmm copies such an operand first or runs ~3x slower on it (bf16,
     hidden 2048, 16 slots; docs/benchmarks/serving.md). So the padded path reads compact
-    copies, made once per (r, k) and kept current by `pack_slot`; at full width, the buffers."""
+    copies, made once per (r, k) and kept current by `pack_slot`; at full width, the buffers
+    (but for the stacked [Bᵀ; Vᵀ] of a rotation: a copy of those)."""
     compact = layer.sora_at_rank.get((r, k))
     if compact is None:
         while len(layer.sora_at_rank) >= AT_RANK_KEPT:
             del layer.sora_at_rank[next(iter(layer.sora_at_rank))]
-        compact = layer.sora_at_rank[(r, k)] = PaddedOperands(*(view.contiguous() for view in _at_rank(layer, r, k)))
+        compact = layer.sora_at_rank[(r, k)] = PaddedOperands(*(t.contiguous() for t in _padded_views(layer, r, k)))
     return compact
 
 
