@@ -131,9 +131,8 @@ def padded_operands(layer, r: int, k: int) -> PaddedOperands:
     if compact is None:
         while len(layer.sora_at_rank) >= AT_RANK_KEPT:
             del layer.sora_at_rank[next(iter(layer.sora_at_rank))]
-        with torch.inference_mode(
-            False
-        ):  # plain tensors, like the buffers: slot writes update them outside the forward
+        # Plain tensors, like the buffers: slot writes update them outside vLLM's inference mode.
+        with torch.inference_mode(False):
             compact = PaddedOperands(*(t.contiguous() for t in _padded_views(layer, r, k)))
         layer.sora_at_rank[(r, k)] = compact
     return compact
