@@ -538,8 +538,8 @@ def test_activation_factors_equal_the_dense_formula(kind, tmp_path, monkeypatch)
 @pytest.mark.parametrize("rows", [1, 8, prepacked.MAX_PREPACKED_ROWS, prepacked.MAX_PREPACKED_ROWS + 1, 64])
 def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
     """A slot's factor gives x @ w (+ y) against float64 whichever GEMM runs: vLLM CPU's
-    prepacked oneDNN one for decode-sized rows, torch's above; the prepacked copy is taken when the
-    slot is written, so later writes to the packed buffer leave it alone until it is rebuilt.
+    prepacked oneDNN one for decode-sized rows, torch's above; the prepacked copy is taken at the
+    first decode-sized call, so later writes to the packed buffer leave it alone until it is rebuilt.
     (bf16: the output's rounding, 2^-8 of values of ~5.)"""
     torch.manual_seed(rows)
     packed = torch.randn(48, 96, dtype=dtype)
@@ -553,6 +553,37 @@ def test_prepacked_factor_is_the_same_gemm(rows, dtype, tol):
     if factor.prepacked_for(x):
         packed.zero_()
         assert torch.allclose(factor(x).double(), expected, **tol)
+
+
+def test_slots_prepack_only_for_the_decode_batches_that_run_them_alone(monkeypatch):
+    """Writing a slot copies its factors and prepacks nothing (a swap for a mixed wave costs a
+    copy); the first decode-sized batch that runs one slot alone prepacks that slot's factors, once,
+    and prefill-sized or padded batches never do. Outputs stay exact throughout."""
+    built = []
+    stock = prepacked._prepack
+    monkeypatch.setattr(prepacked, "_prepack", lambda weight: built.append(weight.shape) or stock(weight))
+    layer = plugin_layer(monkeypatch=monkeypatch)
+    slots = {s: random_factors(layer, 4, 2, scaled=True) for s in (0, 1)}
+    for s, factors in slots.items():
+        layer.set_lora(s, SlotFactors(factors), None)
+    assert built == []
+
+    def run(indices: list[int]) -> None:
+        index = torch.tensor(indices)
+        x = torch.randn(len(indices), 32)
+        base = layer._get_quant_method().apply(layer.base_layer, x, layer.base_layer.bias)
+        layer.punica_wrapper = punica_wrapper(indices, 5, prefill=False)
+        grouped.new_step()
+        expected = per_slot_reference(slots, index, x, base, layer.output_slices)
+        assert torch.allclose(layer.apply(x, layer.base_layer.bias), expected.float(), **FP32_TOL)
+
+    run([0, 1, 0, 1])  # padded: both slots in one batched GEMM
+    run([0] * (prepacked.MAX_PREPACKED_ROWS + 1))  # prefill-sized: torch's matmul
+    assert built == []
+    run([1] * 8)  # decode-sized, one slot: its shrink, projection, BᵀU and stacked expansion
+    assert len(built) == 4
+    run([1] * 4)
+    assert len(built) == 4
 
 
 BF16_LAYOUTS = {"decode": [1] * 8, "prefill": [1] * (prepacked.MAX_PREPACKED_ROWS + 8), "padded": [0, 1, 2, 3, 4, 1]}

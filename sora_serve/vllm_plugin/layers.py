@@ -81,17 +81,20 @@ class SoraLinearMixin:
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
-        self._reset_extras(index)
+        self._clear_extras(index)
+        n_slices = len(self.lora_b_stacked)
+        self._pack(index, SlotInfo(), [0] * n_slices, [0] * n_slices)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         n_slices = len(self.lora_b_stacked)
         if not isinstance(lora_a, SlotFactors):  # vLLM's own plain A/B (its dummy LoRAs)
             super().set_lora(index, lora_a, lora_b)
-            self._reset_extras(index)
+            self._clear_extras(index)
             max_rank = self.lora_a_stacked[0].shape[2]
             self._pack(index, SlotInfo(rank=n_slices * max_rank), [max_rank] * n_slices, [0] * n_slices)
             return
-        self.reset_lora(index)
+        super().reset_lora(index)
+        self._clear_extras(index)  # packed once below, with the new contents (a swap's cost is its packs)
         info, ranks, rot_ranks = SlotInfo(), [0] * n_slices, [0] * n_slices
         for i, factors in enumerate(lora_a.factors):
             if factors is not None:
@@ -105,14 +108,13 @@ class SoraLinearMixin:
         result = self.sora_backend.apply(self, x.flatten(0, 1) if flat else x, output.flatten(0, 1) if flat else output)
         return result.view(output.shape) if flat else result
 
-    def _reset_extras(self, index: int) -> None:
+    def _clear_extras(self, index: int) -> None:
+        """Slot `index`'s scale, shift and rotation back to the identity; the caller packs the slot."""
         self.sora_scale_all[index] = 1
         self.sora_shift_all[index] = 0
         for u, v in zip(self.sora_rot_u, self.sora_rot_v):
             u[index] = 0
             v[index] = 0
-        n_slices = len(self.lora_b_stacked)
-        self._pack(index, SlotInfo(), [0] * n_slices, [0] * n_slices)
 
     def _pack(self, index: int, info: SlotInfo, ranks: list[int], rot_ranks: list[int]) -> None:
         self.sora_slots[index] = info

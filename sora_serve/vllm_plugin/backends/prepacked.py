@@ -5,9 +5,12 @@ On such shapes torch's bf16 CPU matmul costs 2-3x what the same GEMM costs with 
 prepacked once, the way vLLM CPU runs its own linear layers (`vllm._custom_ops.create_onednn_mm`;
 Llama 2048 qkv at batch 8, 2-core Xeon, a one-off hot-loop timing: shrink 33 -> 12 us, expand
 39 -> 17 us plus the add; in an engine: `python -m benchmarks.adapter_cost`).
-So each slot's factors are prepacked when the slot is written (docs/benchmarks/serving.md has
-the decode-step profile before and after). Cost: a second copy of each filled slot's packed
-factors (block-diagonal zeros included), and ~0.3 ms per factor and layer at slot entry.
+So each slot's factors are prepacked, once per slot write, the first time a decode-sized batch
+runs them alone (docs/benchmarks/serving.md has the decode-step profile before and after). Cost:
+a second copy of such a slot's packed factors (block-diagonal zeros included), and ~0.2 ms per
+factor and layer, paid by that first step, not at slot entry: a slot whose tokens only ever run
+with other slots' (the padded path) or in prefill-sized batches never prepacks, so an adapter
+swapped in for a mixed wave costs a copy, not a repack.
 
 oneDNN builds one kernel per number of rows the first time it sees it (1-6 ms), and keeps 32
 per weight shape. So rows up to `MAX_PREPACKED_ROWS` = 32 (decode batches; on these shapes the
@@ -67,14 +70,18 @@ def _prepacked_mm(handler, x: torch.Tensor) -> torch.Tensor:
 
 class Factor:
     """`x @ weight` for a (k, n) factor of one slot: a view of the backend's packed buffers, which
-    the slot keeps until it is written again (then its factors are built anew)."""
+    the slot keeps until it is written again (then its factors are built anew, so the prepacked
+    copy, taken at first use, always holds the slot's current values)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.handler = _prepack(weight)
+
+    @functools.cached_property
+    def handler(self):
+        return _prepack(self.weight)
 
     def prepacked_for(self, x: torch.Tensor) -> bool:
-        return self.handler is not None and x.shape[0] <= MAX_PREPACKED_ROWS
+        return x.shape[0] <= MAX_PREPACKED_ROWS and self.handler is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked_for(x):
@@ -92,19 +99,23 @@ class Expand:
     """y += p Bᵀ + q Vᵀ as one GEMM: [p q] against [Bᵀ; Vᵀ] (either part may be absent). These
     GEMMs' cost is their (tokens, out) output, not their rank: one GEMM and one pass over y in
     place of two of each (docs/benchmarks/serving.md). At decode the stacked factor is prepacked
-    once; past the prepacked row limit it is stacked per call from the buffers' views (r + k rows,
-    small beside the tokens' activation), so no second torch copy is kept."""
+    once (at first use, like `Factor`); past the prepacked row limit it is stacked per call from
+    the buffers' views (r + k rows, small beside the tokens' activation), so no second torch copy
+    is kept."""
 
     def __init__(self, bt: torch.Tensor | None, vt: torch.Tensor | None):
         self.parts = [w for w in (bt, vt) if w is not None]
-        self.handler = _prepack(torch.cat(self.parts)) if self.parts else None
+
+    @functools.cached_property
+    def handler(self):
+        return _prepack(torch.cat(self.parts)) if self.parts else None
 
     def add_products(self, y: torch.Tensor, *inputs: torch.Tensor | None) -> None:
         inputs = [x for x in inputs if x is not None]
         if not inputs:
             return
         stacked = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
-        if self.handler is not None and y.shape[0] <= MAX_PREPACKED_ROWS:
+        if y.shape[0] <= MAX_PREPACKED_ROWS and self.handler is not None:
             y.add_(_prepacked_mm(self.handler, stacked))
         else:
             y.addmm_(stacked, self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts))
