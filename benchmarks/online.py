@@ -285,9 +285,12 @@ def run_online(
 ) -> dict:
     """Ours with every set, then stock vLLM with `stock_sets` and the comparison sets, then each
     of `peers` (llama.cpp) with the comparison sets: one server at a time, each registering the
-    adapters of all its sets (each set fits the slots, so a set's timing starts with its adapters
-    resident), every rate in turn. `sets` mix the base into their requests; `comparisons` are
-    plain LoRA adapters, round-robin, no base requests: what every server can serve."""
+    adapters of all its sets. `sets` mix the base into their requests; `comparisons` are plain
+    LoRA adapters, round-robin, no base requests: what every server can serve.
+
+    On a server, the sets take turns at each rate (`interleaved`), so the ratios the targets read
+    between sets of one server (SORA only / LoRA only) compare loads minutes apart at most, not a
+    whole set's sweep apart: this machine's speed drifts by more than those targets' margins."""
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}; known: {list(PEERS)}")
@@ -311,15 +314,25 @@ def run_online(
             lora_ids,
         ):
             out["servers"][server] = {"start_s": started_s, "sets": set_names, **server_info(server)}
-            for set_name in set_names:
-                key = result_key(server, set_name)
+            rows: dict[str, list[dict]] = {name: [] for name in set_names}
+            for rate, set_name in tqdm(interleaved(plan.rates, set_names), desc=f"online load, {server}", leave=False):
                 names, round_robin = list(every_set[set_name]), set_name in comparisons
-                out["results"][key] = {
+                rows[set_name].append(measure_rate(url, names, plan, rate, vocab, lora_ids, round_robin=round_robin))
+            for set_name, set_rows in rows.items():
+                set_rows.sort(key=lambda row: row["rate"])
+                out["results"][result_key(server, set_name)] = {
                     "server": server,
                     "set": set_name,
-                    **measure_set(url, names, plan, vocab, lora_ids, round_robin=round_robin, label=key),
+                    "rates": set_rows,
+                    "max_rate_within_slo": max_rate_within_slo(set_rows, plan.ttft_slo_s),
                 }
     return out
+
+
+def interleaved(rates: tuple[float, ...], set_names: list[str]) -> list[tuple[float, str]]:
+    """(rate, set) in the order a server runs them: every set at a rate before the next rate, the
+    sets' order reversed at every other rate, so no set always runs first or last."""
+    return [(rate, name) for i, rate in enumerate(rates) for name in (set_names if i % 2 == 0 else set_names[::-1])]
 
 
 @contextlib.contextmanager
@@ -349,24 +362,22 @@ def result_key(server: str, set_name: str) -> str:
     return f"{server}: {set_name}"
 
 
-def measure_set(
+def measure_rate(
     url: str,
     names: list[str],
     plan: LoadPlan,
+    rate: float,
     vocab: int,
     lora_ids: Mapping[str, int] | None,
     *,
     round_robin: bool,
-    label: str,
 ) -> dict:
-    """Every rate of `plan` against one adapter set on a running server."""
+    """One set at one rate on a running server, its adapters (and the base) warmed into the slots
+    first: the set before it on this server may have held them."""
     warm_up(url, names if round_robin else [*names, BASE_NAME], lora_ids)
-    rows = []
-    for rate in tqdm(plan.rates, desc=f"online load, {label}", leave=False):
-        requests = workload(plan, rate, names, vocab, round_robin=round_robin)
-        results, wall = asyncio.run(run_load(url, requests, plan.max_in_flight, lora_ids))
-        rows.append(summarize(results, wall, rate))
-    return {"rates": rows, "max_rate_within_slo": max_rate_within_slo(rows, plan.ttft_slo_s)}
+    requests = workload(plan, rate, names, vocab, round_robin=round_robin)
+    results, wall = asyncio.run(run_load(url, requests, plan.max_in_flight, lora_ids))
+    return summarize(results, wall, rate)
 
 
 def comparison(online: dict, peer: str) -> list[dict]:
@@ -481,7 +492,9 @@ def markdown(online: dict) -> list[str]:
         "",
         f"One server at a time on 127.0.0.1: {servers_sentence(online)}. A bounded asyncio "
         f"client (aiohttp, at most {plan['max_in_flight']} open requests), Poisson arrivals, "
-        f"{plan['requests_per_rate']} streamed requests per rate; "
+        f"{plan['requests_per_rate']} streamed requests per rate; on each server the sets take turns at "
+        "each rate (the order reversed every other rate), each set's adapters warmed into the slots "
+        "before its load; "
         f"prompt length uniform in {plan['prompt_len']}, output length uniform in {plan['output_len']} "
         "tokens (ignore_eos); the same arrivals, prompts and lengths per rate for every set and server. "
         f"In our sets each request names one adapter of the set or the base with equal probability (seed "

@@ -90,6 +90,16 @@ def run_recorded(monkeypatch, peers: tuple[str, ...]) -> tuple[dict, list[tuple[
     return out, sent
 
 
+def set_of(load: list) -> str:
+    """Which of the test's sets a recorded load came from, by the models its requests name."""
+    models = {r.model for r in load}
+    if models <= {"lora0"}:
+        return "one LoRA"
+    if any(m.startswith("sora") for m in models):
+        return "SORA only"
+    return "LoRA only" if online.BASE_NAME in models else "four LoRAs"
+
+
 def test_every_server_gets_the_same_comparison_workload(monkeypatch):
     out, sent = run_recorded(monkeypatch, (online.LLAMA_CPP,))
     assert list(out["servers"]) == [online.OURS, online.STOCK, online.LLAMA_CPP]
@@ -98,13 +108,20 @@ def test_every_server_gets_the_same_comparison_workload(monkeypatch):
         *((online.STOCK, s) for s in ["LoRA only", *COMPARISONS]),
         *((online.LLAMA_CPP, s) for s in COMPARISONS),
     }
-    by_server = {}
+    loads = {}
     for server, requests, _ in sent:
-        by_server.setdefault(server, []).append(requests)
-    # the comparison sets are each server's last loads, 2 sets x 2 rates, in the same order
-    tails = {server: loads[-4:] for server, loads in by_server.items()}
-    assert tails[online.OURS] == tails[online.STOCK] == tails[online.LLAMA_CPP]
-    assert all(online.BASE_NAME not in {r.model for r in load} for load in tails[online.OURS])
+        loads.setdefault(server, []).append(requests)
+    # each server runs its sets in turn at each rate: the comparison sets' loads (no base requests,
+    # 2 sets x 2 rates) are the same on every server, in the same order
+    compared = {
+        server: [load for load in server_loads if online.BASE_NAME not in {r.model for r in load}]
+        for server, server_loads in loads.items()
+    }
+    assert len(compared[online.OURS]) == 4
+    assert compared[online.OURS] == compared[online.STOCK] == compared[online.LLAMA_CPP]
+    # ours runs every set at a rate before the next rate, the order reversed at the second
+    order = ["LoRA only", "SORA only", "one LoRA", "four LoRAs"]
+    assert [set_of(load) for load in loads[online.OURS]] == order + order[::-1]
     assert out["peers_skipped"] == [] and out["comparison_sets"] == list(COMPARISONS)
 
 
