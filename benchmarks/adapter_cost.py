@@ -14,12 +14,17 @@ isolation check) is summed per decode step, for
 
 Rounds alternate the order of the two paths (this VM's speed drifts over minutes); decode-only
 time is a 17-token run less a 1-token run. Single steps swing; the medians of our code's time are
-steadier than whole steps', because our code is timed alone. Writes adapter-cost.{json,md}.
+steadier than whole steps', because our code is timed alone. Our code is also split into its
+parts (`PARTS`: the factor GEMMs with the adds they do in place, the scale-and-shift pass, the
+isolation check, and the rest: plan lookups, Python dispatch, vLLM's GEMM wrapper), beside the
+floor its bytes allow: the slot's factors read at the bandwidth the step's own base GEMMs reach.
+Writes adapter-cost.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -33,17 +38,50 @@ from .common import machine, run_worker, worker_tool_main
 KINDS = ("lora", "prediag", "sora")
 PATHS = ("torch", "prepacked")
 HOST_CHECKED = isolation.quarantine_rows_host_checked
+PARTS = ("factor GEMMs", "scale and shift", "isolation check")
 
 
-def use_path(name: str) -> None:
+class PartTimer:
+    """Wall time spent in wrapped functions, per label, since the last `take`."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+
+    def wrap(self, label: str, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.spent[label] = self.spent.get(label, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        spent, self.spent = self.spent, {}
+        return spent
+
+
+def use_path(name: str, timer: PartTimer) -> None:
     """Point the grouped backend at one of its two paths (module-level names it reads per call)."""
     prepacked.MAX_PREPACKED_ROWS = prepacked.KERNELS_KEPT if name == "prepacked" else 0
-    isolation.quarantine_rows_host_checked = HOST_CHECKED if name == "prepacked" else isolation.quarantine_rows
+    check = HOST_CHECKED if name == "prepacked" else isolation.quarantine_rows
+    isolation.quarantine_rows_host_checked = timer.wrap("isolation check", check)
+
+
+def time_parts(timer: PartTimer) -> None:
+    """Wrap our code (`grouped.apply`, as "ours") and its parts where the backend looks them up."""
+    from sora_serve.vllm_plugin.backends import grouped
+
+    grouped.apply = timer.wrap("ours", grouped.apply)
+    grouped._scale_and_shift = timer.wrap("scale and shift", grouped._scale_and_shift)
+    for step in ("shrink", "project", "add_expansions"):
+        setattr(prepacked.SlotOperands, step, timer.wrap("factor GEMMs", getattr(prepacked.SlotOperands, step)))
 
 
 def worker(config: dict) -> None:
     """In the child: one engine, every (batch, kind, path) measured `rounds` times."""
-    from sora_serve.vllm_plugin.backends import grouped
     from sora_serve.vllm_plugin.engine import make_llm
 
     from .vllm_worker import Requests, prompts, timed_generate
@@ -57,16 +95,8 @@ def worker(config: dict) -> None:
         max_model_len=512,
         max_num_seqs=64,
     )
-    requests, spent = Requests(config["adapters"]), [0.0]
-    stock_apply = grouped.apply
-
-    def timed_apply(layer, x, output):
-        start = time.perf_counter()
-        result = stock_apply(layer, x, output)
-        spent[0] += time.perf_counter() - start
-        return result
-
-    grouped.apply = timed_apply
+    requests, timer = Requests(config["adapters"]), PartTimer()
+    time_parts(timer)
     results = []
     for batch in config["batches"]:
         batch_prompts = prompts(batch, 16)
@@ -75,18 +105,20 @@ def worker(config: dict) -> None:
             timed_generate(llm, batch_prompts, 8, lora)  # the adapter's load, the row counts' kernels
             for round_ in range(config["rounds"]):
                 for path in PATHS if round_ % 2 == 0 else PATHS[::-1]:
-                    use_path(path)
+                    use_path(path, timer)
                     timed_generate(llm, batch_prompts, 2, lora)  # this path's kernels, untimed
-                    spent[0] = 0.0
+                    timer.take()
                     first = timed_generate(llm, batch_prompts, 1, lora)
-                    ours_first, spent[0] = spent[0], 0.0
+                    first_parts = timer.take()
                     whole = timed_generate(llm, batch_prompts, 17, lora)
+                    parts = {k: 1000 * (v - first_parts.get(k, 0.0)) / 16 for k, v in timer.take().items()}
                     results.append(
                         {
                             "batch": batch,
                             "kind": kind,
                             "path": path,
-                            "ours_ms": 1000 * (spent[0] - ours_first) / 16,
+                            "ours_ms": parts.pop("ours"),
+                            "parts_ms": parts,
                             "step_ms": 1000 * (whole - first) / 16,
                         }
                     )
@@ -95,7 +127,7 @@ def worker(config: dict) -> None:
 
 def measure(out_dir: Path, shape_name: str, batches: list[int], rounds: int) -> dict:
     from .shapes import KINDS as ADAPTER_KINDS
-    from .shapes import RANK, SHAPES, adapter_dirs, base_checkpoint, resolve_dtype
+    from .shapes import RANK, SHAPES, adapter_dirs, adapter_terms, base_checkpoint, resolve_dtype
 
     shape = resolve_dtype(SHAPES[shape_name])
     base = base_checkpoint(shape).absolute()
@@ -114,7 +146,14 @@ def measure(out_dir: Path, shape_name: str, batches: list[int], rounds: int) -> 
         out_dir / "adapter-cost-config.json",
         {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
     )
-    return {"machine": machine(), "shape": shape_name, "rounds": rounds, "samples": samples}
+    return {
+        "machine": machine(),
+        "shape": shape_name,
+        "rounds": rounds,
+        "base_bytes": shape.parameters() * shape.bytes_per_value,
+        "factor_bytes": {kind: adapter_terms(shape, kind)[0] * shape.bytes_per_value for kind in KINDS},
+        "samples": samples,
+    }
 
 
 def summary(payload: dict) -> list[dict]:
@@ -128,10 +167,18 @@ def summary(payload: dict) -> list[dict]:
             "kind": kind,
             "path": path,
             "ours_ms": statistics.median(s["ours_ms"] for s in samples),
+            "parts_ms": {part: statistics.median(s["parts_ms"].get(part, 0.0) for s in samples) for part in PARTS},
             "step_ms": statistics.median(s["step_ms"] for s in samples),
         }
         for (batch, kind, path), samples in sorted(groups.items())
     ]
+
+
+def bytes_floor_ms(payload: dict, row: dict) -> float:
+    """The time the slot's factors take to read at the bandwidth the rest of the step reaches on the
+    base weights (the rest also holds attention and sampling, so this floor is on the high side)."""
+    bandwidth = payload["base_bytes"] / (row["step_ms"] - row["ours_ms"])
+    return payload["factor_bytes"][row["kind"]] / bandwidth
 
 
 def markdown(payload: dict) -> str:
@@ -149,6 +196,23 @@ def markdown(payload: dict) -> str:
         lines.append(
             f"| {batch} | {kind} | {before['ours_ms']:.1f} | {after['ours_ms']:.1f} | "
             f"{after['ours_ms'] / before['ours_ms']:.2f} | {before['step_ms']:.1f} | {after['step_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "Our code's parts on the prepacked path (the default at decode), ms per decode step; the rest is "
+        "plan lookups, Python dispatch and vLLM's GEMM wrapper; the bytes floor reads the slot's factors "
+        "at the bandwidth the step's base GEMMs reach:",
+        "",
+        f"| batch | adapter | ours | {' | '.join(PARTS)} | rest | bytes floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (batch, kind, path), row in sorted(rows.items()):
+        if path != "prepacked" or "parts_ms" not in row:
+            continue
+        parts = [row["parts_ms"][part] for part in PARTS]
+        lines.append(
+            f"| {batch} | {kind} | {row['ours_ms']:.1f} | {' | '.join(f'{v:.1f}' for v in parts)} | "
+            f"{row['ours_ms'] - sum(parts):.1f} | {bytes_floor_ms(payload, row):.1f} |"
         )
     return "\n".join(lines) + "\n"
 

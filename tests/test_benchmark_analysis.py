@@ -68,25 +68,51 @@ def test_ab_comparison_says_within_noise_only_when_the_interval_holds_one():
 
 
 def test_adapter_cost_table_takes_medians_per_path_and_switches_both_settings():
-    """The A/B of the grouped backend's two paths: medians per (batch, kind, path), their ratio; and
-    `use_path` switches both the GEMMs and the isolation check, back and forth."""
+    """The A/B of the grouped backend's two paths: medians per (batch, kind, path), their ratio, our
+    code's parts and its bytes floor; and `use_path` switches both the GEMMs and the isolation check
+    (timed), back and forth."""
     from benchmarks import adapter_cost
     from sora_serve.vllm_plugin import isolation
     from sora_serve.vllm_plugin.backends import prepacked
 
     samples = [
-        {"batch": 8, "kind": "lora", "path": path, "ours_ms": ours, "step_ms": 70.0 + ours}
+        {
+            "batch": 8,
+            "kind": "lora",
+            "path": path,
+            "ours_ms": ours,
+            "parts_ms": {"factor GEMMs": ours / 2, "isolation check": 1.0},
+            "step_ms": 70.0 + ours,
+        }
         for path, values in (("torch", (16.0, 30.0, 15.0)), ("prepacked", (8.0, 9.0, 40.0)))
         for ours in values
     ]
     rows = adapter_cost.summary({"samples": samples})
     assert [(r["path"], r["ours_ms"]) for r in rows] == [("prepacked", 9.0), ("torch", 16.0)]
-    table = adapter_cost.markdown({"samples": samples, "shape": "realistic", "rounds": 3, "machine": {"cpu": "x"}})
+    assert rows[0]["parts_ms"] == {"factor GEMMs": 4.5, "scale and shift": 0.0, "isolation check": 1.0}
+    payload = {"samples": samples, "shape": "realistic", "rounds": 3, "machine": {"cpu": "x"}}
+    # the rest of the step (79 - 9 ms) reads 70 MB of base weights: 1 MB/ms, so 2 MB of factors take 2 ms
+    table = adapter_cost.markdown(payload | {"base_bytes": 70e6, "factor_bytes": {"lora": 2e6}})
     assert "| 8 | lora | 16.0 | 9.0 | 0.56 | 86.0 | 79.0 |" in table
+    assert "| 8 | lora | 9.0 | 4.5 | 0.0 | 1.0 | 3.5 | 2.0 |" in table
+    timer = adapter_cost.PartTimer()
     try:
-        adapter_cost.use_path("torch")
-        assert prepacked.MAX_PREPACKED_ROWS == 0 and isolation.quarantine_rows_host_checked is isolation.quarantine_rows
+        adapter_cost.use_path("torch", timer)
+        assert prepacked.MAX_PREPACKED_ROWS == 0
+        assert isolation.quarantine_rows_host_checked.__wrapped__ is isolation.quarantine_rows
+        adapter_cost.use_path("prepacked", timer)
+        assert prepacked.MAX_PREPACKED_ROWS == prepacked.KERNELS_KEPT
+        assert isolation.quarantine_rows_host_checked.__wrapped__ is adapter_cost.HOST_CHECKED
     finally:
-        adapter_cost.use_path("prepacked")
-    assert prepacked.MAX_PREPACKED_ROWS == prepacked.KERNELS_KEPT
-    assert isolation.quarantine_rows_host_checked is adapter_cost.HOST_CHECKED
+        isolation.quarantine_rows_host_checked = adapter_cost.HOST_CHECKED
+
+
+def test_part_timer_passes_results_through_and_sums_per_label():
+    from benchmarks import adapter_cost
+
+    timer = adapter_cost.PartTimer()
+    double = timer.wrap("math", lambda x: 2 * x)
+    assert [double(1), double(2)] == [2, 4]
+    spent = timer.take()
+    assert list(spent) == ["math"] and spent["math"] > 0
+    assert timer.take() == {}
