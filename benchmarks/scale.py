@@ -308,7 +308,7 @@ def markdown(
         "",
         f"Rotation: {plan.slots} slots (max_loras); waves of {plan.wave_batch} requests over {plan.slots} adapters, "
         f"{plan.wave_tokens} tokens each, taking the next adapters round-robin ({plan.waves} timed waves "
-        "after every adapter was registered). "
+        "after every adapter was requested once). "
         "The limit counts the copy of each wave's adapters into slots against the wave's decode bytes.",
         "",
         "| engine | adapters | tok/s median [p10, p90] | / all resident | limit |",

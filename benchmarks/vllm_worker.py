@@ -98,11 +98,12 @@ def run_rotation(llm, scenario: dict, requests: Requests) -> dict:
     """Waves of `batch` requests, `per_wave` distinct adapters each, taking the next adapters of
     the rotation round-robin; the engine has fewer slots than adapters, so every wave swaps
     adapters into slots (and, past `max_cpu_loras`, loads them from disk). Every adapter is
-    registered once first (`add_lora`, in rotation order), so the timed waves see the steady
-    state: a cache that holds them all, or, when it is smaller, one that misses on every access."""
+    requested once first (one token, in rotation order), as a server has seen every adapter it
+    rotates through, so the timed waves see the steady state: the front end's one-time check of
+    each adapter done (`add_lora` alone skips it and leaves it to the adapter's first timed wave),
+    and a CPU cache that holds them all, or, when it is smaller, one that misses on every access."""
     names = scenario["adapters"]
-    for name in names:
-        llm.llm_engine.add_lora(requests[name])
+    timed_generate(llm, prompts(len(names), scenario["prompt_len"]), 1, [requests[name] for name in names])
     per_wave, batch, waves = scenario["per_wave"], scenario["batch"], scenario["waves"]
     wave_prompts = prompts(batch, scenario["prompt_len"])
 
