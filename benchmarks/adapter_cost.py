@@ -207,7 +207,7 @@ def markdown(payload: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (batch, kind, path), row in sorted(rows.items()):
-        if path != "prepacked" or "parts_ms" not in row:
+        if path != "prepacked":
             continue
         parts = [row["parts_ms"][part] for part in PARTS]
         lines.append(
