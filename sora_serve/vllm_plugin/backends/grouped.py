@@ -26,6 +26,7 @@ import torch
 
 from .. import isolation
 from ..layers import parallel_kind
+from . import fused
 from .prepacked import SlotOperands
 
 _step = itertools.count()
@@ -50,6 +51,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_vt = torch.zeros(max_loras, width, out, **like)
     layer.sora_packed_btu = torch.zeros(max_loras, width, width, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
+    layer.sora_fused = [None] * max_loras
     layer.sora_at_rank = {}
 
 
@@ -69,6 +71,12 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
     bt, u = layer.sora_packed_bt[index, :r0], layer.sora_packed_u[index, :, :k0]
     layer.sora_packed_btu[index, :r0, :k0] = bt.double() @ u.double()  # rounded once, to the slot dtype
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
+    widths = [b.shape[2] for b in layer.lora_b_stacked]
+    layer.sora_fused[index] = (
+        fused.FusedSlot(*_packed(layer, index), ranks, rot_ranks, widths)
+        if fused.FusedSlot.fits(layer.sora_packed_a.shape[2], rot_ranks, widths)
+        else None
+    )
     for (r, k), compact in layer.sora_at_rank.items():
         for copy, fresh in zip(compact, _padded_views(layer, r, k, slice(index, index + 1))):
             if copy[index].data_ptr() != fresh[0].data_ptr():  # a copy, not the buffer itself
@@ -243,6 +251,14 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     plan, masks = step_plan(layer.punica_wrapper, x.shape[0], layer.sora_failed)
     if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
         return output
+    fused_slot = _fused_slot(layer, plan, x, output)
+    if fused_slot is not None:
+        info = layer.sora_slots[plan.slots[0]]
+        scale = layer.sora_scale_all[plan.slots[0]] if info.scaled else None
+        shift = layer.sora_shift_all[plan.slots[0]] if info.shifted else None
+        if fused_slot(x, output, scale, shift):  # the output holds NaN/inf: the masked pass finds the rows
+            isolation.quarantine_rows(output, masks, layer.sora_failed)
+        return output
     if plan.rows is None:
         groups = [_slot_group(layer, plan.slots[0], None, x, output)]
     elif plan.balanced:
@@ -258,6 +274,18 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     quarantine = isolation.quarantine_rows_host_checked if output.device.type == "cpu" else isolation.quarantine_rows
     quarantine(output, masks, layer.sora_failed)
     return output
+
+
+def _fused_slot(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor) -> fused.FusedSlot | None:
+    """The slot running the whole batch in one fused native op (`fused.py`), or None: the batch
+    has several slots or is not decode-sized, the op does not run here, or the slot has a
+    rotation split over column-parallel ranks (its projection sums over them: `_sum_over_ranks`)."""
+    if plan.rows is not None or not fused.runs(x, output):
+        return None
+    slot = layer.sora_fused[plan.slots[0]]
+    if slot is None or (slot.rotates and parallel_kind(layer) == "column"):
+        return None
+    return slot
 
 
 def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:

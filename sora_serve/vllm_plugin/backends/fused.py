@@ -1,0 +1,131 @@
+"""One slot's whole `ServingFactors` for a decode batch in one native op per layer (`fused_decode.cpp`).
+
+The torch path runs a slot's factors on a decode batch as 3-6 thin GEMMs and passes over the
+output per layer, and each call costs several times what its bytes do (8 rows against ranks of
+16-48: `python -m benchmarks.adapter_cost`, docs/benchmarks/serving.md). `sora_serve::fused_decode`
+does scale and shift, the shrink, the rotation's projection, the expansion and the finiteness
+check in one pass per slice over the factors, reading only each slice's own blocks (not the
+block-diagonal zeros of the packed torch operands), with fp32 accumulation.
+
+It needs a CPU with AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read
+(the layer's input; each rotated slice's output), and is built on first use with torch's
+`cpp_extension` (a C++ compiler and ninja; ~15 s, cached under `TORCH_EXTENSIONS_DIR`, default
+~/.cache/torch_extensions). Where any of that is missing, or `SORA_SERVE_FUSED_DECODE=0`, the torch
+path (`prepacked.SlotOperands`) runs instead, with the same results up to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("sora_serve.vllm_plugin")
+
+FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
+MAX_FUSED_ROWS = 32  # decode batches; prefill's larger GEMMs keep torch's (AMX) matmul
+_SOURCE = Path(__file__).with_name("fused_decode.cpp")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def op():
+    """`torch.ops.sora_serve.fused_decode`, built and loaded once per process, or None where this
+    machine or the environment cannot run it (the reason is logged once)."""
+    if os.environ.get(FUSED_ENV, "1").strip() == "0":
+        return None
+    missing = [flag for flag in _CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        logger.info("sora-serve: fused decode op off, this CPU lacks %s", ", ".join(missing))
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="sora_serve_fused_decode", sources=[str(_SOURCE)], extra_cflags=_COMPILE_FLAGS, is_python_module=False
+        )
+    except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path serves
+        logger.warning("sora-serve: fused decode op off, building %s failed: %s", _SOURCE.name, error)
+        return None
+    return torch.ops.sora_serve.fused_decode
+
+
+def _vnni(w: torch.Tensor, cols_pad: int) -> torch.Tensor:
+    """(rows, cols) -> (rows / 2, cols_pad, 2) bf16, rows padded to even and columns to cols_pad
+    with zeros: each pair of rows interleaved, the operand layout of AVX512's bf16 dot product."""
+    rows, cols = w.shape
+    padded = w.new_zeros(rows + rows % 2, cols_pad)
+    padded[:rows, :cols] = w
+    return padded.view(-1, 2, cols_pad).transpose(1, 2).contiguous()
+
+
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+class FusedSlot:
+    """A slot's factors of one layer for `fused_decode`: views of the backend's packed buffers
+    (valid until the slot is written again, which makes a new FusedSlot), laid out at first use
+    (`buffers`): Aᵀ for all slices' ranks, and per slice its own blocks [B_jᵀ; V_jᵀ], U_j and
+    B_jᵀU_j, with a meta row each (`Slice` in the source): columns, ranks in p and in q, offsets."""
+
+    def __init__(self, a, bt, u, vt, btu, ranks: list[int], rot_ranks: list[int], widths: list[int]):
+        self.packed = (a, bt, u, vt, btu)
+        self.ranks, self.rot_ranks, self.widths = ranks, rot_ranks, widths
+        self.rotates = any(rot_ranks)
+
+    @staticmethod
+    def fits(in_features: int, rot_ranks: list[int], widths: list[int]) -> bool:
+        """Pairs are read along the input and along each rotated slice's outputs."""
+        return in_features % 2 == 0 and all(n % 2 == 0 for k, n in zip(rot_ranks, widths) if k)
+
+    @functools.cached_property
+    def buffers(self) -> tuple:
+        a, bt, u, vt, btu = self.packed
+        rank = sum(self.ranks)
+        rank_pad = _pad16(rank) if rank else 0
+        a_vnni = _vnni(a[:rank].T, rank_pad) if rank else a.new_zeros(0)
+        e_parts, u_parts, btu_parts, meta = [], [], [], []
+        e_at = u_at = btu_at = col = r0 = k0 = 0
+        for r, k, n in zip(self.ranks, self.rot_ranks, self.widths):
+            cols = slice(col, col + n)
+            e = _vnni(torch.cat([bt[r0 : r0 + r, cols], vt[k0 : k0 + k, cols]]), n).flatten()
+            u_j = _vnni(u[cols, k0 : k0 + k], _pad16(k)).flatten() if k else u.new_zeros(0)
+            btu_j = btu[r0 : r0 + r, k0 : k0 + k].flatten()
+            meta.append([col, n, r0, r, k0, k, e_at, u_at, btu_at])
+            e_parts.append(e), u_parts.append(u_j), btu_parts.append(btu_j)
+            e_at, u_at, btu_at = e_at + e.numel(), u_at + u_j.numel(), btu_at + btu_j.numel()
+            col, r0, k0 = col + n, r0 + r, k0 + k
+        meta = torch.tensor(meta, dtype=torch.long)
+        return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
+    ) -> bool:
+        """y = this slot's ServingFactors on (x, base output y), in place; True if y holds NaN/inf."""
+        return op()(x, y, scale, shift, *self.buffers)
+
+
+def runs(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the fused op takes this batch: decode-sized, bf16, rows contiguous, op built."""
+    return (
+        x.shape[0] <= MAX_FUSED_ROWS
+        and x.dtype == y.dtype == torch.bfloat16
+        and x.stride(-1) == 1
+        and y.stride(-1) == 1
+        and x.device.type == "cpu"
+        and op() is not None
+    )

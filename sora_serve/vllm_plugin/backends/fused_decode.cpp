@@ -1,0 +1,296 @@
+// One slot's ServingFactors on a decode batch, in place, in one op per layer (AVX512-BF16):
+//
+//     z = scale * y + shift;   p = x Aᵀ;   q = z U + p (BᵀU);   y = z + [p q] [Bᵀ; Vᵀ]
+//
+// per slice of a packed layer (q, k, v; gate, up), reading only each slice's own blocks of the
+// factors (the block-diagonal zeros of the torch path's packed operands are never read), and
+// returning whether any output value is NaN/inf (the caller then runs the masked quarantine).
+// Why native: at decode these GEMMs have 1-32 rows against ranks of 4-64, and a torch or oneDNN
+// call per factor costs several times what its bytes do (docs/benchmarks/serving.md); one pass
+// per slice over the factors, fp32 accumulation, and no temporaries but p, q and z's bf16 copy.
+//
+// Layouts (prepared once per slot by fused_decode.py): every factor is "VNNI" bf16, (rows/2,
+// cols, 2), so one 32-bit broadcast of an activation pair times 16 column pairs is one
+// _mm512_dpbf16_ps. A: (in/2, Rp, 2), Rp = all slices' ranks padded to 16. Per slice j, in flat
+// buffers at its offsets: E_j = [B_jᵀ; V_jᵀ] as (Hp_j/2, n_j, 2), H_j = r_j + k_j padded to even;
+// U_j as (n_j/2, Kp_j, 2), Kp_j = k_j padded to 16; BᵀU_j as (r_j, k_j) row-major.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMetaFields = 9;  // see Slice
+
+struct Slice {
+  int64_t col, n;        // output columns
+  int64_t rank_at, r;    // its ranks in p (and rows of E_j)
+  int64_t rot_at, k;     // its rotation ranks in q
+  int64_t e_at, u_at, btu_at;  // offsets in the flat E, U, BᵀU buffers
+  int64_t h_pad() const { return (r + k + 1) / 2 * 2; }
+  int64_t k_pad() const { return (k + 15) / 16 * 16; }
+};
+
+inline __m512 bf16_to_fp32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline __m256i fp32_to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+inline float bf16_value(uint16_t bits) {
+  uint32_t wide = uint32_t(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+
+inline uint16_t bf16_bits(float value) {  // round to nearest even, as _mm512_cvtneps_pbh
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return uint16_t((bits >> 16) | ((bits & 0xffff) ? 0x40 : 0));
+  return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// out[m, c] (+)= sum_i in[m, i] w[i, c] for c < cols_pad (a multiple of 16), i in [i0, i1) (even),
+// w VNNI with row stride 2 * cols_pad: MB rows x NB column vectors of accumulators in registers.
+template <int MB, int NB>
+void thin_block(const uint16_t* in, int64_t ld_in, int64_t i0, int64_t i1, const uint16_t* w,
+                            int64_t cols_pad, float* out, int64_t ld_out) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_loadu_ps(out + m * ld_out + b * 16);
+  for (int64_t i = i0; i < i1; i += 2) {
+    const uint16_t* w_row = w + (i / 2) * cols_pad * 2;
+    _mm_prefetch(reinterpret_cast<const char*>(w_row + 16 * cols_pad), _MM_HINT_T0);
+    __m512bh wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w_row + b * 32);
+    for (int m = 0; m < MB; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, in + m * ld_in + i, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(out + m * ld_out + b * 16, acc[m][b]);
+}
+
+// At most 16 accumulators: 8 rows x 2 column vectors, or 4 rows x 4.
+template <int MB>
+void thin_rows(const uint16_t* in, int64_t ld_in, int64_t i0, int64_t i1, const uint16_t* w,
+               int64_t cols_pad, float* out, int64_t ld_out) {
+  constexpr int64_t kMaxVectors = MB > 4 ? 2 : 4;
+  for (int64_t c = 0; c < cols_pad; c += 16 * kMaxVectors) {
+    const int64_t vectors = std::min<int64_t>(kMaxVectors, (cols_pad - c) / 16);
+    const uint16_t* wc = w + c * 2;
+    float* oc = out + c;
+    switch (vectors) {
+      case 4: thin_block<MB, (kMaxVectors > 2 ? 4 : 1)>(in, ld_in, i0, i1, wc, cols_pad, oc, ld_out); break;
+      case 3: thin_block<MB, (kMaxVectors > 2 ? 3 : 1)>(in, ld_in, i0, i1, wc, cols_pad, oc, ld_out); break;
+      case 2: thin_block<MB, 2>(in, ld_in, i0, i1, wc, cols_pad, oc, ld_out); break;
+      default: thin_block<MB, 1>(in, ld_in, i0, i1, wc, cols_pad, oc, ld_out); break;
+    }
+  }
+}
+
+// Rows [m, m + rows) of a thin GEMM: blocks of 8 rows where the columns are few (<= 32), else 4.
+void thin_row_block(const uint16_t* in, int64_t ld_in, int64_t rows, int64_t i0, int64_t i1, const uint16_t* w,
+                    int64_t cols_pad, float* out) {
+  const int64_t block = cols_pad <= 32 ? 8 : 4;
+  for (int64_t m = 0; m < rows; m += block) {
+    const int64_t mb = std::min<int64_t>(block, rows - m);
+    const uint16_t* in_m = in + m * ld_in;
+    float* out_m = out + m * cols_pad;
+    switch (mb) {
+      case 8: thin_rows<8>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 7: thin_rows<7>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 6: thin_rows<6>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 5: thin_rows<5>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 4: thin_rows<4>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 3: thin_rows<3>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      case 2: thin_rows<2>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+      default: thin_rows<1>(in_m, ld_in, i0, i1, w, cols_pad, out_m, cols_pad); break;
+    }
+  }
+}
+
+// A thin GEMM whose reduction runs over `depth` (even): out (rows, cols_pad) fp32 = in w.
+// The reduction is split over threads, each into its own partial sum, added at the end.
+void thin_gemm(const uint16_t* in, int64_t ld_in, int64_t rows, int64_t depth, const uint16_t* w,
+               int64_t cols_pad, float* out) {
+  constexpr int64_t kGrain = 1024;  // reduction length per task: below it threads cost more than they save
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), depth / kGrain));
+  const int64_t per_chunk = (depth / 2 + chunks - 1) / chunks * 2;
+  std::vector<float> partial(chunks * rows * cols_pad, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t i0 = c * per_chunk, i1 = std::min(depth, i0 + per_chunk);
+      thin_row_block(in, ld_in, rows, i0, i1, w, cols_pad, partial.data() + c * rows * cols_pad);
+    }
+  });
+  std::copy(partial.begin(), partial.begin() + rows * cols_pad, out);
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int64_t e = 0; e < rows * cols_pad; ++e) out[e] += partial[c * rows * cols_pad + e];
+}
+
+// Columns [c, c + 16) of z = scale * y + shift for one row, in fp32 (tail columns masked).
+inline __m512 scaled_shifted(const uint16_t* y, const uint16_t* scale, const uint16_t* shift, int64_t c,
+                                        __mmask16 mask) {
+  __m512 z = bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, y + c));
+  if (scale) z = _mm512_mul_ps(z, bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, scale + c)));
+  if (shift) z = _mm512_add_ps(z, bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, shift + c)));
+  return z;
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+// z's bf16 copy for a slice (the rotation's projection reads z as the torch path does: rounded).
+void round_z(const uint16_t* y, int64_t ld_y, const uint16_t* scale, const uint16_t* shift, int64_t rows,
+                         int64_t n, uint16_t* z) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t c = 0; c < n; c += 16) {
+      const __mmask16 mask = tail_mask(n - c);
+      _mm256_mask_storeu_epi16(z + m * n + c, mask, fp32_to_bf16(scaled_shifted(y + m * ld_y, scale, shift, c, mask)));
+    }
+}
+
+// What the expansion of one slice reads and writes (see expand_slice).
+struct Expansion {
+  uint16_t* y;
+  int64_t ld_y;
+  const uint16_t *scale, *shift, *z_rounded, *h;
+  int64_t h_pad;
+  const uint16_t* e;
+  int64_t n;
+};
+
+// Rows [m0, m0 + MB) x columns [c, c + 16) of y = z + h E, in registers; true if any is NaN/inf.
+template <int MB>
+bool expand_block(const Expansion& x, int64_t m0, int64_t c) {
+  const __mmask16 mask = tail_mask(x.n - c);
+  const __mmask32 pair_mask = x.n - c >= 16 ? __mmask32(0xffffffff) : __mmask32((1ull << (2 * (x.n - c))) - 1);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m)
+    acc[m] = x.z_rounded ? bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, x.z_rounded + (m0 + m) * x.n + c))
+                         : scaled_shifted(x.y + (m0 + m) * x.ld_y, x.scale, x.shift, c, mask);
+  for (int64_t i = 0; i < x.h_pad; i += 2) {
+    const __m512bh ev = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, x.e + (i / 2) * x.n * 2 + c * 2);
+    for (int m = 0; m < MB; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x.h + (m0 + m) * x.h_pad + i, sizeof pair);
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), ev);
+    }
+  }
+  const __m256i exponent = _mm256_set1_epi16(0x7f80);
+  bool bad = false;
+  for (int m = 0; m < MB; ++m) {
+    const __m256i out = fp32_to_bf16(acc[m]);
+    bad |= _mm256_mask_cmpeq_epi16_mask(mask, _mm256_and_si256(out, exponent), exponent) != 0;
+    _mm256_mask_storeu_epi16(x.y + (m0 + m) * x.ld_y + c, mask, out);
+  }
+  return bad;
+}
+
+constexpr int kExpandRows = 8;  // rows per block: 8 independent accumulator chains hide the dot product's latency
+
+bool expand_rows(const Expansion& x, int64_t m0, int64_t rows, int64_t c) {
+  switch (rows) {
+    case 8: return expand_block<8>(x, m0, c);
+    case 7: return expand_block<7>(x, m0, c);
+    case 6: return expand_block<6>(x, m0, c);
+    case 5: return expand_block<5>(x, m0, c);
+    case 4: return expand_block<4>(x, m0, c);
+    case 3: return expand_block<3>(x, m0, c);
+    case 2: return expand_block<2>(x, m0, c);
+    default: return expand_block<1>(x, m0, c);
+  }
+}
+
+// y[:, cols] = z + h E over one slice's columns, h = [p_j q_j] (rows, h_pad) bf16. z is read from
+// `z_rounded` when the slice has a rotation (its bf16 copy), else computed from y in fp32.
+// Returns whether any stored value is NaN/inf.
+bool expand_slice(const Expansion& x, int64_t rows) {
+  constexpr int64_t kColsPerTask = 256;
+  std::atomic<bool> nonfinite{false};
+  at::parallel_for(0, (x.n + 15) / 16, kColsPerTask / 16, [&](int64_t first, int64_t last) {
+    bool bad = false;
+    for (int64_t v = first; v < last; ++v)
+      for (int64_t m0 = 0; m0 < rows; m0 += kExpandRows)
+        bad |= expand_rows(x, m0, std::min<int64_t>(kExpandRows, rows - m0), v * 16);
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+  });
+  return nonfinite.load();
+}
+
+std::vector<Slice> read_slices(const at::Tensor& meta) {
+  TORCH_CHECK(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaFields && meta.is_contiguous(),
+              "sora_serve::fused_decode: meta must be a contiguous (slices, ", kMetaFields, ") int64 tensor");
+  std::vector<Slice> slices(meta.size(0));
+  std::memcpy(slices.data(), meta.data_ptr<int64_t>(), slices.size() * sizeof(Slice));
+  return slices;
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
+const uint16_t* optional_bits(const std::optional<at::Tensor>& t) { return t ? bits(*t) : nullptr; }
+
+bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
+                  const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta) {
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && x.stride(1) == 1 && y.stride(1) == 1,
+              "sora_serve::fused_decode: x and y must be bf16 with contiguous rows");
+  TORCH_CHECK(x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (", x.sizes(), ") and y (",
+              y.sizes(), ") do not fit");
+  const std::vector<Slice> slices = read_slices(meta);
+  const int64_t rows = x.size(0), ld_y = y.stride(0);
+  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const uint16_t *scale_bits = optional_bits(scale), *shift_bits = optional_bits(shift);
+
+  std::vector<float> p(rows * std::max<int64_t>(rank_pad, 16), 0.0f);
+  if (rank_pad) thin_gemm(bits(x), x.stride(0), rows, x.size(1), bits(a), rank_pad, p.data());
+
+  bool nonfinite = false;
+  for (const Slice& s : slices) {
+    const uint16_t* sc = scale_bits ? scale_bits + s.col : nullptr;
+    const uint16_t* sh = shift_bits ? shift_bits + s.col : nullptr;
+    if (!s.r && !s.k && !sc && !sh) continue;  // a slice the adapter leaves alone keeps the base output
+    uint16_t* y_slice = out + s.col;
+    std::vector<uint16_t> h(rows * s.h_pad(), 0), z;
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t i = 0; i < s.r; ++i) h[m * s.h_pad() + i] = bf16_bits(p[m * rank_pad + s.rank_at + i]);
+    if (s.k) {
+      z.resize(rows * s.n);
+      round_z(y_slice, ld_y, sc, sh, rows, s.n, z.data());
+      std::vector<float> q(rows * s.k_pad(), 0.0f);
+      thin_gemm(z.data(), s.n, rows, s.n, bits(u) + s.u_at, s.k_pad(), q.data());
+      const uint16_t* btu_j = bits(btu) + s.btu_at;
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t j = 0; j < s.k; ++j) {
+          float sum = q[m * s.k_pad() + j];
+          for (int64_t i = 0; i < s.r; ++i) sum += bf16_value(h[m * s.h_pad() + i]) * bf16_value(btu_j[i * s.k + j]);
+          h[m * s.h_pad() + s.r + j] = bf16_bits(sum);
+        }
+    }
+    const Expansion expansion{y_slice, ld_y, sc, sh, s.k ? z.data() : nullptr, h.data(), s.h_pad(), bits(e) + s.e_at, s.n};
+    nonfinite |= expand_slice(expansion, rows);
+  }
+  return nonfinite;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sora_serve, m) {
+  m.def(
+      "fused_decode(Tensor x, Tensor(a!) y, Tensor? scale, Tensor? shift, Tensor a, int rank_pad, Tensor e, "
+      "Tensor u, Tensor btu, Tensor meta) -> bool");
+}
+
+TORCH_LIBRARY_IMPL(sora_serve, CPU, m) { m.impl("fused_decode", fused_decode); }

@@ -1,0 +1,131 @@
+"""The fused native decode op (`backends/fused.py`, `fused_decode.cpp`) against float64, through
+the plugin layer's slot writes and the grouped backend: every slice layout, rank mix, tail width
+and thread count it must handle, the isolation flags, and the batches it leaves to the torch path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sora_serve.methods import ServingFactors
+from sora_serve.vllm_plugin import apply, isolation
+from sora_serve.vllm_plugin.backends import fused, grouped
+from sora_serve.vllm_plugin.layers import SlotFactors
+
+from .test_vllm_ops import per_slot_reference, plugin_layer, punica_wrapper
+
+pytestmark = pytest.mark.skipif(fused.op() is None, reason="the fused op needs AVX512-BF16 and a C++ toolchain")
+
+# bf16 keeps 8 bits: the op rounds p, q, z (when rotated) and the output once each (up to 2^-9
+# each), the float64 reference on the same bf16 values rounds nothing: 1% of the output's norm.
+REL_TOL = 0.01
+
+
+def slice_factors(in_f: int, n: int, r: int, k: int, scaled: bool, shifted: bool) -> ServingFactors:
+    return ServingFactors(
+        torch.randn(r, in_f) / in_f**0.5,
+        0.3 * torch.randn(n, r),
+        1 + 0.1 * torch.randn(n) if scaled else None,
+        0.1 * torch.randn(n) if shifted else None,
+        torch.randn(n, k) / n**0.5 if k else None,
+        0.3 * torch.randn(n, k) if k else None,
+    ).to(torch.bfloat16)
+
+
+def run_layer(layer, slots: dict[int, list[ServingFactors]], indices: list[int], in_f: int):
+    """The layer's output and the float64 per-slot reference on random bf16 inputs (non-zero bias)."""
+    for slot, factors in slots.items():
+        layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+    layer.punica_wrapper = punica_wrapper(indices, len(layer.sora_slots), prefill=False)
+    grouped.new_step()
+    x = torch.randn(len(indices), in_f, dtype=torch.bfloat16)
+    base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+    expected = per_slot_reference(slots, torch.tensor(indices), x, base, layer.output_slices)
+    return layer.apply(x, layer.base_layer.bias), expected
+
+
+def relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((result.double() - expected).norm() / expected.norm()).item()
+
+
+# (slice widths, per-slice (rank, rotation rank), scaled, shifted): widths off multiples of 16
+# (masked tails), unequal and zero ranks, rotated and plain slices, scale/shift on and off.
+CASES = {
+    "qkv, SORA": ((48, 16, 16), [(8, 4), (8, 4), (8, 4)], True, True),
+    "qkv, uneven ranks and tails": ((40, 18, 22), [(5, 2), (0, 3), (16, 0)], True, False),
+    "gate_up, LoRA": ((70, 70), [(16, 0), (16, 0)], False, False),
+    "one slice, Pre-Diag": ((34,), [(4, 0)], True, True),
+    "one slice, scale only": ((30,), [(0, 0)], True, False),
+    "only q adapted": ((32, 16, 16), [(6, 0), (0, 0), (0, 0)], False, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, fused.MAX_FUSED_ROWS])
+def test_fused_decode_matches_float64(case, rows, monkeypatch):
+    apply()
+    torch.manual_seed(rows)
+    sizes, ranks, scaled, shifted = CASES[case]
+    in_f = 38
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    factors = [slice_factors(in_f, n, r, k, scaled, shifted) for n, (r, k) in zip(sizes, ranks)]
+    result, expected = run_layer(layer, {2: factors}, [2] * rows, in_f)
+    assert "buffers" in vars(layer.sora_fused[2]), "the fused op did not run"
+    assert relative_error(result, expected) < REL_TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_at_model_scale(threads, monkeypatch):
+    """A Llama qkv at hidden 2048 (q 2048, k and v 512) at decode batch 8; with two threads the
+    shrink's reduction is split over them (partial sums) and the expansion's columns too."""
+    apply()
+    torch.manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sizes, in_f = (2048, 512, 512), 2048
+        layer = plugin_layer(sizes=sizes, in_f=in_f, max_loras=2, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+        factors = [slice_factors(in_f, n, 16, 8, True, True) for n in sizes]
+        result, expected = run_layer(layer, {0: factors}, [0] * 8, in_f)
+    finally:
+        torch.set_num_threads(before)
+    assert "buffers" in vars(layer.sora_fused[0])
+    assert relative_error(result, expected) < REL_TOL
+
+
+def test_fused_decode_quarantines_non_finite_rows(monkeypatch):
+    """An adapter whose factors overflow bf16 has its rows zeroed and its slot flagged, as on the
+    torch path; the flags are read once per step."""
+    apply()
+    torch.manual_seed(3)
+    layer = plugin_layer(sizes=(24, 8, 8), in_f=32, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    isolation.take_failed_slots()
+    factors = [slice_factors(32, n, 4, 2, True, True) for n in (24, 8, 8)]
+    factors[1] = dataclasses.replace(factors[1], lora_B=torch.full_like(factors[1].lora_B, 3e38))
+    result, _ = run_layer(layer, {1: factors}, [1] * 4, 32)
+    assert "buffers" in vars(layer.sora_fused[1])
+    assert not result.any()
+    assert isolation.take_failed_slots() == {1}
+
+
+def test_batches_the_fused_op_does_not_take_run_the_torch_path(monkeypatch):
+    """Prefill-sized and mixed-slot batches, and layers whose input width is odd (the op reads
+    pairs), give the same float64-close results through the torch path, the fused op untouched."""
+    apply()
+    torch.manual_seed(5)
+    in_f, sizes = 33, (24, 8, 8)
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    factors = [slice_factors(in_f, n, 4, 2, True, True) for n in sizes]
+    result, expected = run_layer(layer, {0: factors}, [0] * 8, in_f)
+    assert layer.sora_fused[0] is None
+    assert relative_error(result, expected) < REL_TOL
+
+    in_f = 32
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    slots = {s: [slice_factors(in_f, n, 4, 2, True, True) for n in sizes] for s in (0, 1)}
+    for indices in ([0] * (fused.MAX_FUSED_ROWS + 1), [0, 1, 0, 1]):
+        result, expected = run_layer(layer, slots, indices, in_f)
+        assert relative_error(result, expected) < REL_TOL
+    assert all("buffers" not in vars(slot) for slot in layer.sora_fused if slot is not None)
