@@ -1,4 +1,4 @@
-"""Our code's share of a decode step, timed inside one engine: the grouped backend's GEMM paths A/B.
+"""Our code's share of a decode step, timed inside one engine: the grouped backend's decode paths A/B/C.
 
     python -m benchmarks.adapter_cost [--shape realistic] [--batches 8 32] [--rounds 4] [--out results]
 
@@ -9,10 +9,13 @@ isolation check) is summed per decode step, for
 
 - `torch`: torch's matmul for every factor, and the masked isolation check (the forms the
   backend takes past `prepacked.MAX_PREPACKED_ROWS` rows, and off a CPU);
-- `prepacked`: the backend's default at decode: each slot's factors prepacked by vLLM CPU's oneDNN
-  handler, and the isolation check as one sum read on the host.
+- `prepacked`: each slot's factors prepacked by vLLM CPU's oneDNN handler, and the isolation check
+  as one sum read on the host (the default at decode for mixed-slot batches, and for one slot where
+  the fused op cannot run);
+- `fused`: the default at decode for one slot: the fused native op (`backends/fused.py`), where
+  this machine can run it (else this path is left out).
 
-Rounds alternate the order of the two paths (this VM's speed drifts over minutes); decode-only
+Rounds alternate the order of the paths (this VM's speed drifts over minutes); decode-only
 time is a 17-token run less a 1-token run. Single steps swing; the medians of our code's time are
 steadier than whole steps', because our code is timed alone. Our code is also split into its
 parts (`PARTS`: the factor GEMMs with the adds they do in place, the scale-and-shift pass, the
@@ -31,14 +34,15 @@ import time
 from pathlib import Path
 
 from sora_serve.vllm_plugin import isolation
-from sora_serve.vllm_plugin.backends import prepacked
+from sora_serve.vllm_plugin.backends import fused, prepacked
 
 from .common import machine, run_worker, worker_tool_main
 
 KINDS = ("lora", "prediag", "sora")
-PATHS = ("torch", "prepacked")
+PATHS = ("torch", "prepacked", "fused")
 HOST_CHECKED = isolation.quarantine_rows_host_checked
-PARTS = ("factor GEMMs", "scale and shift", "isolation check")
+FUSED_ROWS = fused.MAX_FUSED_ROWS
+PARTS = ("factor GEMMs", "scale and shift", "isolation check", "fused op")
 
 
 class PartTimer:
@@ -64,9 +68,10 @@ class PartTimer:
 
 
 def use_path(name: str, timer: PartTimer) -> None:
-    """Point the grouped backend at one of its two paths (module-level names it reads per call)."""
-    prepacked.MAX_PREPACKED_ROWS = prepacked.KERNELS_KEPT if name == "prepacked" else 0
-    check = HOST_CHECKED if name == "prepacked" else isolation.quarantine_rows
+    """Point the grouped backend at one of its paths (module-level names it reads per call)."""
+    prepacked.MAX_PREPACKED_ROWS = 0 if name == "torch" else prepacked.KERNELS_KEPT
+    fused.MAX_FUSED_ROWS = FUSED_ROWS if name == "fused" else 0
+    check = isolation.quarantine_rows if name == "torch" else HOST_CHECKED
     isolation.quarantine_rows_host_checked = timer.wrap("isolation check", check)
 
 
@@ -78,6 +83,7 @@ def time_parts(timer: PartTimer) -> None:
     grouped._scale_and_shift = timer.wrap("scale and shift", grouped._scale_and_shift)
     for step in ("shrink", "project", "add_expansions"):
         setattr(prepacked.SlotOperands, step, timer.wrap("factor GEMMs", getattr(prepacked.SlotOperands, step)))
+    fused.FusedSlot.__call__ = timer.wrap("fused op", fused.FusedSlot.__call__)
 
 
 def worker(config: dict) -> None:
@@ -97,6 +103,7 @@ def worker(config: dict) -> None:
     )
     requests, timer = Requests(config["adapters"]), PartTimer()
     time_parts(timer)
+    paths = PATHS if fused.op() is not None else PATHS[:-1]
     results = []
     for batch in config["batches"]:
         batch_prompts = prompts(batch, 16)
@@ -104,7 +111,7 @@ def worker(config: dict) -> None:
             lora = [requests[kind]] * batch
             timed_generate(llm, batch_prompts, 8, lora)  # the adapter's load, the row counts' kernels
             for round_ in range(config["rounds"]):
-                for path in PATHS if round_ % 2 == 0 else PATHS[::-1]:
+                for path in paths if round_ % 2 == 0 else paths[::-1]:
                     use_path(path, timer)
                     timed_generate(llm, batch_prompts, 2, lora)  # this path's kernels, untimed
                     timer.take()
@@ -183,35 +190,40 @@ def bytes_floor_ms(payload: dict, row: dict) -> float:
 
 def markdown(payload: dict) -> str:
     rows = {(r["batch"], r["kind"], r["path"]): r for r in summary(payload)}
+    paths = [path for path in PATHS if any(p == path for _, _, p in rows)]
+
+    def cell(batch: int, kind: str, path: str, field: str) -> str:
+        row = rows.get((batch, kind, path))
+        return "–" if row is None else f"{row[field]:.1f}"
+
     lines = [
         f"Our code per decode step, one engine ({payload['shape']} shape, bf16; medians of "
-        f"{payload['rounds']} alternating rounds; {payload['machine']['cpu']}), ms:",
+        f"{payload['rounds']} alternating rounds; {payload['machine']['cpu']}), ms; the last path is the "
+        "default for one slot at decode:",
         "",
-        "| batch | adapter | torch GEMMs + masked check | prepacked + host-read check | ratio | "
-        "step (torch) | step (prepacked) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| batch | adapter | {' | '.join(paths)} | {paths[-1]} / torch | {' | '.join(f'step ({p})' for p in paths)} |",
+        "| --- | --- |" + " --- |" * (2 * len(paths) + 1),
     ]
     for batch, kind in sorted({(b, k) for b, k, _ in rows}):
-        before, after = rows[(batch, kind, "torch")], rows[(batch, kind, "prepacked")]
-        lines.append(
-            f"| {batch} | {kind} | {before['ours_ms']:.1f} | {after['ours_ms']:.1f} | "
-            f"{after['ours_ms'] / before['ours_ms']:.2f} | {before['step_ms']:.1f} | {after['step_ms']:.1f} |"
-        )
+        ratio = rows[(batch, kind, paths[-1])]["ours_ms"] / rows[(batch, kind, "torch")]["ours_ms"]
+        ours = " | ".join(cell(batch, kind, p, "ours_ms") for p in paths)
+        steps = " | ".join(cell(batch, kind, p, "step_ms") for p in paths)
+        lines.append(f"| {batch} | {kind} | {ours} | {ratio:.2f} | {steps} |")
     lines += [
         "",
-        "Our code's parts on the prepacked path (the default at decode), ms per decode step; the rest is "
-        "plan lookups, Python dispatch and vLLM's GEMM wrapper; the bytes floor reads the slot's factors "
-        "at the bandwidth the step's base GEMMs reach:",
+        "Our code's parts per path past torch's, ms per decode step; the rest is plan lookups, Python "
+        "dispatch and vLLM's GEMM wrapper; the bytes floor reads the slot's factors at the bandwidth the "
+        "step's base GEMMs reach:",
         "",
-        f"| batch | adapter | ours | {' | '.join(PARTS)} | rest | bytes floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| batch | adapter | path | ours | {' | '.join(PARTS)} | rest | bytes floor |",
+        "| --- | --- | --- |" + " --- |" * (len(PARTS) + 3),
     ]
     for (batch, kind, path), row in sorted(rows.items()):
-        if path != "prepacked":
+        if path == "torch":
             continue
         parts = [row["parts_ms"][part] for part in PARTS]
         lines.append(
-            f"| {batch} | {kind} | {row['ours_ms']:.1f} | {' | '.join(f'{v:.1f}' for v in parts)} | "
+            f"| {batch} | {kind} | {path} | {row['ours_ms']:.1f} | {' | '.join(f'{v:.1f}' for v in parts)} | "
             f"{row['ours_ms'] - sum(parts):.1f} | {bytes_floor_ms(payload, row):.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -67,13 +67,13 @@ def test_ab_comparison_says_within_noise_only_when_the_interval_holds_one():
         assert slower[name]["this_over_other"] == pytest.approx([1.60 / 1.75, 1.61 / 1.76, 1.59 / 1.74])
 
 
-def test_adapter_cost_table_takes_medians_per_path_and_switches_both_settings():
-    """The A/B of the grouped backend's two paths: medians per (batch, kind, path), their ratio, our
-    code's parts and its bytes floor; and `use_path` switches both the GEMMs and the isolation check
-    (timed), back and forth."""
+def test_adapter_cost_table_takes_medians_per_path_and_switches_every_setting():
+    """The A/B/C of the grouped backend's decode paths: medians per (batch, kind, path), the default
+    path's ratio to torch's, our code's parts and its bytes floor; and `use_path` switches the GEMMs,
+    the fused op and the isolation check (timed), back and forth."""
     from benchmarks import adapter_cost
     from sora_serve.vllm_plugin import isolation
-    from sora_serve.vllm_plugin.backends import prepacked
+    from sora_serve.vllm_plugin.backends import fused, prepacked
 
     samples = [
         {
@@ -84,27 +84,34 @@ def test_adapter_cost_table_takes_medians_per_path_and_switches_both_settings():
             "parts_ms": {"factor GEMMs": ours / 2, "isolation check": 1.0},
             "step_ms": 70.0 + ours,
         }
-        for path, values in (("torch", (16.0, 30.0, 15.0)), ("prepacked", (8.0, 9.0, 40.0)))
+        for path, values in (("torch", (16.0, 30.0, 15.0)), ("prepacked", (8.0, 9.0, 40.0)), ("fused", (4.0, 3.0)))
         for ours in values
     ]
     rows = adapter_cost.summary({"samples": samples})
-    assert [(r["path"], r["ours_ms"]) for r in rows] == [("prepacked", 9.0), ("torch", 16.0)]
-    assert rows[0]["parts_ms"] == {"factor GEMMs": 4.5, "scale and shift": 0.0, "isolation check": 1.0}
+    assert [(r["path"], r["ours_ms"]) for r in rows] == [("fused", 3.5), ("prepacked", 9.0), ("torch", 16.0)]
+    assert rows[1]["parts_ms"] == {"factor GEMMs": 4.5, "scale and shift": 0.0, "isolation check": 1.0, "fused op": 0.0}
     payload = {"samples": samples, "shape": "realistic", "rounds": 3, "machine": {"cpu": "x"}}
     # the rest of the step (79 - 9 ms) reads 70 MB of base weights: 1 MB/ms, so 2 MB of factors take 2 ms
     table = adapter_cost.markdown(payload | {"base_bytes": 70e6, "factor_bytes": {"lora": 2e6}})
-    assert "| 8 | lora | 16.0 | 9.0 | 0.56 | 86.0 | 79.0 |" in table
-    assert "| 8 | lora | 9.0 | 4.5 | 0.0 | 1.0 | 3.5 | 2.0 |" in table
+    assert "| 8 | lora | 16.0 | 9.0 | 3.5 | 0.22 | 86.0 | 79.0 | 73.5 |" in table
+    assert "| 8 | lora | prepacked | 9.0 | 4.5 | 0.0 | 1.0 | 0.0 | 3.5 | 2.0 |" in table
+    without_fused = [s for s in samples if s["path"] != "fused"]
+    assert "| 8 | lora | 16.0 | 9.0 | 0.56 | 86.0 | 79.0 |" in adapter_cost.markdown(
+        payload | {"samples": without_fused, "base_bytes": 70e6, "factor_bytes": {"lora": 2e6}}
+    )
     timer = adapter_cost.PartTimer()
     try:
         adapter_cost.use_path("torch", timer)
-        assert prepacked.MAX_PREPACKED_ROWS == 0
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (0, 0)
         assert isolation.quarantine_rows_host_checked.__wrapped__ is isolation.quarantine_rows
         adapter_cost.use_path("prepacked", timer)
-        assert prepacked.MAX_PREPACKED_ROWS == prepacked.KERNELS_KEPT
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (prepacked.KERNELS_KEPT, 0)
         assert isolation.quarantine_rows_host_checked.__wrapped__ is adapter_cost.HOST_CHECKED
+        adapter_cost.use_path("fused", timer)
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (prepacked.KERNELS_KEPT, adapter_cost.FUSED_ROWS)
     finally:
         isolation.quarantine_rows_host_checked = adapter_cost.HOST_CHECKED
+        fused.MAX_FUSED_ROWS = adapter_cost.FUSED_ROWS
 
 
 def test_part_timer_passes_results_through_and_sums_per_label():

@@ -83,6 +83,7 @@ def test_entry_points(wheel):
     assert dict(entry_points["vllm.general_plugins"]) == {"sora_serve": "sora_serve.vllm_plugin:register"}
     names = set(wheel.namelist())
     assert {"sora_serve/cli.py", "sora_serve/vllm_plugin/__init__.py"} <= names  # what the entry points import
+    assert "sora_serve/vllm_plugin/backends/fused_decode.cpp" in names  # the fused op builds from it at first use
 
 
 def test_extras_match_the_pinned_files(wheel):

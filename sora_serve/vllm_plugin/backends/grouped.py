@@ -52,6 +52,8 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_btu = torch.zeros(max_loras, width, width, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
     layer.sora_fused = [None] * max_loras
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16:
+        fused.op()  # built or loaded once per process here, at engine start, not in a request's first step
     layer.sora_at_rank = {}
 
 
