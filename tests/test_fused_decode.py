@@ -51,7 +51,8 @@ def relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # (slice widths, per-slice (rank, rotation rank), scaled, shifted): widths off multiples of 16
-# (masked tails), unequal and zero ranks, rotated and plain slices, scale/shift on and off.
+# (masked tails), unequal and zero ranks, rotated and plain slices, scale/shift on and off, and
+# [p q] widths past one AMX block (64: two blocks; 40: not whole blocks, the dot-product form).
 CASES = {
     "qkv, SORA": ((48, 16, 16), [(8, 4), (8, 4), (8, 4)], True, True),
     "qkv, uneven ranks and tails": ((40, 18, 22), [(5, 2), (0, 3), (16, 0)], True, False),
@@ -59,17 +60,30 @@ CASES = {
     "one slice, Pre-Diag": ((34,), [(4, 0)], True, True),
     "one slice, scale only": ((30,), [(0, 0)], True, False),
     "only q adapted": ((32, 16, 16), [(6, 0), (0, 0), (0, 0)], False, False),
+    "wide ranks": ((40, 24), [(48, 16), (40, 0)], True, True),
 }
+MAX_RANK = 48
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def tiles(request):
+    """The op's GEMMs on AMX tiles or on AVX512 dot products (the tiles where this CPU has them)."""
+    on = fused.use_amx(request.param == "amx")
+    if request.param == "amx" and not on:
+        pytest.skip("no AMX tiles on this CPU")
+    yield request.param
+    fused.use_amx(True)
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, fused.MAX_FUSED_ROWS])
-def test_fused_decode_matches_float64(case, rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 5, 8, 17, fused.MAX_FUSED_ROWS])
+def test_fused_decode_matches_float64(case, rows, tiles, monkeypatch):
+    """Input width 70: two whole AMX blocks of the reduction and a tail; 17 and 32 rows: two row tiles."""
     apply()
     torch.manual_seed(rows)
     sizes, ranks, scaled, shifted = CASES[case]
-    in_f = 38
-    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    in_f = 70
+    layer = plugin_layer(sizes=sizes, in_f=in_f, max_rank=MAX_RANK, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     factors = [slice_factors(in_f, n, r, k, scaled, shifted) for n, (r, k) in zip(sizes, ranks)]
     result, expected = run_layer(layer, {2: factors}, [2] * rows, in_f)
     assert "buffers" in vars(layer.sora_fused[2]), "the fused op did not run"
@@ -77,7 +91,7 @@ def test_fused_decode_matches_float64(case, rows, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_decode_at_model_scale(threads, monkeypatch):
+def test_fused_decode_at_model_scale(threads, tiles, monkeypatch):
     """A Llama qkv at hidden 2048 (q 2048, k and v 512) at decode batch 8; with two threads the
     shrink's reduction is split over them (partial sums) and the expansion's columns too."""
     apply()
@@ -95,7 +109,7 @@ def test_fused_decode_at_model_scale(threads, monkeypatch):
     assert relative_error(result, expected) < REL_TOL
 
 
-def test_fused_decode_quarantines_non_finite_rows(monkeypatch):
+def test_fused_decode_quarantines_non_finite_rows(tiles, monkeypatch):
     """An adapter whose factors overflow bf16 has its rows zeroed and its slot flagged, as on the
     torch path; the flags are read once per step."""
     apply()

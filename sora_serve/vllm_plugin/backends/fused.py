@@ -5,7 +5,10 @@ output per layer, and each call costs several times what its bytes do (8 rows ag
 16-48: `python -m benchmarks.adapter_cost`, docs/benchmarks/serving.md). `sora_serve::fused_decode`
 does scale and shift, the shrink, the rotation's projection, the expansion and the finiteness
 check in one pass per slice over the factors, reading only each slice's own blocks (not the
-block-diagonal zeros of the packed torch operands), with fp32 accumulation.
+block-diagonal zeros of the packed torch operands), with fp32 accumulation. Its GEMMs run on AMX
+tiles where the CPU has AMX-BF16 (16x an AVX512 dot product's work per instruction; what lets a
+batch of 32 cost little more than one of 8), else on AVX512 dot products; `SORA_SERVE_FUSED_AMX=0`
+keeps them off the tiles.
 
 It needs a CPU with AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read
 (the layer's input; each rotated slice's output), and is built on first use with torch's
@@ -26,10 +29,12 @@ import torch
 logger = logging.getLogger("sora_serve.vllm_plugin")
 
 FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
+AMX_ENV = "SORA_SERVE_FUSED_AMX"  # 0: AVX512 dot products only, even where AMX tiles are there
 MAX_FUSED_ROWS = 32  # decode batches; prefill's larger GEMMs keep torch's (AMX) matmul
 _SOURCE = Path(__file__).with_name("fused_decode.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+_AMX_FLAGS = ("amx_tile", "amx_bf16")
+_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 
 
 def _cpu_flags() -> set[str]:
@@ -47,7 +52,8 @@ def op():
     machine or the environment cannot run it (the reason is logged once)."""
     if os.environ.get(FUSED_ENV, "1").strip() == "0":
         return None
-    missing = [flag for flag in _CPU_FLAGS if flag not in _cpu_flags()]
+    flags = _cpu_flags()
+    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
     if missing:
         logger.info("sora-serve: fused decode op off, this CPU lacks %s", ", ".join(missing))
         return None
@@ -60,7 +66,14 @@ def op():
     except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path serves
         logger.warning("sora-serve: fused decode op off, building %s failed: %s", _SOURCE.name, error)
         return None
+    use_amx(all(flag in flags for flag in _AMX_FLAGS) and os.environ.get(AMX_ENV, "1").strip() != "0")
     return torch.ops.sora_serve.fused_decode
+
+
+def use_amx(on: bool) -> bool:
+    """AMX tiles for the op's GEMMs on (where the kernel grants this process their state) or off
+    (AVX512 dot products alone); returns whether they are on. Call after `op()` has loaded it."""
+    return torch.ops.sora_serve.use_amx(on)
 
 
 def _vnni(w: torch.Tensor, cols_pad: int) -> torch.Tensor:
@@ -110,6 +123,7 @@ class FusedSlot:
             e_at, u_at, btu_at = e_at + e.numel(), u_at + u_j.numel(), btu_at + btu_j.numel()
             col, r0, k0 = col + n, r0 + r, k0 + k
         meta = torch.tensor(meta, dtype=torch.long)
+        e_parts.append(a.new_zeros(32))  # AMX reads whole 16-column blocks: up to 15 pairs past the last slice
         return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
 
     def __call__(
