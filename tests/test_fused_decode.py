@@ -109,24 +109,44 @@ def test_fused_decode_at_model_scale(threads, tiles, monkeypatch):
     assert relative_error(result, expected) < REL_TOL
 
 
+def test_mixed_decode_batches_run_each_slot_on_its_own_rows(tiles, monkeypatch):
+    """A decode batch mixing slots of every kind with base rows: one fused op per slot on its tokens'
+    rows, each row its own slot's ServingFactors, base rows (-1) left exactly as they were."""
+    apply()
+    torch.manual_seed(7)
+    in_f, sizes = 64, (48, 16, 16)
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    specs = {0: (8, 0, False, False), 1: (16, 4, True, True), 2: (0, 0, True, True), 4: (4, 2, False, True)}
+    slots = {s: [slice_factors(in_f, n, *spec) for n in sizes] for s, spec in specs.items()}
+    indices = [0, -1, 1, 2, 4, 0, 1, -1, 2, 4, 4]
+    result, expected = run_layer(layer, slots, indices, in_f)
+    assert all("buffers" in vars(layer.sora_fused[s]) for s in slots)
+    base_rows = torch.tensor(indices) == -1
+    assert torch.equal(result[base_rows].double(), expected[base_rows])
+    assert relative_error(result, expected) < REL_TOL
+
+
 def test_fused_decode_quarantines_non_finite_rows(tiles, monkeypatch):
     """An adapter whose factors overflow bf16 has its rows zeroed and its slot flagged, as on the
-    torch path; the flags are read once per step."""
+    torch path; another slot's rows in the same batch are untouched by it."""
     apply()
     torch.manual_seed(3)
     layer = plugin_layer(sizes=(24, 8, 8), in_f=32, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     isolation.take_failed_slots()
-    factors = [slice_factors(32, n, 4, 2, True, True) for n in (24, 8, 8)]
-    factors[1] = dataclasses.replace(factors[1], lora_B=torch.full_like(factors[1].lora_B, 3e38))
-    result, _ = run_layer(layer, {1: factors}, [1] * 4, 32)
-    assert "buffers" in vars(layer.sora_fused[1])
-    assert not result.any()
+    slots = {s: [slice_factors(32, n, 4, 2, True, True) for n in (24, 8, 8)] for s in (0, 1)}
+    slots[1][1] = dataclasses.replace(slots[1][1], lora_B=torch.full_like(slots[1][1].lora_B, 3e38))
+    indices = [1, 0, 1, 0, 0]
+    result, expected = run_layer(layer, slots, indices, 32)
+    assert all("buffers" in vars(layer.sora_fused[s]) for s in slots)
+    bad_rows = torch.tensor(indices) == 1
+    assert not result[bad_rows].any()
+    assert relative_error(result[~bad_rows], expected[~bad_rows]) < REL_TOL
     assert isolation.take_failed_slots() == {1}
 
 
 def test_batches_the_fused_op_does_not_take_run_the_torch_path(monkeypatch):
-    """Prefill-sized and mixed-slot batches, and layers whose input width is odd (the op reads
-    pairs), give the same float64-close results through the torch path, the fused op untouched."""
+    """Prefill-sized batches, and layers whose input width is odd (the op reads pairs), give the same
+    float64-close results through the torch path, the fused op untouched."""
     apply()
     torch.manual_seed(5)
     in_f, sizes = 33, (24, 8, 8)
@@ -139,7 +159,7 @@ def test_batches_the_fused_op_does_not_take_run_the_torch_path(monkeypatch):
     in_f = 32
     layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     slots = {s: [slice_factors(in_f, n, 4, 2, True, True) for n in sizes] for s in (0, 1)}
-    for indices in ([0] * (fused.MAX_FUSED_ROWS + 1), [0, 1, 0, 1]):
+    for indices in ([0] * (fused.MAX_FUSED_ROWS + 1), [0, 1] * (fused.MAX_FUSED_ROWS // 2 + 1)):
         result, expected = run_layer(layer, slots, indices, in_f)
         assert relative_error(result, expected) < REL_TOL
     assert all("buffers" not in vars(slot) for slot in layer.sora_fused if slot is not None)

@@ -127,10 +127,16 @@ class FusedSlot:
         return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> bool:
-        """y = this slot's ServingFactors on (x, base output y), in place; True if y holds NaN/inf."""
-        return op()(x, y, scale, shift, *self.buffers)
+        """y = this slot's ServingFactors on (x, base output y), in place, on every row or on `rows`
+        (this slot's tokens of a batch that mixes slots); True if those rows hold NaN/inf."""
+        return op()(x, y, scale, shift, *self.buffers, rows)
 
 
 def runs(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -389,9 +389,9 @@ const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16
 
 const uint16_t* optional_bits(const std::optional<at::Tensor>& t) { return t ? bits(*t) : nullptr; }
 
-bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
-                  const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
-                  const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta) {
+bool apply_slot(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
+                const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta) {
   TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && x.stride(1) == 1 && y.stride(1) == 1,
               "sora_serve::fused_decode: x and y must be bf16 with contiguous rows");
   TORCH_CHECK(x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (", x.sizes(), ") and y (",
@@ -432,13 +432,26 @@ bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Te
   return nonfinite;
 }
 
+// The whole batch in place, or with `rows` only those rows of x and y: one slot's tokens of a
+// batch that mixes slots (gathered and written back here: a few rows, cheap beside the factors).
+bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
+                  const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta,
+                  const std::optional<at::Tensor>& rows) {
+  if (!rows) return apply_slot(x, y, scale, shift, a, rank_pad, e, u, btu, meta);
+  at::Tensor y_rows = y.index_select(0, *rows);
+  const bool nonfinite = apply_slot(x.index_select(0, *rows), y_rows, scale, shift, a, rank_pad, e, u, btu, meta);
+  y.index_copy_(0, *rows, y_rows);
+  return nonfinite;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sora_serve, m) {
   m.def("use_amx(bool on) -> bool", use_amx);
   m.def(
       "fused_decode(Tensor x, Tensor(a!) y, Tensor? scale, Tensor? shift, Tensor a, int rank_pad, Tensor e, "
-      "Tensor u, Tensor btu, Tensor meta) -> bool");
+      "Tensor u, Tensor btu, Tensor meta, Tensor? rows) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(sora_serve, CPU, m) { m.impl("fused_decode", fused_decode); }

@@ -1,6 +1,12 @@
-"""The CPU backend: every token with its slot's `ServingFactors`, all slots of a step in batched GEMMs.
+"""The CPU backend: every token with its slot's `ServingFactors`, by slot.
 
-A packed layer's slices (q, k, v; gate, up) run as one: at slot entry (`pack_slot`) the slices'
+Decode-sized batches (up to `fused.MAX_FUSED_ROWS` tokens, bf16, where the fused native op is
+built) run one `sora_serve::fused_decode` per slot present, on that slot's rows (`fused.py`): scale
+and shift, shrink, rotation, expansion and the finiteness check in one op, reading each slice's
+own factor blocks once. Everything else (prefill, fp32, a CPU without AVX512-BF16) takes the
+torch path below, with the same results up to bf16 rounding.
+
+On the torch path a packed layer's slices (q, k, v; gate, up) run as one: at slot entry (`pack_slot`) the slices'
 A are stacked along the rank and their Bᵀ, U and Vᵀ laid out block-diagonally, so the input LoRA
 is one shrink GEMM and one expand GEMM added in place, and the rotation one pair more, whatever
 the number of slices (one GEMM per factor per slice, then a concatenation, cost 3x as much at
@@ -162,6 +168,7 @@ class BatchPlan(NamedTuple):
     gather: torch.Tensor | None
     keep: torch.Tensor | None
     width: int  # the most tokens any slot has
+    slot_rows: tuple[torch.Tensor, ...] = ()  # `rows` split per slot (empty when rows is None)
 
     @property
     def slot_range(self) -> slice:
@@ -214,7 +221,7 @@ def make_plan(indices: torch.Tensor) -> BatchPlan:
             torch.cumsum(counts, 0) - counts
         ).repeat_interleave(counts)
         keep = slot_of_token * width + rank_in_slot
-    return BatchPlan(slot_list, count_list, rows, gather, keep, width)
+    return BatchPlan(slot_list, count_list, rows, gather, keep, width, rows.split(count_list))
 
 
 class TokenGroup(NamedTuple):
@@ -253,12 +260,15 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     plan, masks = step_plan(layer.punica_wrapper, x.shape[0], layer.sora_failed)
     if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
         return output
-    fused_slot = _fused_slot(layer, plan, x, output)
-    if fused_slot is not None:
-        info = layer.sora_slots[plan.slots[0]]
-        scale = layer.sora_scale_all[plan.slots[0]] if info.scaled else None
-        shift = layer.sora_shift_all[plan.slots[0]] if info.shifted else None
-        if fused_slot(x, output, scale, shift):  # the output holds NaN/inf: the masked pass finds the rows
+    fused_slots = _fused_slots(layer, plan, x, output)
+    if fused_slots is not None:
+        nonfinite = False
+        for slot, rows, fused_slot in fused_slots:
+            info = layer.sora_slots[slot]
+            scale = layer.sora_scale_all[slot] if info.scaled else None
+            shift = layer.sora_shift_all[slot] if info.shifted else None
+            nonfinite |= fused_slot(x, output, scale, shift, rows)
+        if nonfinite:  # the masked pass finds the rows and flags their slots
             isolation.quarantine_rows(output, masks, layer.sora_failed)
         return output
     if plan.rows is None:
@@ -278,16 +288,22 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _fused_slot(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor) -> fused.FusedSlot | None:
-    """The slot running the whole batch in one fused native op (`fused.py`), or None: the batch
-    has several slots or is not decode-sized, the op does not run here, or the slot has a
+def _fused_slots(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor):
+    """(slot, its token rows or None for the whole batch, its `FusedSlot`) for every active slot of a
+    decode batch, each run by one fused native op (`fused.py`); None where the torch paths run it:
+    prefill-sized batches, the op not built here, a slot whose widths it cannot read in pairs, or a
     rotation split over column-parallel ranks (its projection sums over them: `_sum_over_ranks`)."""
-    if plan.rows is not None or not fused.runs(x, output):
+    if not fused.runs(x, output):
         return None
-    slot = layer.sora_fused[plan.slots[0]]
-    if slot is None or (slot.rotates and parallel_kind(layer) == "column"):
-        return None
-    return slot
+    rows = [None] if plan.rows is None else plan.slot_rows
+    runs = []
+    for slot, slot_rows in zip(plan.slots, rows):
+        fused_slot = layer.sora_fused[slot]
+        if fused_slot is None or (fused_slot.rotates and parallel_kind(layer) == "column"):
+            return None
+        if layer.sora_slots[slot].active:
+            runs.append((slot, slot_rows, fused_slot))
+    return runs
 
 
 def _write_group(output: torch.Tensor, group: TokenGroup) -> torch.Tensor:
