@@ -91,14 +91,14 @@ def _pad16(n: int) -> int:
 
 class FusedSlot:
     """A slot's factors of one layer for `fused_decode`: views of the backend's packed buffers
-    (valid until the slot is written again, which makes a new FusedSlot), laid out at first use
+    and scale/shift rows (valid until the slot is written again, which makes a new FusedSlot), laid out at first use
     (`buffers`): Aᵀ for all slices' ranks, and per slice its own blocks [B_jᵀ; V_jᵀ], U_j and
     B_jᵀU_j, with a meta row each (`Slice` in the source): columns, ranks in p and in q, offsets."""
 
-    def __init__(self, a, bt, u, vt, btu, ranks: list[int], rot_ranks: list[int], widths: list[int]):
+    def __init__(self, a, bt, u, vt, btu, ranks: list[int], rot_ranks: list[int], widths: list[int], scale, shift):
         self.packed = (a, bt, u, vt, btu)
         self.ranks, self.rot_ranks, self.widths = ranks, rot_ranks, widths
-        self.rotates = any(rot_ranks)
+        self.scale, self.shift = scale, shift  # the slot's rows of the layer's tables, or None: identity
 
     @staticmethod
     def fits(in_features: int, rot_ranks: list[int], widths: list[int]) -> bool:
@@ -126,26 +126,7 @@ class FusedSlot:
         e_parts.append(a.new_zeros(32))  # AMX reads whole 16-column blocks: up to 15 pairs past the last slice
         return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        scale: torch.Tensor | None,
-        shift: torch.Tensor | None,
-        rows: torch.Tensor | None = None,
-    ) -> bool:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> bool:
         """y = this slot's ServingFactors on (x, base output y), in place, on every row or on `rows`
         (this slot's tokens of a batch that mixes slots); True if those rows hold NaN/inf."""
-        return op()(x, y, scale, shift, *self.buffers, rows)
-
-
-def runs(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether the fused op takes this batch: decode-sized, bf16, rows contiguous, op built."""
-    return (
-        x.shape[0] <= MAX_FUSED_ROWS
-        and x.dtype == y.dtype == torch.bfloat16
-        and x.stride(-1) == 1
-        and y.stride(-1) == 1
-        and x.device.type == "cpu"
-        and op() is not None
-    )
+        return op()(x, y, self.scale, self.shift, *self.buffers, rows)

@@ -392,8 +392,8 @@ const uint16_t* optional_bits(const std::optional<at::Tensor>& t) { return t ? b
 bool apply_slot(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
                 const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
                 const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta) {
-  TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && x.stride(1) == 1 && y.stride(1) == 1,
-              "sora_serve::fused_decode: x and y must be bf16 with contiguous rows");
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && y.stride(1) == 1,
+              "sora_serve::fused_decode: x and y must be bf16, y's rows contiguous");
   TORCH_CHECK(x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (", x.sizes(), ") and y (",
               y.sizes(), ") do not fit");
   const std::vector<Slice> slices = read_slices(meta);
@@ -438,7 +438,7 @@ bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Te
                   const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
                   const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta,
                   const std::optional<at::Tensor>& rows) {
-  if (!rows) return apply_slot(x, y, scale, shift, a, rank_pad, e, u, btu, meta);
+  if (!rows) return apply_slot(x.stride(1) == 1 ? x : x.contiguous(), y, scale, shift, a, rank_pad, e, u, btu, meta);
   at::Tensor y_rows = y.index_select(0, *rows);
   const bool nonfinite = apply_slot(x.index_select(0, *rows), y_rows, scale, shift, a, rank_pad, e, u, btu, meta);
   y.index_copy_(0, *rows, y_rows);

@@ -58,8 +58,8 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_btu = torch.zeros(max_loras, width, width, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
     layer.sora_fused = [None] * max_loras
-    if a.device.type == "cpu" and a.dtype == torch.bfloat16:
-        fused.op()  # built or loaded once per process here, at engine start, not in a request's first step
+    # Built or loaded once per process here, at engine start, not in a request's first step.
+    layer.sora_fused_op = a.device.type == "cpu" and a.dtype == torch.bfloat16 and fused.op() is not None
     layer.sora_at_rank = {}
 
 
@@ -79,16 +79,26 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
     bt, u = layer.sora_packed_bt[index, :r0], layer.sora_packed_u[index, :, :k0]
     layer.sora_packed_btu[index, :r0, :k0] = bt.double() @ u.double()  # rounded once, to the slot dtype
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
-    widths = [b.shape[2] for b in layer.lora_b_stacked]
-    layer.sora_fused[index] = (
-        fused.FusedSlot(*_packed(layer, index), ranks, rot_ranks, widths)
-        if fused.FusedSlot.fits(layer.sora_packed_a.shape[2], rot_ranks, widths)
-        else None
-    )
+    layer.sora_fused[index] = _fused_slot(layer, index, ranks, rot_ranks)
     for (r, k), compact in layer.sora_at_rank.items():
         for copy, fresh in zip(compact, _padded_views(layer, r, k, slice(index, index + 1))):
             if copy[index].data_ptr() != fresh[0].data_ptr():  # a copy, not the buffer itself
                 copy[index] = fresh[0]
+
+
+def _fused_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> fused.FusedSlot | None:
+    """Slot `index` for the fused decode op, or None where the op cannot take it: widths it cannot
+    read in pairs, or a rotation split over column-parallel ranks (its projection sums over them,
+    between the GEMMs: `_sum_over_ranks`)."""
+    widths = [b.shape[2] for b in layer.lora_b_stacked]
+    if not fused.FusedSlot.fits(layer.sora_packed_a.shape[2], rot_ranks, widths):
+        return None
+    if any(rot_ranks) and parallel_kind(layer) == "column":
+        return None
+    info = layer.sora_slots[index]
+    scale = layer.sora_scale_all[index] if info.scaled else None
+    shift = layer.sora_shift_all[index] if info.shifted else None
+    return fused.FusedSlot(*_packed(layer, index), ranks, rot_ranks, widths, scale, shift)
 
 
 def _packed(layer, index: int | slice) -> tuple[torch.Tensor, ...]:
@@ -263,11 +273,8 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     fused_slots = _fused_slots(layer, plan, x, output)
     if fused_slots is not None:
         nonfinite = False
-        for slot, rows, fused_slot in fused_slots:
-            info = layer.sora_slots[slot]
-            scale = layer.sora_scale_all[slot] if info.scaled else None
-            shift = layer.sora_shift_all[slot] if info.shifted else None
-            nonfinite |= fused_slot(x, output, scale, shift, rows)
+        for rows, fused_slot in fused_slots:
+            nonfinite |= fused_slot(x, output, rows)
         if nonfinite:  # the masked pass finds the rows and flags their slots
             isolation.quarantine_rows(output, masks, layer.sora_failed)
         return output
@@ -289,20 +296,19 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_slots(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor):
-    """(slot, its token rows or None for the whole batch, its `FusedSlot`) for every active slot of a
+    """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of a
     decode batch, each run by one fused native op (`fused.py`); None where the torch paths run it:
-    prefill-sized batches, the op not built here, a slot whose widths it cannot read in pairs, or a
-    rotation split over column-parallel ranks (its projection sums over them: `_sum_over_ranks`)."""
-    if not fused.runs(x, output):
+    prefill-sized batches, the op not built here, or a slot it cannot take (`_fused_slot`)."""
+    if x.shape[0] > fused.MAX_FUSED_ROWS or not layer.sora_fused_op or output.stride(-1) != 1:
         return None
-    rows = [None] if plan.rows is None else plan.slot_rows
+    rows = (None,) if plan.rows is None else plan.slot_rows
     runs = []
     for slot, slot_rows in zip(plan.slots, rows):
         fused_slot = layer.sora_fused[slot]
-        if fused_slot is None or (fused_slot.rotates and parallel_kind(layer) == "column"):
+        if fused_slot is None:
             return None
         if layer.sora_slots[slot].active:
-            runs.append((slot, slot_rows, fused_slot))
+            runs.append((slot_rows, fused_slot))
     return runs
 
 

@@ -1,10 +1,12 @@
 """One slot's packed factor as a thin GEMM operand, prepacked once by vLLM CPU's oneDNN handler.
 
-At decode a plugin layer's adapter math is a few thin GEMMs (8 rows against ranks of 16-48).
-On such shapes torch's bf16 CPU matmul costs 2-3x what the same GEMM costs with its weight
-prepacked once, the way vLLM CPU runs its own linear layers (`vllm._custom_ops.create_onednn_mm`;
-Llama 2048 qkv at batch 8, 2-core Xeon, a one-off hot-loop timing: shrink 33 -> 12 us, expand
-39 -> 17 us plus the add; in an engine: `python -m benchmarks.adapter_cost`).
+The torch path's form at decode, where the fused native op (`fused.py`) does not run (fp32, a CPU
+without AVX512-BF16, a rotated slot on column-parallel ranks). At decode a plugin layer's adapter
+math is a few thin GEMMs (8 rows against ranks of 16-48). On such shapes torch's bf16 CPU matmul
+costs 2-3x what the same GEMM costs with its weight prepacked once, the way vLLM CPU runs its own
+linear layers (`vllm._custom_ops.create_onednn_mm`; Llama 2048 qkv at batch 8, 2-core Xeon, a
+one-off hot-loop timing: shrink 33 -> 12 us, expand 39 -> 17 us plus the add; in an engine: `python
+-m benchmarks.adapter_cost`).
 So each slot's factors are prepacked, once per slot write, the first time a decode-sized batch
 runs them alone (docs/benchmarks/serving.md has the decode-step profile before and after). Cost:
 a second copy of such a slot's packed factors (block-diagonal zeros included), and ~0.2 ms per
