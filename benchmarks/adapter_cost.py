@@ -41,7 +41,6 @@ from .common import machine, run_worker, worker_tool_main
 KINDS = ("lora", "prediag", "sora")
 PATHS = ("torch", "prepacked", "fused")
 HOST_CHECKED = isolation.quarantine_rows_host_checked
-FUSED_ROWS = fused.MAX_FUSED_ROWS
 PARTS = ("factor GEMMs", "scale and shift", "isolation check", "fused op")
 
 
@@ -70,7 +69,7 @@ class PartTimer:
 def use_path(name: str, timer: PartTimer) -> None:
     """Point the grouped backend at one of its paths (module-level names it reads per call)."""
     prepacked.MAX_PREPACKED_ROWS = 0 if name == "torch" else prepacked.KERNELS_KEPT
-    fused.MAX_FUSED_ROWS = FUSED_ROWS if name == "fused" else 0
+    fused.ENABLED = name == "fused"
     check = isolation.quarantine_rows if name == "torch" else HOST_CHECKED
     isolation.quarantine_rows_host_checked = timer.wrap("isolation check", check)
 

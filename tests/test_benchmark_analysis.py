@@ -102,16 +102,16 @@ def test_adapter_cost_table_takes_medians_per_path_and_switches_every_setting():
     timer = adapter_cost.PartTimer()
     try:
         adapter_cost.use_path("torch", timer)
-        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (0, 0)
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.ENABLED) == (0, False)
         assert isolation.quarantine_rows_host_checked.__wrapped__ is isolation.quarantine_rows
         adapter_cost.use_path("prepacked", timer)
-        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (prepacked.KERNELS_KEPT, 0)
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.ENABLED) == (prepacked.KERNELS_KEPT, False)
         assert isolation.quarantine_rows_host_checked.__wrapped__ is adapter_cost.HOST_CHECKED
         adapter_cost.use_path("fused", timer)
-        assert (prepacked.MAX_PREPACKED_ROWS, fused.MAX_FUSED_ROWS) == (prepacked.KERNELS_KEPT, adapter_cost.FUSED_ROWS)
+        assert (prepacked.MAX_PREPACKED_ROWS, fused.ENABLED) == (prepacked.KERNELS_KEPT, True)
     finally:
         isolation.quarantine_rows_host_checked = adapter_cost.HOST_CHECKED
-        fused.MAX_FUSED_ROWS = adapter_cost.FUSED_ROWS
+        fused.ENABLED = True
 
 
 def test_part_timer_passes_results_through_and_sums_per_label():

@@ -10,7 +10,8 @@ tiles where the CPU has AMX-BF16 (16x an AVX512 dot product's work per instructi
 batch of 32 cost little more than one of 8), else on AVX512 dot products; `SORA_SERVE_FUSED_AMX=0`
 keeps them off the tiles.
 
-It needs a CPU with AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read
+Decode batches take it on every CPU it runs on; prefill-sized ones (past `MAX_DOT_ROWS` tokens)
+only on AMX tiles. It needs a CPU with AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read
 (the layer's input; each rotated slice's output), and is built on first use with torch's
 `cpp_extension` (a C++ compiler and ninja; ~15 s, cached under `TORCH_EXTENSIONS_DIR`, default
 ~/.cache/torch_extensions). Where any of that is missing, or `SORA_SERVE_FUSED_DECODE=0`, the torch
@@ -30,7 +31,11 @@ logger = logging.getLogger("sora_serve.vllm_plugin")
 
 FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
 AMX_ENV = "SORA_SERVE_FUSED_AMX"  # 0: AVX512 dot products only, even where AMX tiles are there
-MAX_FUSED_ROWS = 32  # decode batches; prefill's larger GEMMs keep torch's (AMX) matmul
+# On AVX512 dot products alone the op is ahead of torch's (oneDNN, AMX) GEMMs up to decode-sized
+# batches; on AMX tiles at every size (prefill included: a one-off layer timing, 256-512 tokens).
+MAX_DOT_ROWS = 32
+ENABLED = True  # read per call: `benchmarks.adapter_cost` compares the paths inside one engine
+_tiles = False
 _SOURCE = Path(__file__).with_name("fused_decode.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _AMX_FLAGS = ("amx_tile", "amx_bf16")
@@ -73,7 +78,18 @@ def op():
 def use_amx(on: bool) -> bool:
     """AMX tiles for the op's GEMMs on (where the kernel grants this process their state) or off
     (AVX512 dot products alone); returns whether they are on. Call after `op()` has loaded it."""
-    return torch.ops.sora_serve.use_amx(on)
+    global _tiles
+    _tiles = torch.ops.sora_serve.use_amx(on)
+    return _tiles
+
+
+def tiles_on() -> bool:
+    return _tiles
+
+
+def takes(rows: int) -> bool:
+    """Whether the op runs a batch of `rows` tokens (where it is built): any size on tiles."""
+    return ENABLED and (_tiles or rows <= MAX_DOT_ROWS)
 
 
 def _vnni(w: torch.Tensor, cols_pad: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The CPU backend: every token with its slot's `ServingFactors`, by slot.
 
-Decode-sized batches (up to `fused.MAX_FUSED_ROWS` tokens, bf16, where the fused native op is
-built) run one `sora_serve::fused_decode` per slot present, on that slot's rows (`fused.py`): scale
+Batches the fused native op takes (bf16, where it is built; any size on AMX tiles, else up to
+`fused.MAX_DOT_ROWS` tokens) run one `sora_serve::fused_decode` per slot present, on that slot's
+rows (`fused.py`): scale
 and shift, shrink, rotation, expansion and the finiteness check in one op, reading each slice's
 own factor blocks once. Everything else (prefill, fp32, a CPU without AVX512-BF16) takes the
 torch path below, with the same results up to bf16 rounding.
@@ -296,10 +297,10 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_slots(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor):
-    """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of a
-    decode batch, each run by one fused native op (`fused.py`); None where the torch paths run it:
-    prefill-sized batches, the op not built here, or a slot it cannot take (`_fused_slot`)."""
-    if x.shape[0] > fused.MAX_FUSED_ROWS or not layer.sora_fused_op or output.stride(-1) != 1:
+    """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of the
+    batch, each run by one fused native op (`fused.py`); None where the torch paths run it: the op
+    not built here or not taking this many rows, or a slot it cannot take (`_fused_slot`)."""
+    if not layer.sora_fused_op or not fused.takes(x.shape[0]) or output.stride(-1) != 1:
         return None
     rows = (None,) if plan.rows is None else plan.slot_rows
     runs = []
