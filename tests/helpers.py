@@ -202,6 +202,14 @@ def set_first_value(adapter_dir: Path, key_suffix: str, value: float) -> str:
 
 # ---------------------------------------------------------------- the plugin's two backends
 
+# Every adapter kind an engine test serves (name -> AdapterConfig arguments, r = 8 unless given).
+SERVED_KINDS = {
+    "lora": dict(method="lora"),
+    "dora": dict(method="dora"),
+    "prediag": dict(method="prediag", r=4),
+    "sora_fo": dict(method="sora", r_p=2),
+    "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
+}
 VLLM_BACKENDS = ("grouped", "punica")  # sora_serve.vllm_plugin.backends; the engine tests run on both
 
 

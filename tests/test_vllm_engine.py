@@ -12,16 +12,15 @@ import pytest
 import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint, make_tiny_model
 
-from .helpers import VLLM_BACKENDS, fine_tuned_like, vllm_backend, write_random_adapter, write_reference_dir
+from .helpers import (
+    SERVED_KINDS,
+    VLLM_BACKENDS,
+    fine_tuned_like,
+    vllm_backend,
+    write_random_adapter,
+    write_reference_dir,
+)
 from .reference import LOGPROB_TOL, PROMPTS, eager_reference
-
-KINDS = {
-    "lora": dict(method="lora"),
-    "dora": dict(method="dora"),
-    "prediag": dict(method="prediag", r=4),
-    "sora_fo": dict(method="sora", r_p=2),
-    "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
-}
 
 
 @pytest.fixture(scope="module", params=VLLM_BACKENDS)
@@ -29,7 +28,7 @@ def served(tmp_path_factory, request):
     """One engine per backend: the batch tests run on both, the others once (they do not reach the op)."""
     root = tmp_path_factory.mktemp(f"vllm-{request.param}")
     base = make_tiny_checkpoint("qwen2", root / "base")  # q/k/v biases: the bias path is exercised
-    for i, (name, kwargs) in enumerate(KINDS.items()):
+    for i, (name, kwargs) in enumerate(SERVED_KINDS.items()):
         config = ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs})
         write_random_adapter(root / name, config, seed=i, scale=0.1)
     write_reference_dir(
@@ -53,7 +52,7 @@ def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], 
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    ids = {name: i + 1 for i, name in enumerate([*KINDS, "reference"])}
+    ids = {name: i + 1 for i, name in enumerate([*SERVED_KINDS, "reference"])}
     requests = [None if n is None else LoRARequest(n, ids[n], str(root / n)) for n in names]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests, use_tqdm=False)
@@ -66,7 +65,7 @@ def vllm_generate(llm, root, names: list[str | None], prompts: list[list[int]], 
 @pytest.mark.slow
 def test_mixed_batch_of_every_kind_equals_eager(served):
     root, llm, _ = served
-    names = [None, *KINDS, "sora_cay", None, "lora"]
+    names = [None, *SERVED_KINDS, "sora_cay", None, "lora"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     results = vllm_generate(llm, root, names, prompts)
     base_tokens = eager_reference(root, None, PROMPTS[0])[0]

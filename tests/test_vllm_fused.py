@@ -12,16 +12,9 @@ import sora_serve as ss
 from sora_serve.tiny import make_tiny_checkpoint
 from sora_serve.vllm_plugin.backends import fused
 
-from .helpers import write_random_adapter
+from .helpers import SERVED_KINDS, write_random_adapter
 from .reference import PROMPTS
 
-KINDS = {
-    "lora": dict(method="lora"),
-    "dora": dict(method="dora"),
-    "prediag": dict(method="prediag", r=4),
-    "sora_fo": dict(method="sora", r_p=2),
-    "sora_cay": dict(method="sora", rotation="cayley", r=4, r_p=3),
-}
 # bf16 between two forms of the same math that round at different points (the op accumulates in
 # fp32 and rounds each stored value once; the torch path rounds after each GEMM): log-probabilities
 # of the same tokens agree to a few hundredths of a nat.
@@ -37,7 +30,7 @@ pytestmark = [
 def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-fused")
     base = make_tiny_checkpoint("qwen2", root / "base")
-    for i, (name, kwargs) in enumerate(KINDS.items()):
+    for i, (name, kwargs) in enumerate(SERVED_KINDS.items()):
         write_random_adapter(
             root / name, ss.AdapterConfig(**{"r": 8, "target_modules": "all-linear", **kwargs}), seed=i
         )
@@ -46,7 +39,7 @@ def engine(tmp_path_factory):
     previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process: the switch reaches it
     try:
-        llm = make_llm(base, max_loras=len(KINDS), max_lora_rank=16, dtype="bfloat16")
+        llm = make_llm(base, max_loras=len(SERVED_KINDS), max_lora_rank=16, dtype="bfloat16")
     finally:
         if previous is None:
             del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
@@ -61,7 +54,7 @@ def generate(llm, root, names: list[str | None]):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    requests = [None if n is None else LoRARequest(n, list(KINDS).index(n) + 1, str(root / n)) for n in names]
+    requests = [None if n is None else LoRARequest(n, list(SERVED_KINDS).index(n) + 1, str(root / n)) for n in names]
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=5, ignore_eos=True)
     prompts = [{"prompt_token_ids": PROMPTS[i % len(PROMPTS)]} for i in range(len(names))]
     outputs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
@@ -90,7 +83,7 @@ def test_fused_op_serves_what_the_torch_path_serves(engine, monkeypatch):
     calls = []
     stock = fused.FusedSlot.__call__
     monkeypatch.setattr(fused.FusedSlot, "__call__", lambda self, *a: calls.append(1) or stock(self, *a))
-    for names in ([*KINDS, None], ["sora_cay"] * 3, ["lora"]):  # every kind mixed; one slot for the batch
+    for names in ([*SERVED_KINDS, None], ["sora_cay"] * 3, ["lora"]):  # every kind mixed; one slot for the batch
         monkeypatch.setattr(fused, "ENABLED", False)
         expected = generate(llm, root, names)
         assert not calls
