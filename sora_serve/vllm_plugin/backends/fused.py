@@ -10,13 +10,12 @@ tiles where the CPU has AMX-BF16 (16x an AVX512 dot product's work per instructi
 batch of 32 cost little more than one of 8), else on AVX512 dot products; `SORA_SERVE_FUSED_AMX=0`
 keeps them off the tiles.
 
-Decode batches take it on every CPU it runs on; prefill-sized ones (past `MAX_DOT_ROWS` tokens)
-only on AMX tiles. It needs a CPU with AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read
-(the layer's input; each rotated slice's output), and is built on first use with torch's
-`cpp_extension` (a C++ compiler and ninja; ~15 s, cached under `TORCH_EXTENSIONS_DIR`, default
-~/.cache/torch_extensions). Where any of that is missing, or `SORA_SERVE_FUSED_DECODE=0`, the torch
-path (`prepacked.SlotOperands`) runs instead, with the same results up to bf16 rounding.
-"""
+Decode batches (up to `MAX_ROWS` tokens) take it; prefill keeps torch's GEMMs. It needs a CPU with
+AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read (the layer's input;
+each rotated slice's output), and is built on first use with torch's `cpp_extension` (a C++ compiler
+and ninja; ~15 s, cached under `TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions). Where any
+of that is missing, or `SORA_SERVE_FUSED_DECODE=0`, the torch path (`prepacked.SlotOperands`) runs
+instead, with the same results up to bf16 rounding."""
 
 from __future__ import annotations
 
@@ -31,9 +30,10 @@ logger = logging.getLogger("sora_serve.vllm_plugin")
 
 FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
 AMX_ENV = "SORA_SERVE_FUSED_AMX"  # 0: AVX512 dot products only, even where AMX tiles are there
-# On AVX512 dot products alone the op is ahead of torch's (oneDNN, AMX) GEMMs up to decode-sized
-# batches; on AMX tiles at every size (prefill included: a one-off layer timing, 256-512 tokens).
-MAX_DOT_ROWS = 32
+# Decode-sized batches only. Prefill on tiles was ahead in a one-off layer timing (256-512 tokens)
+# but behind torch's GEMMs in the full serving run of 2026-12-06 06:07 (prefill shares 0.81 -> 0.71
+# LoRA, 0.85 -> 0.65 SORA; docs/benchmarks/serving.md), so prefill keeps the torch path.
+MAX_ROWS = 32
 ENABLED = True  # read per call: `benchmarks.adapter_cost` compares the paths inside one engine
 _tiles = False
 _SOURCE = Path(__file__).with_name("fused_decode.cpp")
@@ -88,8 +88,8 @@ def tiles_on() -> bool:
 
 
 def takes(rows: int) -> bool:
-    """Whether the op runs a batch of `rows` tokens (where it is built): any size on tiles."""
-    return ENABLED and (_tiles or rows <= MAX_DOT_ROWS)
+    """Whether the op runs a batch of `rows` tokens (where it is built)."""
+    return ENABLED and rows <= MAX_ROWS
 
 
 def _vnni(w: torch.Tensor, cols_pad: int) -> torch.Tensor:
