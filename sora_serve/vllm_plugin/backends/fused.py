@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,8 +33,8 @@ logger = logging.getLogger("sora_serve.vllm_plugin")
 FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
 AMX_ENV = "SORA_SERVE_FUSED_AMX"  # 0: AVX512 dot products only, even where AMX tiles are there
 # Decode-sized batches only. Prefill on tiles was ahead in a one-off layer timing (256-512 tokens)
-# but behind torch's GEMMs in the full serving run of 2026-12-06 06:07 (prefill shares 0.81 -> 0.71
-# LoRA, 0.85 -> 0.65 SORA; docs/benchmarks/serving.md), so prefill keeps the torch path.
+# but behind torch's GEMMs in the full serving run started 2026-12-06 04:54 (prefill shares 0.81 ->
+# 0.70 LoRA, 0.85 -> 0.65 SORA; docs/benchmarks/serving.md), so prefill keeps the torch path.
 MAX_ROWS = 32
 ENABLED = True  # read per call: `benchmarks.adapter_cost` compares the paths inside one engine
 _tiles = False
@@ -51,6 +53,14 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def _put_venv_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the `ninja` the `vllm` extra installs sits beside this
+    interpreter, which is not on PATH when the venv's python is run without activating it."""
+    beside = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (beside / "ninja").exists():
+        os.environ["PATH"] = f"{beside}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 @functools.cache
 def op():
     """`torch.ops.sora_serve.fused_decode`, built and loaded once per process, or None where this
@@ -62,6 +72,7 @@ def op():
     if missing:
         logger.info("sora-serve: fused decode op off, this CPU lacks %s", ", ".join(missing))
         return None
+    _put_venv_ninja_on_path()
     try:
         from torch.utils import cpp_extension
 
