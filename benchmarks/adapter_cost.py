@@ -82,7 +82,7 @@ def time_parts(timer: PartTimer) -> None:
     grouped._scale_and_shift = timer.wrap("scale and shift", grouped._scale_and_shift)
     for step in ("shrink", "project", "add_expansions"):
         setattr(prepacked.SlotOperands, step, timer.wrap("factor GEMMs", getattr(prepacked.SlotOperands, step)))
-    fused.FusedSlot.__call__ = timer.wrap("fused op", fused.FusedSlot.__call__)
+    fused.run_slots = timer.wrap("fused op", fused.run_slots)
 
 
 def worker(config: dict) -> None:

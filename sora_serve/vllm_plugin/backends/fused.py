@@ -1,10 +1,12 @@
-"""One slot's whole `ServingFactors` for a decode batch in one native op per layer (`fused_decode.cpp`).
+"""Every slot's whole `ServingFactors` for a decode batch in one native op call per layer (`fused_decode.cpp`).
 
 The torch path runs a slot's factors on a decode batch as 3-6 thin GEMMs and passes over the
 output per layer, and each call costs several times what its bytes do (8 rows against ranks of
 16-48: `python -m benchmarks.adapter_cost`, docs/benchmarks/serving.md). `sora_serve::fused_decode`
 does scale and shift, the shrink, the rotation's projection, the expansion and the finiteness
-check in one pass per slice over the factors, reading only each slice's own blocks (not the
+check in one pass per slice over the factors, for every slot of the batch on its own rows in one
+call (a batch spread over 32 adapters paid ~7 us of dispatch per slot and layer when each slot was
+its own call: a one-off timing on the 2-core Xeon), reading only each slice's own blocks (not the
 block-diagonal zeros of the packed torch operands), with fp32 accumulation. Its GEMMs run on AMX
 tiles where the CPU has AMX-BF16 (16x an AVX512 dot product's work per instruction; what lets a
 batch of 32 cost little more than one of 8), else on AVX512 dot products; `SORA_SERVE_FUSED_AMX=0`
@@ -153,7 +155,14 @@ class FusedSlot:
         e_parts.append(a.new_zeros(32))  # AMX reads whole 16-column blocks: up to 15 pairs past the last slice
         return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None) -> bool:
-        """y = this slot's ServingFactors on (x, base output y), in place, on every row or on `rows`
-        (this slot's tokens of a batch that mixes slots); True if those rows hold NaN/inf."""
-        return op()(x, y, self.scale, self.shift, *self.buffers, rows)
+    @property
+    def operands(self) -> tuple:
+        """This slot's entries of the op's per-slot lists: scale, shift, then `buffers`."""
+        return (self.scale, self.shift, *self.buffers)
+
+
+def run_slots(x: torch.Tensor, y: torch.Tensor, runs: list[tuple[torch.Tensor | None, FusedSlot]]) -> bool:
+    """y = each slot's ServingFactors on (x, base output y), in place, on its `rows` (its tokens of a
+    batch that mixes slots; None: every row), all slots in one op call; True if those rows hold NaN/inf."""
+    per_slot = [list(entries) for entries in zip(*(slot.operands for _, slot in runs))]
+    return op()(x, y, *per_slot, [rows for rows, _ in runs])

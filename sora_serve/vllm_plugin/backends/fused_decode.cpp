@@ -1,4 +1,4 @@
-// One slot's ServingFactors on a decode batch, in place, in one op per layer (AVX512-BF16):
+// Each slot's ServingFactors on its rows of a decode batch, in place, in one op per layer (AVX512-BF16):
 //
 //     z = scale * y + shift;   p = x Aᵀ;   q = z U + p (BᵀU);   y = z + [p q] [Bᵀ; Vᵀ]
 //
@@ -9,7 +9,7 @@
 // call per factor costs several times what its bytes do (docs/benchmarks/serving.md); one pass
 // per slice over the factors, fp32 accumulation, and no temporaries but p, q and z's bf16 copy.
 //
-// Layouts (prepared once per slot by fused_decode.py): every factor is "VNNI" bf16, (rows/2,
+// Layouts (prepared once per slot by fused.py): every factor is "VNNI" bf16, (rows/2,
 // cols, 2), so one 32-bit broadcast of an activation pair times 16 column pairs is one
 // _mm512_dpbf16_ps. A: (in/2, Rp, 2), Rp = all slices' ranks padded to 16. Per slice j, in flat
 // buffers at its offsets: E_j = [B_jᵀ; V_jᵀ] as (Hp_j/2, n_j, 2), H_j = r_j + k_j padded to even;
@@ -389,20 +389,24 @@ const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16
 
 const uint16_t* optional_bits(const std::optional<at::Tensor>& t) { return t ? bits(*t) : nullptr; }
 
-bool apply_slot(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
-                const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
-                const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta) {
-  TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && y.stride(1) == 1,
-              "sora_serve::fused_decode: x and y must be bf16, y's rows contiguous");
-  TORCH_CHECK(x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (", x.sizes(), ") and y (",
-              y.sizes(), ") do not fit");
+// Rows of x (activations) and y (base outputs, updated in place), each row contiguous.
+struct Batch {
+  const uint16_t* x;
+  int64_t ld_x, in;
+  uint16_t* y;
+  int64_t ld_y, rows, y_cols;
+};
+
+bool apply_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                const at::Tensor& a, int64_t rank_pad, const at::Tensor& e, const at::Tensor& u, const at::Tensor& btu,
+                const at::Tensor& meta) {
   const std::vector<Slice> slices = read_slices(meta);
-  const int64_t rows = x.size(0), ld_y = y.stride(0);
-  uint16_t* out = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const int64_t rows = batch.rows, ld_y = batch.ld_y;
+  uint16_t* out = batch.y;
   const uint16_t *scale_bits = optional_bits(scale), *shift_bits = optional_bits(shift);
 
   std::vector<float> p(rows * std::max<int64_t>(rank_pad, 16), 0.0f);
-  if (rank_pad) thin_gemm(bits(x), x.stride(0), rows, x.size(1), bits(a), rank_pad, p.data());
+  if (rank_pad) thin_gemm(batch.x, batch.ld_x, rows, batch.in, bits(a), rank_pad, p.data());
 
   bool nonfinite = false;
   for (const Slice& s : slices) {
@@ -432,16 +436,52 @@ bool apply_slot(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tens
   return nonfinite;
 }
 
-// The whole batch in place, or with `rows` only those rows of x and y: one slot's tokens of a
-// batch that mixes slots (gathered and written back here: a few rows, cheap beside the factors).
-bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Tensor>& scale,
-                  const std::optional<at::Tensor>& shift, const at::Tensor& a, int64_t rank_pad, const at::Tensor& e,
-                  const at::Tensor& u, const at::Tensor& btu, const at::Tensor& meta,
-                  const std::optional<at::Tensor>& rows) {
-  if (!rows) return apply_slot(x.stride(1) == 1 ? x : x.contiguous(), y, scale, shift, a, rank_pad, e, u, btu, meta);
-  at::Tensor y_rows = y.index_select(0, *rows);
-  const bool nonfinite = apply_slot(x.index_select(0, *rows), y_rows, scale, shift, a, rank_pad, e, u, btu, meta);
-  y.index_copy_(0, *rows, y_rows);
+// One slot on every row of the batch in place, or with `rows` only those rows: its tokens of a
+// batch that mixes slots, gathered here and written back (a few rows, cheap beside the factors;
+// plain copies, as a torch op per slot would cost more than its bytes).
+bool run_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+              const at::Tensor& a, int64_t rank_pad, const at::Tensor& e, const at::Tensor& u, const at::Tensor& btu,
+              const at::Tensor& meta, const std::optional<at::Tensor>& rows) {
+  if (!rows) return apply_slot(batch, scale, shift, a, rank_pad, e, u, btu, meta);
+  TORCH_CHECK(rows->dtype() == at::kLong && rows->dim() == 1 && rows->is_contiguous(),
+              "sora_serve::fused_decode: rows must be a contiguous 1-d int64 tensor");
+  const int64_t n_rows = rows->size(0);
+  const int64_t* index = rows->data_ptr<int64_t>();
+  for (int64_t m = 0; m < n_rows; ++m)
+    TORCH_CHECK(index[m] >= 0 && index[m] < batch.rows, "sora_serve::fused_decode: row ", index[m], " out of range");
+  const int64_t out_cols = batch.y_cols;
+  std::vector<uint16_t> x_rows(n_rows * batch.in), y_rows(n_rows * out_cols);
+  for (int64_t m = 0; m < n_rows; ++m) {
+    std::memcpy(&x_rows[m * batch.in], batch.x + index[m] * batch.ld_x, batch.in * sizeof(uint16_t));
+    std::memcpy(&y_rows[m * out_cols], batch.y + index[m] * batch.ld_y, out_cols * sizeof(uint16_t));
+  }
+  const Batch gathered{x_rows.data(), batch.in, batch.in, y_rows.data(), out_cols, n_rows, out_cols};
+  const bool nonfinite = apply_slot(gathered, scale, shift, a, rank_pad, e, u, btu, meta);
+  for (int64_t m = 0; m < n_rows; ++m)
+    std::memcpy(batch.y + index[m] * batch.ld_y, &y_rows[m * out_cols], out_cols * sizeof(uint16_t));
+  return nonfinite;
+}
+
+// Every slot of a batch in one call (entry i of each list is slot i's): one op dispatch per layer
+// and step, not one per slot, which is what a batch spread over many adapters pays for.
+bool fused_decode(const at::Tensor& x, at::Tensor& y, const c10::List<std::optional<at::Tensor>>& scale,
+                  const c10::List<std::optional<at::Tensor>>& shift, at::TensorList a, at::IntArrayRef rank_pad,
+                  at::TensorList e, at::TensorList u, at::TensorList btu, at::TensorList meta,
+                  const c10::List<std::optional<at::Tensor>>& rows) {
+  const size_t n = a.size();
+  TORCH_CHECK(scale.size() == n && shift.size() == n && rank_pad.size() == n && e.size() == n && u.size() == n &&
+                  btu.size() == n && meta.size() == n && rows.size() == n,
+              "sora_serve::fused_decode: one entry per slot in every list");
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && y.dtype() == at::kBFloat16 && y.dim() == 2 && y.stride(1) == 1,
+              "sora_serve::fused_decode: x and y must be bf16, y's rows contiguous");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (",
+              x.sizes(), ") and y (", y.sizes(), ") do not fit");
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
+  const Batch batch{bits(x_rows), x_rows.stride(0), x.size(1), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                    y.stride(0), x.size(0), y.size(1)};
+  bool nonfinite = false;
+  for (size_t i = 0; i < n; ++i)
+    nonfinite |= run_slot(batch, scale.get(i), shift.get(i), a[i], rank_pad[i], e[i], u[i], btu[i], meta[i], rows.get(i));
   return nonfinite;
 }
 
@@ -450,8 +490,8 @@ bool fused_decode(const at::Tensor& x, at::Tensor& y, const std::optional<at::Te
 TORCH_LIBRARY(sora_serve, m) {
   m.def("use_amx(bool on) -> bool", use_amx);
   m.def(
-      "fused_decode(Tensor x, Tensor(a!) y, Tensor? scale, Tensor? shift, Tensor a, int rank_pad, Tensor e, "
-      "Tensor u, Tensor btu, Tensor meta, Tensor? rows) -> bool");
+      "fused_decode(Tensor x, Tensor(a!) y, Tensor?[] scale, Tensor?[] shift, Tensor[] a, int[] rank_pad, "
+      "Tensor[] e, Tensor[] u, Tensor[] btu, Tensor[] meta, Tensor?[] rows) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(sora_serve, CPU, m) { m.impl("fused_decode", fused_decode); }

@@ -1,7 +1,7 @@
 """The CPU backend: every token with its slot's `ServingFactors`, by slot.
 
 Decode batches (up to `fused.MAX_ROWS` tokens, bf16, where the fused native op is built) run one
-`sora_serve::fused_decode` per slot present, on that slot's rows (`fused.py`): scale and shift,
+`sora_serve::fused_decode` per layer for every slot present, each on its rows (`fused.py`): scale and shift,
 shrink, rotation, expansion and the finiteness check in one op, reading each slice's own factor
 blocks once. Everything else (prefill, fp32, a CPU without AVX512-BF16) takes the torch path below,
 with the same results up to bf16 rounding.
@@ -272,10 +272,7 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return output
     fused_slots = _fused_slots(layer, plan, x, output)
     if fused_slots is not None:
-        nonfinite = False
-        for rows, fused_slot in fused_slots:
-            nonfinite |= fused_slot(x, output, rows)
-        if nonfinite:  # the masked pass finds the rows and flags their slots
+        if fused.run_slots(x, output, fused_slots):  # the masked pass finds the rows and flags their slots
             isolation.quarantine_rows(output, masks, layer.sora_failed)
         return output
     if plan.rows is None:
@@ -297,7 +294,7 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 def _fused_slots(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor):
     """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of the
-    batch, each run by one fused native op (`fused.py`); None where the torch paths run it: the op
+    batch, all run by one fused native op call (`fused.run_slots`); None where the torch paths run it: the op
     not built here or not taking this many rows, or a slot it cannot take (`_fused_slot`)."""
     if not layer.sora_fused_op or not fused.takes(x.shape[0]) or output.stride(-1) != 1:
         return None
