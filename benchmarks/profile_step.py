@@ -1,6 +1,7 @@
-"""Where a vLLM decode step's time goes, with and without adapters: py-spy samples by category.
+"""Where a vLLM decode step's (or prefill's) time goes, with and without adapters: py-spy samples by category.
 
     python -m benchmarks.profile_step [--shape realistic] [--batch 8] [--seconds 20] [--out results]
+    python -m benchmarks.profile_step --prompt-len 256 --batch 4 --tokens 1   # prefill
 
 Three engines at the serving suite's shape (its cached base and adapters): LoRA disabled, and
 the plugin (default backend) serving base requests, LoRA and SORA. While an engine decodes the
@@ -114,7 +115,7 @@ def worker(config: dict) -> None:
     """Start one engine; per case, decode the batch until py-spy has sampled for `seconds`."""
     from sora_serve.vllm_plugin.engine import make_llm
 
-    from .vllm_worker import Requests, prompts, timed_generate
+    from .vllm_worker import Requests, fresh_prompts, prompts, timed_generate
 
     llm = make_llm(
         config["model"],
@@ -129,7 +130,8 @@ def worker(config: dict) -> None:
     results = {}
     for case, adapter in config["cases"].items():
         lora = [requests[adapter]] * batch
-        batch_prompts = prompts(batch, 16)
+        prefill = tokens == 1  # then every sample's prompts are new ones: vLLM's prefix cache would serve repeats
+        batch_prompts = prompts(batch, config["prompt_len"])
         timed_generate(llm, batch_prompts, tokens, lora)  # warm-up: the adapter's load, allocations
         raw = Path(config["out"]) / f"py-spy-{case.replace(' ', '_').replace(':', '')}.txt"
         spy = subprocess.Popen(
@@ -141,7 +143,9 @@ def worker(config: dict) -> None:
         )
         steps, elapsed = 0, 0.0
         while spy.poll() is None:
-            elapsed += timed_generate(llm, batch_prompts, tokens, lora)
+            elapsed += timed_generate(
+                llm, fresh_prompts(batch, config["prompt_len"]) if prefill else batch_prompts, tokens, lora
+            )
             steps += tokens
         if spy.returncode != 0 or not raw.exists():
             raise RuntimeError(f"py-spy failed on the vLLM worker (pid {pid}): {spy.stderr.read()[-2000:]}")
@@ -152,7 +156,7 @@ def worker(config: dict) -> None:
 # ---------------------------------------------------------------- the report
 
 
-def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: int) -> dict:
+def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: int, prompt_len: int) -> dict:
     from .shapes import KINDS, RANK, SHAPES, adapter_dirs, base_checkpoint, resolve_dtype
 
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -173,6 +177,7 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
             "cases": cases,
             "batch": batch,
             "tokens": tokens,
+            "prompt_len": prompt_len,
             "seconds": seconds,
             "out": str(out_dir),
             "py_spy": py_spy,
@@ -188,6 +193,7 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
         "shape": shape_name,
         "batch": batch,
         "tokens_per_request": tokens,
+        "prompt_len": prompt_len,
         "seconds_sampled": seconds,
         "cases": results,
     }
@@ -201,9 +207,15 @@ def ms_by_category(case: dict) -> dict[str, float]:
 def markdown(payload: dict) -> str:
     cases = payload["cases"]
     rows = {name: ms_by_category(case) for name, case in cases.items()}
+    prompt_len = payload.get("prompt_len", 16)
+    what = (
+        f"Prefill of {payload['batch']} prompts of {prompt_len} tokens, ms per prefill"
+        if payload["tokens_per_request"] == 1
+        else f"Decode at batch {payload['batch']}, ms per step"
+    )
     lines = [
-        f"Decode at batch {payload['batch']} ({payload['shape']} shape), ms per step by category "
-        f"(py-spy, {payload['seconds_sampled']} s per case at 200 Hz; {payload['machine']['cpu']}):",
+        f"{what} by category ({payload['shape']} shape; "
+        f"py-spy, {payload['seconds_sampled']} s per case at 200 Hz; {payload['machine']['cpu']}):",
         "",
         "| category | " + " | ".join(rows) + " |",
         "| --- | " + " | ".join("---" for _ in rows) + " |",
@@ -219,7 +231,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("small", "realistic"), default="realistic")
     parser.add_argument("--batch", type=int, default=8, help="decode batch (default 8)")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (default 32)")
+    parser.add_argument(
+        "--tokens", type=int, default=32, help="new tokens per request (default 32; 1: profile the prefill)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request (default 16)")
     parser.add_argument("--seconds", type=int, default=20, help="py-spy sampling per case (default 20)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -227,8 +242,8 @@ def main() -> None:
     worker_tool_main(
         args,
         worker,
-        lambda out: profile(out, args.shape, args.batch, args.seconds, args.tokens),
-        "profile-step",
+        lambda out: profile(out, args.shape, args.batch, args.seconds, args.tokens, args.prompt_len),
+        "profile-step" if args.tokens > 1 else "profile-prefill",
         markdown,
     )
 
