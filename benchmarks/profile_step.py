@@ -120,7 +120,7 @@ def worker(config: dict) -> None:
     llm = make_llm(
         config["model"],
         enable_lora=config["enable_lora"],
-        max_loras=4,
+        max_loras=config["max_loras"],
         max_lora_rank=config["max_lora_rank"],
         dtype=config["dtype"],
         max_model_len=512,
@@ -156,7 +156,9 @@ def worker(config: dict) -> None:
 # ---------------------------------------------------------------- the report
 
 
-def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: int, prompt_len: int) -> dict:
+def profile(
+    out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: int, prompt_len: int, max_loras: int
+) -> dict:
     from .shapes import KINDS, RANK, SHAPES, adapter_dirs, base_checkpoint, resolve_dtype
 
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -173,6 +175,7 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
             "dtype": shape.dtype,
             "enable_lora": enable_lora,
             "max_lora_rank": RANK,
+            "max_loras": max_loras,
             "adapters": dirs,
             "cases": cases,
             "batch": batch,
@@ -194,6 +197,7 @@ def profile(out_dir: Path, shape_name: str, batch: int, seconds: int, tokens: in
         "batch": batch,
         "tokens_per_request": tokens,
         "prompt_len": prompt_len,
+        "max_loras": max_loras,
         "seconds_sampled": seconds,
         "cases": results,
     }
@@ -214,7 +218,7 @@ def markdown(payload: dict) -> str:
         else f"Decode at batch {payload['batch']}, ms per step"
     )
     lines = [
-        f"{what} by category ({payload['shape']} shape; "
+        f"{what} by category ({payload['shape']} shape, {payload.get('max_loras', 4)} LoRA slots; "
         f"py-spy, {payload['seconds_sampled']} s per case at 200 Hz; {payload['machine']['cpu']}):",
         "",
         "| category | " + " | ".join(rows) + " |",
@@ -235,6 +239,9 @@ def main() -> None:
         "--tokens", type=int, default=32, help="new tokens per request (default 32; 1: profile the prefill)"
     )
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request (default 16)")
+    parser.add_argument(
+        "--max-loras", type=int, default=4, help="the LoRA engine's adapter slots (default 4; the serving suite's: 32)"
+    )
     parser.add_argument("--seconds", type=int, default=20, help="py-spy sampling per case (default 20)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -242,7 +249,7 @@ def main() -> None:
     worker_tool_main(
         args,
         worker,
-        lambda out: profile(out, args.shape, args.batch, args.seconds, args.tokens, args.prompt_len),
+        lambda out: profile(out, args.shape, args.batch, args.seconds, args.tokens, args.prompt_len, args.max_loras),
         "profile-step" if args.tokens > 1 else "profile-prefill",
         markdown,
     )

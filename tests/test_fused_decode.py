@@ -168,3 +168,20 @@ def test_batches_the_fused_op_does_not_take_run_the_torch_path(tiles, monkeypatc
         result, expected = run_layer(layer, slots, indices, in_f)
         assert relative_error(result, expected) < REL_TOL
     assert all("buffers" not in vars(slot) for slot in layer.sora_fused if slot is not None)
+
+
+def test_fused_op_rejects_rows_outside_the_batch_before_writing_any_slot(monkeypatch):
+    """A row index past the batch, in any slot's rows, is an error naming the op, raised before the
+    first slot writes its rows."""
+    apply()
+    torch.manual_seed(11)
+    layer = plugin_layer(sizes=(24, 8, 8), in_f=32, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    for slot in (0, 1):
+        factors = [slice_factors(32, n, 4, 2, True, True) for n in (24, 8, 8)]
+        layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+    x, y = torch.randn(3, 32, dtype=torch.bfloat16), torch.randn(3, 40, dtype=torch.bfloat16)
+    before = y.clone()
+    runs = [(torch.tensor([0, 1]), layer.sora_fused[0]), (torch.tensor([2, 7]), layer.sora_fused[1])]
+    with pytest.raises(RuntimeError, match=r"sora_serve::fused_decode: row 7 out of range"):
+        fused.run_slots(x, y, runs)
+    assert torch.equal(y, before)

@@ -436,6 +436,15 @@ bool apply_slot(const Batch& batch, const std::optional<at::Tensor>& scale, cons
   return nonfinite;
 }
 
+void check_rows(const std::optional<at::Tensor>& rows, int64_t batch_rows) {
+  if (!rows) return;
+  TORCH_CHECK(rows->dtype() == at::kLong && rows->dim() == 1 && rows->is_contiguous(),
+              "sora_serve::fused_decode: rows must be a contiguous 1-d int64 tensor");
+  const int64_t* index = rows->data_ptr<int64_t>();
+  for (int64_t m = 0; m < rows->size(0); ++m)
+    TORCH_CHECK(index[m] >= 0 && index[m] < batch_rows, "sora_serve::fused_decode: row ", index[m], " out of range");
+}
+
 // One slot on every row of the batch in place, or with `rows` only those rows: its tokens of a
 // batch that mixes slots, gathered here and written back (a few rows, cheap beside the factors;
 // plain copies, as a torch op per slot would cost more than its bytes).
@@ -443,12 +452,8 @@ bool run_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const 
               const at::Tensor& a, int64_t rank_pad, const at::Tensor& e, const at::Tensor& u, const at::Tensor& btu,
               const at::Tensor& meta, const std::optional<at::Tensor>& rows) {
   if (!rows) return apply_slot(batch, scale, shift, a, rank_pad, e, u, btu, meta);
-  TORCH_CHECK(rows->dtype() == at::kLong && rows->dim() == 1 && rows->is_contiguous(),
-              "sora_serve::fused_decode: rows must be a contiguous 1-d int64 tensor");
   const int64_t n_rows = rows->size(0);
   const int64_t* index = rows->data_ptr<int64_t>();
-  for (int64_t m = 0; m < n_rows; ++m)
-    TORCH_CHECK(index[m] >= 0 && index[m] < batch.rows, "sora_serve::fused_decode: row ", index[m], " out of range");
   const int64_t out_cols = batch.y_cols;
   std::vector<uint16_t> x_rows(n_rows * batch.in), y_rows(n_rows * out_cols);
   for (int64_t m = 0; m < n_rows; ++m) {
@@ -476,6 +481,7 @@ bool fused_decode(const at::Tensor& x, at::Tensor& y, const c10::List<std::optio
               "sora_serve::fused_decode: x and y must be bf16, y's rows contiguous");
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.size(0) == y.size(0), "sora_serve::fused_decode: x (",
               x.sizes(), ") and y (", y.sizes(), ") do not fit");
+  for (size_t i = 0; i < n; ++i) check_rows(rows.get(i), x.size(0));  // all of them before any slot writes y
   const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
   const Batch batch{bits(x_rows), x_rows.stride(0), x.size(1), reinterpret_cast<uint16_t*>(y.data_ptr()),
                     y.stride(0), x.size(0), y.size(1)};
