@@ -80,8 +80,18 @@ def tiles(request):
     yield from tiles_as(request.param == "amx")
 
 
+@pytest.fixture
+def amx():
+    yield from tiles_as(True)
+
+
+@pytest.fixture
+def avx512():
+    yield from tiles_as(False)
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("rows", [1, 5, 8, 17, fused.MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 5, 8, 17, fused.MAX_DOT_ROWS])
 def test_fused_decode_matches_float64(case, rows, tiles, monkeypatch):
     """Input width 70: two whole AMX blocks of the reduction and a tail; 17 and 32 rows: two row tiles."""
     apply()
@@ -149,8 +159,22 @@ def test_fused_decode_quarantines_non_finite_rows(tiles, monkeypatch):
     assert isolation.take_failed_slots() == {1}
 
 
-def test_batches_the_fused_op_does_not_take_run_the_torch_path(tiles, monkeypatch):
-    """Prefill-sized batches (past `MAX_ROWS`), and layers whose input width is odd (the op
+def test_prefill_sized_batches_run_on_tiles(amx, monkeypatch):
+    """On AMX tiles the op takes batches of any size: one slot's prefill, and a prefill whose slots
+    have very uneven token counts, with base rows."""
+    apply()
+    torch.manual_seed(9)
+    in_f, sizes = 96, (48, 16, 16)
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    slots = {s: [slice_factors(in_f, n, 8, 4, True, True) for n in sizes] for s in (0, 3)}
+    for indices in ([3] * 60, [0] * 45 + [-1] * 5 + [3] * 3):
+        result, expected = run_layer(layer, slots, indices, in_f)
+        assert relative_error(result, expected) < REL_TOL
+    assert all("buffers" in vars(layer.sora_fused[s]) for s in slots)
+
+
+def test_batches_the_fused_op_does_not_take_run_the_torch_path(avx512, monkeypatch):
+    """Batches past `MAX_DOT_ROWS` on dot products, and layers whose input width is odd (the op
     reads pairs), give the same float64-close results through the torch path, the op untouched."""
     apply()
     torch.manual_seed(5)
@@ -164,7 +188,7 @@ def test_batches_the_fused_op_does_not_take_run_the_torch_path(tiles, monkeypatc
     in_f = 32
     layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     slots = {s: [slice_factors(in_f, n, 4, 2, True, True) for n in sizes] for s in (0, 1)}
-    for indices in ([0] * (fused.MAX_ROWS + 1), [0, 1] * (fused.MAX_ROWS // 2 + 1)):
+    for indices in ([0] * (fused.MAX_DOT_ROWS + 1), [0, 1] * (fused.MAX_DOT_ROWS // 2 + 1)):
         result, expected = run_layer(layer, slots, indices, in_f)
         assert relative_error(result, expected) < REL_TOL
     assert all("buffers" not in vars(slot) for slot in layer.sora_fused if slot is not None)

@@ -12,7 +12,8 @@ tiles where the CPU has AMX-BF16 (16x an AVX512 dot product's work per instructi
 batch of 32 cost little more than one of 8), else on AVX512 dot products; `SORA_SERVE_FUSED_AMX=0`
 keeps them off the tiles.
 
-Decode batches (up to `MAX_ROWS` tokens) take it; prefill keeps torch's GEMMs. It needs a CPU with
+Decode batches (up to `MAX_DOT_ROWS` tokens) take it on every CPU it runs on, prefill batches too
+where its GEMMs run on AMX tiles. It needs a CPU with
 AVX512-BF16 (and BW, VL), bf16 activations, even widths where pairs are read (the layer's input;
 each rotated slice's output), and is built on first use with torch's `cpp_extension` (a C++ compiler
 and ninja; ~15 s, cached under `TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions). Where any
@@ -34,10 +35,11 @@ logger = logging.getLogger("sora_serve.vllm_plugin")
 
 FUSED_ENV = "SORA_SERVE_FUSED_DECODE"
 AMX_ENV = "SORA_SERVE_FUSED_AMX"  # 0: AVX512 dot products only, even where AMX tiles are there
-# Decode-sized batches only. Prefill on tiles was ahead in a one-off layer timing (256-512 tokens)
-# but behind torch's GEMMs in the full serving run started 2026-12-06 04:54 (prefill shares 0.81 ->
-# 0.70 LoRA, 0.85 -> 0.65 SORA; docs/benchmarks/serving.md), so prefill keeps the torch path.
-MAX_ROWS = 32
+# On AMX tiles the op takes batches of every size: inside one engine it was ahead of the torch path
+# on prefills of 8 x 16 tokens (our code 23 against 447 ms; torch's bf16 matmul and sums at these
+# row counts cost far more in vLLM's worker than alone) and of 4 x 256 (95 against 104 ms; one-off
+# A/B, 2-core Xeon; docs/VLLM.md). On AVX512 dot products alone, decode-sized batches only.
+MAX_DOT_ROWS = 32
 ENABLED = True  # read per call: `benchmarks.adapter_cost` compares the paths inside one engine
 _tiles = False
 _SOURCE = Path(__file__).with_name("fused_decode.cpp")
@@ -101,8 +103,8 @@ def tiles_on() -> bool:
 
 
 def takes(rows: int) -> bool:
-    """Whether the op runs a batch of `rows` tokens (where it is built)."""
-    return ENABLED and rows <= MAX_ROWS
+    """Whether the op runs a batch of `rows` tokens (where it is built): any size on tiles."""
+    return ENABLED and (_tiles or rows <= MAX_DOT_ROWS)
 
 
 def _vnni(w: torch.Tensor, cols_pad: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Each slot's ServingFactors on its rows of a decode batch, in place, in one op per layer (AVX512-BF16):
+// Each slot's ServingFactors on its rows of a batch, in place, in one op per layer (AVX512-BF16):
 //
 //     z = scale * y + shift;   p = x Aᵀ;   q = z U + p (BᵀU);   y = z + [p q] [Bᵀ; Vᵀ]
 //

@@ -1,9 +1,10 @@
 """The CPU backend: every token with its slot's `ServingFactors`, by slot.
 
-Decode batches (up to `fused.MAX_ROWS` tokens, bf16, where the fused native op is built) run one
-`sora_serve::fused_decode` per layer for every slot present, each on its rows (`fused.py`): scale and shift,
+Batches the fused native op takes (bf16, where it is built; any size on AMX tiles, else up to
+`fused.MAX_DOT_ROWS` tokens) run one `sora_serve::fused_decode` per layer for every slot present,
+each on its rows (`fused.py`): scale and shift,
 shrink, rotation, expansion and the finiteness check in one op, reading each slice's own factor
-blocks once. Everything else (prefill, fp32, a CPU without AVX512-BF16) takes the torch path below,
+blocks once. Everything else (fp32, a CPU without AVX512-BF16, prefill without AMX) takes the torch path below,
 with the same results up to bf16 rounding.
 
 On the torch path a packed layer's slices (q, k, v; gate, up) run as one: at slot entry (`pack_slot`) the slices'
