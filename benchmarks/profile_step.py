@@ -112,7 +112,8 @@ def model_worker_pid() -> int:
 
 
 def worker(config: dict) -> None:
-    """Start one engine; per case, decode the batch until py-spy has sampled for `seconds`."""
+    """Start one engine; per case, run the batch (decode, or prefill with `tokens` 1) until py-spy has
+    sampled for `seconds`."""
     from sora_serve.vllm_plugin.engine import make_llm
 
     from .vllm_worker import Requests, fresh_prompts, prompts, timed_generate
@@ -127,10 +128,10 @@ def worker(config: dict) -> None:
         max_num_seqs=64,
     )
     requests, pid, batch, tokens = Requests(config["adapters"]), model_worker_pid(), config["batch"], config["tokens"]
+    prefill = tokens == 1  # then every sample's prompts are new ones: vLLM's prefix cache would serve repeats
     results = {}
     for case, adapter in config["cases"].items():
         lora = [requests[adapter]] * batch
-        prefill = tokens == 1  # then every sample's prompts are new ones: vLLM's prefix cache would serve repeats
         batch_prompts = prompts(batch, config["prompt_len"])
         timed_generate(llm, batch_prompts, tokens, lora)  # warm-up: the adapter's load, allocations
         raw = Path(config["out"]) / f"py-spy-{case.replace(' ', '_').replace(':', '')}.txt"
