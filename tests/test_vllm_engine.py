@@ -322,3 +322,58 @@ def test_each_adapter_is_read_once(served, tmp_path):
     assert counts["serving"] == counts["one_read"]  # the files were opened as by one read each, all by sora_serve
     assert all(key.endswith(" sora_serve") for key in counts["serving"])
     assert {key.split(" ")[0] for key in counts["serving"]} >= {f"{path}/adapter_config.json" for path in adapters}
+
+
+HEAD_LAYERS = """
+import json, sys
+from vllm import SamplingParams
+from vllm.lora.layers import LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA
+from vllm.lora.request import LoRARequest
+from sora_serve.vllm_plugin.engine import make_llm
+
+
+def head_layers(model):
+    kinds = (LogitsProcessorWithLoRA, VocabParallelEmbeddingWithLoRA)
+    return {name: [type(m).__name__, m.has_weights] for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+base, adapters = sys.argv[1], sys.argv[2:]
+llm = make_llm(base, max_loras=2)
+params = SamplingParams(max_tokens=2, temperature=0)
+requests = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(adapters)]
+llm.generate([{"prompt_token_ids": [5, 17, 99]}] * len(requests), params, lora_request=requests, use_tqdm=False)
+print("HEADS", json.dumps(llm.apply_model(head_layers)[0]))
+"""
+
+
+@pytest.mark.slow
+def test_embedding_and_logits_lora_layers_stay_base_while_serving(tmp_path):
+    """vLLM wraps a Llama's input embedding and logits in LoRA layers (models that list
+    `embedding_modules`); no adapter the plugin serves puts weights there, and vLLM's warm-up LoRAs
+    are zeros, so after serving a SORA and a LoRA both are the plugin's classes and hold no weights:
+    they run the base layers' own path (their outputs: tests/test_vllm_heads.py)."""
+    base = make_tiny_checkpoint("llama", tmp_path / "base")
+    adapters = [
+        write_random_adapter(
+            tmp_path / name, arch="llama", seed=i, **{"r": 8, "target_modules": "all-linear", **kwargs}
+        )
+        for i, (name, kwargs) in enumerate((("sora", SERVED_KINDS["sora_cay"]), ("lora", SERVED_KINDS["lora"])))
+    ]
+    script = tmp_path / "heads.py"
+    script.write_text(HEAD_LAYERS)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the model in this process, for apply_model
+    out = subprocess.run(
+        [sys.executable, str(script), str(base), *map(str, adapters)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    line = next((text for text in out.stdout.splitlines() if text.startswith("HEADS")), None)
+    assert line is not None, out.stderr[-3000:]
+    layers = json.loads(line.split(" ", 1)[1])
+    assert sorted(kind for kind, _ in layers.values()) == [
+        "SoraLogitsProcessorWithLoRA",
+        "SoraVocabParallelEmbeddingWithLoRA",
+    ], layers
+    assert not any(has_weights for _, has_weights in layers.values()), layers

@@ -148,7 +148,7 @@ def random_factors(layer, r: int, k: int, scaled: bool) -> list[ServingFactors]:
     ]
 
 
-def punica_wrapper(indices: list[int], max_loras: int, prefill: bool):
+def punica_wrapper(indices: list[int], max_loras: int, prefill: bool, vocab_size: int = 32000):
     """vLLM's CPU punica wrapper with its metadata set for a step whose tokens have these slots."""
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -156,7 +156,7 @@ def punica_wrapper(indices: list[int], max_loras: int, prefill: bool):
     wrapper = PunicaWrapperCPU(64, 16, "cpu")
     lora_ids = [100 + slot for slot in range(max_loras)]
     ids = [0 if slot < 0 else lora_ids[slot] for slot in indices]
-    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=prefill), lora_ids, max_loras + 1, 32000)
+    wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=prefill), lora_ids, max_loras + 1, vocab_size)
     assert wrapper.token_lora_indices.tolist() == indices
     return wrapper
 

@@ -112,6 +112,50 @@ SYMBOLS: tuple[Symbol, ...] = (
         "tensor-parallel shard of A's input columns",
         ("self", "lora_a"),
     ),
+    # heads.py: embedding and logits LoRA layers, the base path while no slot holds weights
+    Symbol(
+        "vllm.lora.layers:VocabParallelEmbeddingWithLoRA",
+        "subclassed",
+        "the plugin's embedding class, inserted before it in the layer table",
+    ),
+    *(
+        Symbol(
+            f"vllm.lora.layers.vocab_parallel_embedding:VocabParallelEmbeddingWithLoRA.{name}",
+            "overridden",
+            why,
+            params,
+        )
+        for name, params, why in (
+            ("forward", ("self", "x"), "the base embedding alone while no slot holds weights"),
+            ("set_lora", ("self", "index", "lora_a", "lora_b"), "notes the slots holding a non-zero B"),
+            ("reset_lora", ("self", "index"), "same"),
+        )
+    ),
+    Symbol(
+        "vllm.lora.layers:LogitsProcessorWithLoRA",
+        "subclassed",
+        "vLLM builds it outside the layer table; `heads.adopt` gives the LoRA manager's object the plugin's subclass",
+        mentions=("sharded_to_full_mapping_gpu",),
+    ),
+    *(
+        Symbol(f"vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA.{name}", "overridden", why, params)
+        for name, params, why in (
+            (
+                "_get_logits",
+                ("self", "hidden_states", "lm_head", "embedding_bias", "skip_gather"),
+                "the base logits alone while no slot holds weights",
+            ),
+            ("set_lora", ("self", "index", "lora_a", "lora_b"), "notes the slots holding a non-zero B"),
+            ("reset_lora", ("self", "index"), "same"),
+        )
+    ),
+    Symbol(
+        "vllm.model_executor.layers.logits_processor:LogitsProcessor._get_logits",
+        "called",
+        "the base logits, as the LoRA-disabled engine computes them",
+        ("self", "hidden_states", "lm_head", "embedding_bias", "skip_gather"),
+        mentions=("org_vocab_size",),
+    ),
     # backends/: the punica wrapper API
     Symbol(
         f"{PUNICA}.add_lora_linear",

@@ -179,11 +179,16 @@ PLUGIN_CLASSES: dict[type, type] = {}
 
 
 def install() -> None:
-    """Put each plugin class right before its parent in vLLM's layer table (idempotent)."""
+    """Put each plugin class (these linear ones, and `heads`' embedding) right before its parent in
+    vLLM's layer table (idempotent)."""
     from vllm.lora import utils
+    from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+
+    from .heads import embedding_class
 
     for parent in linear_parents():
         PLUGIN_CLASSES.setdefault(parent, _plugin_class(parent))
+    PLUGIN_CLASSES.setdefault(VocabParallelEmbeddingWithLoRA, embedding_class())
     table = [cls for cls in utils._all_lora_classes if cls not in PLUGIN_CLASSES.values()]
     for parent, ours in PLUGIN_CLASSES.items():
         table.insert(table.index(parent), ours)

@@ -25,7 +25,7 @@ from pathlib import Path
 from sora_serve.adapter_format import PEFT_PREFIX, AdapterFile
 from sora_serve.errors import AdapterError
 
-from . import registry
+from . import heads, registry
 from .activation import check_servable, row_sq_norms, slice_offsets, slice_paths, slot_weights
 from .backends import grouped
 from .layers import parallel_kind
@@ -129,7 +129,9 @@ def worker_manager_class() -> type:
                     "sora-serve's vLLM plugin does not cover fully_sharded_loras=True (S-LoRA's sharded layers); "
                     "start the engine without --fully-sharded-loras"
                 )
-            return super().create_lora_manager(model, vllm_config)
+            model = super().create_lora_manager(model, vllm_config)
+            heads.adopt(self._adapter_manager.modules.values())
+            return model
 
         def set_active_adapters(self, requests, mapping) -> None:
             super().set_active_adapters(requests, mapping)
