@@ -141,6 +141,36 @@ def test_mixed_decode_batches_run_each_slot_on_its_own_rows(tiles, monkeypatch):
     assert relative_error(result, expected) < REL_TOL
 
 
+def test_slots_written_between_steps_of_an_unchanged_batch_serve_their_new_contents(tiles, monkeypatch):
+    """vLLM keeps its punica wrapper across steps; a decode batch whose tokens keep their slots keeps
+    its plan (and each layer its op lists), while an adapter swapped into a slot, or a slot reset,
+    between two such steps must be served from the next step on."""
+    apply()
+    torch.manual_seed(13)
+    in_f, sizes, indices = 64, (48, 16, 16), [0, 1, 0, -1, 1]
+    layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    layer.punica_wrapper = punica_wrapper(indices, len(layer.sora_slots), prefill=False)
+    slots = {s: [slice_factors(in_f, n, 8, 4, True, True) for n in sizes] for s in (0, 1)}
+    plans = []
+    for step in ("first", "slot 0 swapped", "slot 1 reset"):
+        if step == "slot 0 swapped":
+            slots[0] = [slice_factors(in_f, n, 4, 2, False, True) for n in sizes]
+        for slot, factors in slots.items():
+            layer.set_lora(slot, SlotFactors(factors), [f.lora_B for f in factors])
+        if step == "slot 1 reset":
+            layer.reset_lora(1)
+            del slots[1]
+        grouped.new_step()  # as vLLM's set_active_adapters does every step
+        plans.append(grouped.step_plan(layer.punica_wrapper, len(indices), layer.sora_failed)[0])
+        x = torch.randn(len(indices), in_f, dtype=torch.bfloat16)
+        base = layer._get_quant_method().apply(layer, x, layer.base_layer.bias)
+        expected = per_slot_reference(slots, torch.tensor(indices), x, base, layer.output_slices)
+        result = layer.apply(x, layer.base_layer.bias)
+        assert relative_error(result, expected) < REL_TOL, step
+    assert plans[0] is plans[1] is plans[2]
+    assert all("buffers" in vars(layer.sora_fused[s]) for s in slots), "the fused op did not run"
+
+
 def test_fused_decode_quarantines_non_finite_rows(tiles, monkeypatch):
     """An adapter whose factors overflow bf16 has its rows zeroed and its slot flagged, as on the
     torch path; another slot's rows in the same batch are untouched by it."""
@@ -207,5 +237,5 @@ def test_fused_op_rejects_rows_outside_the_batch_before_writing_any_slot(monkeyp
     before = y.clone()
     runs = [(torch.tensor([0, 1]), layer.sora_fused[0]), (torch.tensor([2, 7]), layer.sora_fused[1])]
     with pytest.raises(RuntimeError, match=r"sora_serve::fused_decode: row 7 out of range"):
-        fused.run_slots(x, y, runs)
+        fused.run_slots(x, y, fused.slot_lists(runs))
     assert torch.equal(y, before)

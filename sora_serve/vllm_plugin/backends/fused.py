@@ -66,9 +66,9 @@ def _put_venv_ninja_on_path() -> None:
 
 
 @functools.cache
-def op():
-    """`torch.ops.sora_serve.fused_decode`, built and loaded once per process, or None where this
-    machine or the environment cannot run it (the reason is logged once)."""
+def _module():
+    """The op's extension module, built and loaded once per process, or None where this machine or
+    the environment cannot run it (the reason is logged once)."""
     if os.environ.get(FUSED_ENV, "1").strip() == "0":
         return None
     flags = _cpu_flags()
@@ -80,21 +80,27 @@ def op():
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name="sora_serve_fused_decode", sources=[str(_SOURCE)], extra_cflags=_COMPILE_FLAGS, is_python_module=False
-        )
+        module = cpp_extension.load(name="sora_serve_fused_decode", sources=[str(_SOURCE)], extra_cflags=_COMPILE_FLAGS)
     except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path serves
         logger.warning("sora-serve: fused decode op off, building %s failed: %s", _SOURCE.name, error)
         return None
-    use_amx(all(flag in flags for flag in _AMX_FLAGS) and os.environ.get(AMX_ENV, "1").strip() != "0")
-    return torch.ops.sora_serve.fused_decode
+    global _tiles
+    _tiles = module.use_amx(all(flag in flags for flag in _AMX_FLAGS) and os.environ.get(AMX_ENV, "1").strip() != "0")
+    return module
+
+
+def op():
+    """`fused_decode(x, y, scale, shift, a, rank_pad, e, u, btu, meta, rows) -> bool` (`run_slots`
+    builds its per-slot lists), or None where it cannot run here."""
+    module = _module()
+    return None if module is None else module.fused_decode
 
 
 def use_amx(on: bool) -> bool:
     """AMX tiles for the op's GEMMs on (where the kernel grants this process their state) or off
     (AVX512 dot products alone); returns whether they are on. Call after `op()` has loaded it."""
     global _tiles
-    _tiles = torch.ops.sora_serve.use_amx(on)
+    _tiles = _module().use_amx(on)
     return _tiles
 
 
@@ -163,8 +169,14 @@ class FusedSlot:
         return (self.scale, self.shift, *self.buffers)
 
 
-def run_slots(x: torch.Tensor, y: torch.Tensor, runs: list[tuple[torch.Tensor | None, FusedSlot]]) -> bool:
-    """y = each slot's ServingFactors on (x, base output y), in place, on its `rows` (its tokens of a
-    batch that mixes slots; None: every row), all slots in one op call; True if those rows hold NaN/inf."""
+def slot_lists(runs: list[tuple[torch.Tensor | None, FusedSlot]]) -> tuple[list, ...]:
+    """The op's per-slot lists for these (rows, slot) runs: rows None is every row of the batch, else
+    the slot's token rows of a batch that mixes slots. Valid while the slots' contents are."""
     per_slot = [list(entries) for entries in zip(*(slot.operands for _, slot in runs))]
-    return op()(x, y, *per_slot, [rows for rows, _ in runs])
+    return (*per_slot, [rows for rows, _ in runs])
+
+
+def run_slots(x: torch.Tensor, y: torch.Tensor, lists: tuple[list, ...]) -> bool:
+    """y = each slot's ServingFactors on (x, base output y), in place, on its rows (`slot_lists`), all
+    slots in one op call; True if those rows hold NaN/inf."""
+    return op()(x, y, *lists)

@@ -38,6 +38,8 @@ from .prepacked import SlotOperands
 
 _step = itertools.count()
 _current_step = next(_step)
+_slot_writes = itertools.count()
+_slot_version = next(_slot_writes)  # bumped by every slot write, in any layer
 
 
 def new_step() -> None:
@@ -59,6 +61,7 @@ def allocate(layer, max_loras: int, max_rank: int) -> None:
     layer.sora_packed_btu = torch.zeros(max_loras, width, width, **like)
     layer.sora_operands = [SlotOperands(*_packed(layer, i), 0, 0) for i in range(max_loras)]
     layer.sora_fused = [None] * max_loras
+    layer.sora_fused_call = None  # (plan, slot version, the op's lists or None): see _fused_call
     # Built or loaded once per process here, at engine start, not in a request's first step.
     layer.sora_fused_op = a.device.type == "cpu" and a.dtype == torch.bfloat16 and fused.op() is not None
     layer.sora_at_rank = {}
@@ -81,6 +84,8 @@ def pack_slot(layer, index: int, ranks: list[int], rot_ranks: list[int]) -> None
     layer.sora_packed_btu[index, :r0, :k0] = bt.double() @ u.double()  # rounded once, to the slot dtype
     layer.sora_operands[index] = SlotOperands(*_packed(layer, index), r0, k0)
     layer.sora_fused[index] = _fused_slot(layer, index, ranks, rot_ranks)
+    global _slot_version
+    _slot_version = next(_slot_writes)
     for (r, k), compact in layer.sora_at_rank.items():
         for copy, fresh in zip(compact, _padded_views(layer, r, k, slice(index, index + 1))):
             if copy[index].data_ptr() != fresh[0].data_ptr():  # a copy, not the buffer itself
@@ -192,14 +197,18 @@ class BatchPlan(NamedTuple):
 
 
 def step_plan(punica_wrapper, n_tokens: int, flags: torch.Tensor) -> tuple[BatchPlan, isolation.TokenMasks]:
-    """This step's plan and isolation masks, built by the first layer that asks and cached on the wrapper."""
+    """This step's plan and isolation masks, built by the first layer that asks and cached on the
+    wrapper. A step whose tokens have the slots of the previous one (a decode batch that did not
+    change) keeps its plan object, so what layers built for it stays valid (`_fused_call`)."""
     cached = getattr(punica_wrapper, "sora_plan", None)
     if cached is None or cached[0] != (_current_step, n_tokens):
         indices = punica_wrapper.token_lora_indices[:n_tokens]
+        same = cached is not None and torch.equal(cached[3], indices)
         cached = punica_wrapper.sora_plan = (
             (_current_step, n_tokens),
-            make_plan(indices),
+            cached[1] if same else make_plan(indices),
             isolation.token_masks(indices, flags),
+            indices.clone(),  # vLLM rewrites its buffer in place
         )
     return cached[1], cached[2]
 
@@ -269,12 +278,12 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     padding would more than double the work (uneven prefill), each slot on its own tokens; one
     slot for the whole batch, in place on the base output."""
     plan, masks = step_plan(layer.punica_wrapper, x.shape[0], layer.sora_failed)
-    if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
-        return output
-    fused_slots = _fused_slots(layer, plan, x, output)
-    if fused_slots is not None:
-        if fused.run_slots(x, output, fused_slots):  # the masked pass finds the rows and flags their slots
+    call = _fused_call(layer, plan, x, output)
+    if call is not None:
+        if call and fused.run_slots(x, output, call):  # the masked pass finds the rows and flags their slots
             isolation.quarantine_rows(output, masks, layer.sora_failed)
+        return output
+    if not any(layer.sora_slots[s].active for s in plan.slots):  # all base (or all-zero slots)
         return output
     if plan.rows is None:
         groups = [_slot_group(layer, plan.slots[0], None, x, output)]
@@ -293,12 +302,24 @@ def apply(layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _fused_slots(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor):
-    """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of the
-    batch, all run by one fused native op call (`fused.run_slots`); None where the torch paths run it: the op
-    not built here or not taking this many rows, or a slot it cannot take (`_fused_slot`)."""
+def _fused_call(layer, plan: BatchPlan, x: torch.Tensor, output: torch.Tensor) -> tuple | None:
+    """The fused op's lists for this layer's active slots in `plan` (empty: none is active), or None
+    where the torch path runs. Built once per plan and slot contents, not per step: each layer's
+    call comes right after its base GEMM has streamed the weights through the caches, where every
+    Python object touched costs a memory read (docs/VLLM.md, "The fused op")."""
     if not layer.sora_fused_op or not fused.takes(x.shape[0]) or output.stride(-1) != 1:
         return None
+    cached = layer.sora_fused_call
+    if cached is None or cached[0] is not plan or cached[1] != _slot_version:
+        runs = _fused_slots(layer, plan)
+        lists = None if runs is None else fused.slot_lists(runs) if runs else ()
+        cached = layer.sora_fused_call = (plan, _slot_version, lists)
+    return cached[2]
+
+
+def _fused_slots(layer, plan: BatchPlan) -> list | None:
+    """(its token rows or None for the whole batch, its `FusedSlot`) for every active slot of the
+    batch; None where a slot is one the op cannot take (`_fused_slot`)."""
     rows = (None,) if plan.rows is None else plan.slot_rows
     runs = []
     for slot, slot_rows in zip(plan.slots, rows):
