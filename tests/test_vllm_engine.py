@@ -297,6 +297,18 @@ print("COUNTS", json.dumps({"reads": dict(registry.reads), "serving": serving, "
 """
 
 
+def in_process_engine(script: str, tmp_path, args: list[str], marker: str):
+    """Run `script` with `args` in a fresh interpreter whose engine core and worker run in its own
+    process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), and return the JSON it printed after `marker`."""
+    path = tmp_path / f"{marker.lower()}.py"
+    path.write_text(script)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=600, env=env)
+    line = next((text for text in out.stdout.splitlines() if text.startswith(marker)), None)
+    assert line is not None, out.stderr[-3000:]
+    return json.loads(line.split(" ", 1)[1])
+
+
 @pytest.mark.slow
 def test_each_adapter_is_read_once(served, tmp_path):
     """Front end and worker in one process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): two rounds of
@@ -304,20 +316,8 @@ def test_each_adapter_is_read_once(served, tmp_path):
     registry; vLLM's own loader (PEFTHelper, LoRAModel.from_local_checkpoint) never opens them."""
     once(served)
     root, _, _ = served
-    script = tmp_path / "count.py"
-    script.write_text(READ_COUNT)
     adapters = [str(root / "sora_cay"), str(root / "lora")]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    out = subprocess.run(
-        [sys.executable, str(script), str(root / "base"), *adapters],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    line = next((text for text in out.stdout.splitlines() if text.startswith("COUNTS")), None)
-    assert line is not None, out.stderr[-3000:]
-    counts = json.loads(line.split(" ", 1)[1])
+    counts = in_process_engine(READ_COUNT, tmp_path, [str(root / "base"), *adapters], "COUNTS")
     assert counts["reads"] == {path: 1 for path in adapters}
     assert counts["serving"] == counts["one_read"]  # the files were opened as by one read each, all by sora_serve
     assert all(key.endswith(" sora_serve") for key in counts["serving"])
@@ -359,19 +359,7 @@ def test_embedding_and_logits_lora_layers_stay_base_while_serving(tmp_path):
         )
         for i, (name, kwargs) in enumerate((("sora", SERVED_KINDS["sora_cay"]), ("lora", SERVED_KINDS["lora"])))
     ]
-    script = tmp_path / "heads.py"
-    script.write_text(HEAD_LAYERS)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the model in this process, for apply_model
-    out = subprocess.run(
-        [sys.executable, str(script), str(base), *map(str, adapters)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    line = next((text for text in out.stdout.splitlines() if text.startswith("HEADS")), None)
-    assert line is not None, out.stderr[-3000:]
-    layers = json.loads(line.split(" ", 1)[1])
+    layers = in_process_engine(HEAD_LAYERS, tmp_path, [str(base), *map(str, adapters)], "HEADS")
     assert sorted(kind for kind, _ in layers.values()) == [
         "SoraLogitsProcessorWithLoRA",
         "SoraVocabParallelEmbeddingWithLoRA",

@@ -6,6 +6,7 @@ core, workers) calls `register()` on start. It checks every vLLM symbol it touch
 vLLM through its seams, one module per concern (design and limits: docs/VLLM.md):
 
   layers.py      plugin-owned linear LoRA layers (subclasses in vLLM's layer table): slot buffers, op
+  heads.py       vLLM's embedding and logits LoRA layers: the base path while no slot holds weights
   backends/      the op: `punica` (vLLM's punica API, graph-safe) or `grouped` (the CPU fast path)
   activation.py  slot factors computed once at load; entering a slot is a copy
   loading.py     every adapter through sora-serve's validator (front end and worker loader)

@@ -59,6 +59,16 @@ LAYER_METHODS = {
     "can_replace_layer": ("cls", "source_layer", "lora_config", "packed_modules_list"),
 }
 PUNICA = "vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase"
+SLOT_TRACKING = (  # heads.py's classes note which slots hold a non-zero B
+    ("set_lora", ("self", "index", "lora_a", "lora_b"), "notes the slots holding a non-zero B"),
+    ("reset_lora", ("self", "index"), "same"),
+)
+
+
+def overrides(cls: str, *methods: tuple[str, tuple[str, ...], str]) -> tuple[Symbol, ...]:
+    """`cls`'s methods our subclass overrides: (name, leading parameters, why) each."""
+    return tuple(Symbol(f"{cls}.{name}", "overridden", why, params) for name, params, why in methods)
+
 
 SYMBOLS: tuple[Symbol, ...] = (
     # layers.py: plugin-owned layer classes
@@ -118,18 +128,10 @@ SYMBOLS: tuple[Symbol, ...] = (
         "subclassed",
         "the plugin's embedding class, inserted before it in the layer table",
     ),
-    *(
-        Symbol(
-            f"vllm.lora.layers.vocab_parallel_embedding:VocabParallelEmbeddingWithLoRA.{name}",
-            "overridden",
-            why,
-            params,
-        )
-        for name, params, why in (
-            ("forward", ("self", "x"), "the base embedding alone while no slot holds weights"),
-            ("set_lora", ("self", "index", "lora_a", "lora_b"), "notes the slots holding a non-zero B"),
-            ("reset_lora", ("self", "index"), "same"),
-        )
+    *overrides(
+        "vllm.lora.layers.vocab_parallel_embedding:VocabParallelEmbeddingWithLoRA",
+        ("forward", ("self", "x"), "the base embedding alone while no slot holds weights"),
+        *SLOT_TRACKING,
     ),
     Symbol(
         "vllm.lora.layers:LogitsProcessorWithLoRA",
@@ -137,17 +139,14 @@ SYMBOLS: tuple[Symbol, ...] = (
         "vLLM builds it outside the layer table; `heads.adopt` gives the LoRA manager's object the plugin's subclass",
         mentions=("sharded_to_full_mapping_gpu",),
     ),
-    *(
-        Symbol(f"vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA.{name}", "overridden", why, params)
-        for name, params, why in (
-            (
-                "_get_logits",
-                ("self", "hidden_states", "lm_head", "embedding_bias", "skip_gather"),
-                "the base logits alone while no slot holds weights",
-            ),
-            ("set_lora", ("self", "index", "lora_a", "lora_b"), "notes the slots holding a non-zero B"),
-            ("reset_lora", ("self", "index"), "same"),
-        )
+    *overrides(
+        "vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA",
+        (
+            "_get_logits",
+            ("self", "hidden_states", "lm_head", "embedding_bias", "skip_gather"),
+            "the base logits alone while no slot holds weights",
+        ),
+        *SLOT_TRACKING,
     ),
     Symbol(
         "vllm.model_executor.layers.logits_processor:LogitsProcessor._get_logits",

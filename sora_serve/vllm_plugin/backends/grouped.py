@@ -1,7 +1,7 @@
 """The CPU backend: every token with its slot's `ServingFactors`, by slot.
 
 Batches the fused native op takes (bf16, where it is built; any size on AMX tiles, else up to
-`fused.MAX_DOT_ROWS` tokens) run one `sora_serve::fused_decode` per layer for every slot present,
+`fused.MAX_DOT_ROWS` tokens) run one `fused_decode` call per layer for every slot present,
 each on its rows (`fused.py`): scale and shift,
 shrink, rotation, expansion and the finiteness check in one op, reading each slice's own factor
 blocks once. Everything else (fp32, a CPU without AVX512-BF16, prefill without AMX) takes the torch path below,
