@@ -12,7 +12,9 @@ These subclasses keep vLLM's buffers and slot writes, note which slots hold a no
 zero, a slot adds nothing whatever A holds), and take the base layer's own path while none does.
 The embedding class enters vLLM's layer table like the linear ones (`layers.install`); vLLM builds
 the logits wrapper itself, outside the table, so `adopt` gives that object our subclass once the
-LoRA manager has built it.
+LoRA manager has built it. The branch reads host state that only slot writes change, so a graph
+captured (CUDA graphs, torch.compile) replays the path of its capture; with sora-serve's loader no
+weights reach these layers, so that path is the base one throughout.
 """
 
 from __future__ import annotations
