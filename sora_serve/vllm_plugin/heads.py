@@ -5,8 +5,8 @@ run vLLM's LoRA ops on every step: a gather of the embedding's A rows and an exp
 logits a shrink and an expand over the whole vocabulary, per slot in the batch. sora-serve never
 puts weights there (its loader refuses an adapter naming an embedding or the output head,
 `loading.check_targets`), and vLLM's warm-up LoRAs are zeros, so on every step those ops add zero
-at a cost of ~2 ms per decode step of Llama 2048 x 12 on 2 cores (docs/benchmarks/serving.md,
-"Where a decode step goes").
+at a cost of ~2 ms per decode step of Llama 2048 x 12 on 2 cores (the "punica ops" row of
+docs/benchmarks/profile-step-20261206-32slots.md; gone in profile-step-20261208.md).
 
 These subclasses keep vLLM's buffers and slot writes, note which slots hold a non-zero B (with B
 zero, a slot adds nothing whatever A holds), and take the base layer's own path while none does.
