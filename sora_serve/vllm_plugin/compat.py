@@ -259,8 +259,10 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol(
         "vllm.lora.worker_manager:WorkerLoRAManager.create_lora_manager",
         "overridden",
-        "refuses fully_sharded_loras, which our layers do not cover; records the model dir for the fingerprint check",
+        "refuses fully_sharded_loras, which our layers do not cover; records the model dir for the fingerprint check; "
+        "gives the logits LoRA layer the plugin's class (heads.adopt) from the manager it built",
         ("self", "model", "vllm_config"),
+        mentions=("_adapter_manager",),
     ),
     Symbol(
         "vllm.v1.worker.lora_model_runner_mixin:LRUCacheWorkerLoRAManager",
@@ -297,7 +299,14 @@ SYMBOLS: tuple[Symbol, ...] = (
         "vllm.lora.model_manager:LoRAModelManager",
         "called",
         "read: modules, packed_modules_mapping, supported_lora_modules, lora_index_to_id",
-        mentions=("packed_modules_mapping", "supported_lora_modules", "lora_index_to_id", "set_lora", "reset_lora"),
+        mentions=(
+            "modules",
+            "packed_modules_mapping",
+            "supported_lora_modules",
+            "lora_index_to_id",
+            "set_lora",
+            "reset_lora",
+        ),
     ),
     Symbol(
         "vllm.v1.engine.input_processor:InputProcessor._validate_lora",

@@ -89,9 +89,10 @@ def _module():
     return module
 
 
+@functools.cache
 def op():
     """`fused_decode(x, y, scale, shift, a, rank_pad, e, u, btu, meta, rows) -> bool` (`run_slots`
-    builds its per-slot lists), or None where it cannot run here."""
+    builds its per-slot lists), or None where it cannot run here; looked up once (every layer calls it)."""
     module = _module()
     return None if module is None else module.fused_decode
 
