@@ -191,13 +191,13 @@ def test_fused_decode_quarantines_non_finite_rows(tiles, monkeypatch):
 
 def test_prefill_sized_batches_run_on_tiles(amx, monkeypatch):
     """On AMX tiles the op takes batches of any size: one slot's prefill, and a prefill whose slots
-    have very uneven token counts, with base rows."""
+    have very uneven token counts, with base rows; 150 and 80 rows: the op's blocks of 64 rows and a tail."""
     apply()
     torch.manual_seed(9)
     in_f, sizes = 96, (48, 16, 16)
     layer = plugin_layer(sizes=sizes, in_f=in_f, dtype=torch.bfloat16, monkeypatch=monkeypatch)
     slots = {s: [slice_factors(in_f, n, 8, 4, True, True) for n in sizes] for s in (0, 3)}
-    for indices in ([3] * 60, [0] * 45 + [-1] * 5 + [3] * 3):
+    for indices in ([3] * 60, [0] * 45 + [-1] * 5 + [3] * 3, [3] * 150, [0] * 80 + [-1] * 7 + [3] * 66):
         result, expected = run_layer(layer, slots, indices, in_f)
         assert relative_error(result, expected) < REL_TOL
     assert all("buffers" in vars(layer.sora_fused[s]) for s in slots)

@@ -153,7 +153,7 @@ def punica_wrapper(indices: list[int], max_loras: int, prefill: bool, vocab_size
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    wrapper = PunicaWrapperCPU(64, 16, "cpu")
+    wrapper = PunicaWrapperCPU(max(64, len(indices)), 16, "cpu")
     lora_ids = [100 + slot for slot in range(max_loras)]
     ids = [0 if slot < 0 else lora_ids[slot] for slot in indices]
     wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=prefill), lora_ids, max_loras + 1, vocab_size)

@@ -154,8 +154,7 @@ class FusedSlot:
         for r, k, n in zip(self.ranks, self.rot_ranks, self.widths):
             cols = slice(col, col + n)
             e = _vnni(torch.cat([bt[r0 : r0 + r, cols], vt[k0 : k0 + k, cols]]), n).flatten()
-            u_j = _vnni(u[cols, k0 : k0 + k], _pad16(k)).flatten() if k else u.new_zeros(0)
-            btu_j = btu[r0 : r0 + r, k0 : k0 + k].flatten()
+            u_j, btu_j = self._rotation_blocks(u[cols, k0 : k0 + k], btu[r0 : r0 + r, k0 : k0 + k], cols)
             meta.append([col, n, r0, r, k0, k, e_at, u_at, btu_at])
             e_parts.append(e), u_parts.append(u_j), btu_parts.append(btu_j)
             e_at, u_at, btu_at = e_at + e.numel(), u_at + u_j.numel(), btu_at + btu_j.numel()
@@ -163,6 +162,17 @@ class FusedSlot:
         meta = torch.tensor(meta, dtype=torch.long)
         e_parts.append(a.new_zeros(32))  # AMX reads whole 16-column blocks: up to 15 pairs past the last slice
         return a_vnni, rank_pad, torch.cat(e_parts), torch.cat(u_parts), torch.cat(btu_parts), meta
+
+    def _rotation_blocks(self, u: torch.Tensor, btu: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slice's U and BᵀU blocks for the op, which reads the base output y in place for the
+        rotation's projection: z U = y (scale U) + shift U, so U comes scaled and BᵀU with shift U as
+        one more row (computed in fp32, rounded once)."""
+        k = u.shape[1]
+        if not k:
+            return u.new_zeros(0), btu.flatten()
+        scaled_u = u.float() * self.scale[cols, None].float() if self.scale is not None else u.float()
+        shift_u = self.shift[cols].float() @ u.float() if self.shift is not None else u.new_zeros(k, dtype=torch.float)
+        return _vnni(scaled_u.to(u.dtype), _pad16(k)).flatten(), torch.cat([btu.flatten(), shift_u.to(u.dtype)])
 
     @property
     def operands(self) -> tuple:

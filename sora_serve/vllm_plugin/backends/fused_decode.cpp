@@ -2,18 +2,20 @@
 //
 //     z = scale * y + shift;   p = x Aᵀ;   q = z U + p (BᵀU);   y = z + [p q] [Bᵀ; Vᵀ]
 //
+// with z U computed as y (scale U) + shift U from the base output in place (z is never stored),
 // per slice of a packed layer (q, k, v; gate, up), reading only each slice's own blocks of the
 // factors (the block-diagonal zeros of the torch path's packed operands are never read), and
 // returning whether any output value is NaN/inf (the caller then runs the masked quarantine).
 // Why native: at decode these GEMMs have 1-32 rows against ranks of 4-64, and a torch or oneDNN
 // call per factor costs several times what its bytes do (docs/benchmarks/serving.md); one pass
-// per slice over the factors, fp32 accumulation, and no temporaries but p, q and z's bf16 copy.
+// per slice over the factors, fp32 accumulation, and no temporaries but p and q.
 //
 // Layouts (prepared once per slot by fused.py): every factor is "VNNI" bf16, (rows/2,
 // cols, 2), so one 32-bit broadcast of an activation pair times 16 column pairs is one
 // _mm512_dpbf16_ps. A: (in/2, Rp, 2), Rp = all slices' ranks padded to 16. Per slice j, in flat
 // buffers at its offsets: E_j = [B_jᵀ; V_jᵀ] as (Hp_j/2, n_j, 2), H_j = r_j + k_j padded to even;
-// U_j as (n_j/2, Kp_j, 2), Kp_j = k_j padded to 16; BᵀU_j as (r_j, k_j) row-major.
+// U_j scaled by the slice's scale (scale_j U_j) as (n_j/2, Kp_j, 2), Kp_j = k_j padded to 16;
+// [BᵀU_j; shift_j U_j] as (r_j + 1, k_j) row-major (the last row zeros where there is no shift).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -235,21 +237,33 @@ inline __m512 scaled_shifted(const uint16_t* y, const uint16_t* scale, const uin
 
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
 
-// z's bf16 copy for a slice (the rotation's projection reads z as the torch path does: rounded).
-void round_z(const uint16_t* y, int64_t ld_y, const uint16_t* scale, const uint16_t* shift, int64_t rows,
-                         int64_t n, uint16_t* z) {
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t c = 0; c < n; c += 16) {
-      const __mmask16 mask = tail_mask(n - c);
-      _mm256_mask_storeu_epi16(z + m * n + c, mask, fp32_to_bf16(scaled_shifted(y + m * ld_y, scale, shift, c, mask)));
-    }
+// Whether any stored bf16 value is NaN/inf (exponent bits all set), accumulated in a register.
+struct NonFinite {
+  const __m256i exponent = _mm256_set1_epi16(0x7f80);
+  __m256i seen = _mm256_setzero_si256();
+  void add(__m256i out, __mmask16 mask) {
+    const __m256i all_ones = _mm256_cmpeq_epi16(_mm256_and_si256(out, exponent), exponent);
+    seen = _mm256_or_si256(seen, _mm256_maskz_mov_epi16(mask, all_ones));
+  }
+  bool any() const { return !_mm256_testz_si256(seen, seen); }
+};
+
+// Buffers of the calling thread reused from call to call, one per role, never shrunk: at prefill
+// sizes (MBs) a fresh vector is an mmap whose pages the kernel zeroes on every call, per slice.
+enum ScratchRole { kGatheredX, kGatheredY };
+
+template <ScratchRole Role>
+uint16_t* scratch(int64_t count) {
+  thread_local std::vector<uint16_t> buffer;
+  if (int64_t(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
 }
 
 // What the expansion of one slice reads and writes (see expand_slice).
 struct Expansion {
   uint16_t* y;
   int64_t ld_y;
-  const uint16_t *scale, *shift, *z_rounded, *h;
+  const uint16_t *scale, *shift, *h;
   int64_t h_pad;
   const uint16_t* e;
   int64_t n;
@@ -262,8 +276,7 @@ bool expand_block(const Expansion& x, int64_t m0, int64_t c) {
   const __mmask32 pair_mask = x.n - c >= 16 ? __mmask32(0xffffffff) : __mmask32((1ull << (2 * (x.n - c))) - 1);
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m)
-    acc[m] = x.z_rounded ? bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, x.z_rounded + (m0 + m) * x.n + c))
-                         : scaled_shifted(x.y + (m0 + m) * x.ld_y, x.scale, x.shift, c, mask);
+    acc[m] = scaled_shifted(x.y + (m0 + m) * x.ld_y, x.scale, x.shift, c, mask);
   for (int64_t i = 0; i < x.h_pad; i += 2) {
     const __m512bh ev = (__m512bh)_mm512_maskz_loadu_epi16(pair_mask, x.e + (i / 2) * x.n * 2 + c * 2);
     for (int m = 0; m < MB; ++m) {
@@ -272,14 +285,13 @@ bool expand_block(const Expansion& x, int64_t m0, int64_t c) {
       acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), ev);
     }
   }
-  const __m256i exponent = _mm256_set1_epi16(0x7f80);
-  bool bad = false;
+  NonFinite check;
   for (int m = 0; m < MB; ++m) {
     const __m256i out = fp32_to_bf16(acc[m]);
-    bad |= _mm256_mask_cmpeq_epi16_mask(mask, _mm256_and_si256(out, exponent), exponent) != 0;
+    check.add(out, mask);
     _mm256_mask_storeu_epi16(x.y + (m0 + m) * x.ld_y + c, mask, out);
   }
-  return bad;
+  return check.any();
 }
 
 constexpr int kExpandRows = 8;  // rows per block: 8 independent accumulator chains hide the dot product's latency
@@ -322,19 +334,23 @@ bool amx_expand_block(const Expansion& x, int64_t m0, int64_t mb, int64_t c) {
   _tile_stored(4, sums, 48 * 4);
   if constexpr (NB > 1) _tile_stored(5, sums + 16, 48 * 4);
   if constexpr (NB > 2) _tile_stored(6, sums + 32, 48 * 4);
-  const __m256i exponent = _mm256_set1_epi16(0x7f80);
-  bool bad = false;
-  for (int64_t m = 0; m < mb; ++m)
+  // The epilogue is most of the op's time at prefill (a load, two conversions, an add and a store
+  // per 16 outputs): masks once per block, row pointers once per row, and the NaN/inf check kept
+  // in a vector register (a mask moved to a general register per store cost as much again).
+  __mmask16 masks[NB];
+  for (int b = 0; b < NB; ++b) masks[b] = tail_mask(x.n - c - 16 * b);
+  const uint16_t *scale = x.scale ? x.scale + c : nullptr, *shift = x.shift ? x.shift + c : nullptr;
+  NonFinite check;
+  for (int64_t m = 0; m < mb; ++m) {
+    uint16_t* y_row = x.y + (m0 + m) * x.ld_y + c;
     for (int b = 0; b < NB; ++b) {
-      const int64_t col = c + 16 * b, row = m0 + m;
-      const __mmask16 mask = tail_mask(x.n - col);
-      const __m512 z = x.z_rounded ? bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, x.z_rounded + row * x.n + col))
-                                   : scaled_shifted(x.y + row * x.ld_y, x.scale, x.shift, col, mask);
-      const __m256i out = fp32_to_bf16(_mm512_add_ps(z, _mm512_loadu_ps(sums + m * 48 + 16 * b)));
-      bad |= _mm256_mask_cmpeq_epi16_mask(mask, _mm256_and_si256(out, exponent), exponent) != 0;
-      _mm256_mask_storeu_epi16(x.y + row * x.ld_y + col, mask, out);
+      const __m512 z = scaled_shifted(y_row, scale, shift, 16 * b, masks[b]);
+      const __m256i out = fp32_to_bf16(_mm512_add_ps(z, _mm512_load_ps(sums + m * 48 + 16 * b)));
+      check.add(out, masks[b]);
+      _mm256_mask_storeu_epi16(y_row + 16 * b, masks[b], out);
     }
-  return bad;
+  }
+  return check.any();
 }
 
 // Column vectors [first, last) of a slice's expansion with tiles. Factor tiles read up to 15
@@ -356,8 +372,8 @@ bool amx_expand_columns(const Expansion& x, int64_t rows, int64_t first, int64_t
   return bad;
 }
 
-// y[:, cols] = z + h E over one slice's columns, h = [p_j q_j] (rows, h_pad) bf16. z is read from
-// `z_rounded` when the slice has a rotation (its bf16 copy), else computed from y in fp32.
+// y[:, cols] = z + h E over one slice's columns, h = [p_j q_j] (rows, h_pad) bf16, z = scale * y + shift
+// computed from y in fp32 as each block is stored.
 // Returns whether any stored value is NaN/inf.
 bool expand_slice(const Expansion& x, int64_t rows) {
   constexpr int64_t kColsPerTask = 256;
@@ -397,10 +413,9 @@ struct Batch {
   int64_t ld_y, rows, y_cols;
 };
 
-bool apply_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+bool apply_rows(const Batch& batch, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                 const at::Tensor& a, int64_t rank_pad, const at::Tensor& e, const at::Tensor& u, const at::Tensor& btu,
-                const at::Tensor& meta) {
-  const std::vector<Slice> slices = read_slices(meta);
+                const std::vector<Slice>& slices) {
   const int64_t rows = batch.rows, ld_y = batch.ld_y;
   uint16_t* out = batch.y;
   const uint16_t *scale_bits = optional_bits(scale), *shift_bits = optional_bits(shift);
@@ -414,24 +429,41 @@ bool apply_slot(const Batch& batch, const std::optional<at::Tensor>& scale, cons
     const uint16_t* sh = shift_bits ? shift_bits + s.col : nullptr;
     if (!s.r && !s.k && !sc && !sh) continue;  // a slice the adapter leaves alone keeps the base output
     uint16_t* y_slice = out + s.col;
-    std::vector<uint16_t> h(rows * s.h_pad(), 0), z;
+    std::vector<uint16_t> h(rows * s.h_pad(), 0);
     for (int64_t m = 0; m < rows; ++m)
       for (int64_t i = 0; i < s.r; ++i) h[m * s.h_pad() + i] = bf16_bits(p[m * rank_pad + s.rank_at + i]);
     if (s.k) {
-      z.resize(rows * s.n);
-      round_z(y_slice, ld_y, sc, sh, rows, s.n, z.data());
+      // z U = y (scale U) + shift U: the base output is read in place, with no copy of z.
       std::vector<float> q(rows * s.k_pad(), 0.0f);
-      thin_gemm(z.data(), s.n, rows, s.n, bits(u) + s.u_at, s.k_pad(), q.data());
+      thin_gemm(y_slice, ld_y, rows, s.n, bits(u) + s.u_at, s.k_pad(), q.data());
       const uint16_t* btu_j = bits(btu) + s.btu_at;
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t j = 0; j < s.k; ++j) {
-          float sum = q[m * s.k_pad() + j];
+          float sum = q[m * s.k_pad() + j] + bf16_value(btu_j[s.r * s.k + j]);
           for (int64_t i = 0; i < s.r; ++i) sum += bf16_value(h[m * s.h_pad() + i]) * bf16_value(btu_j[i * s.k + j]);
           h[m * s.h_pad() + s.r + j] = bf16_bits(sum);
         }
     }
-    const Expansion expansion{y_slice, ld_y, sc, sh, s.k ? z.data() : nullptr, h.data(), s.h_pad(), bits(e) + s.e_at, s.n};
+    const Expansion expansion{y_slice, ld_y, sc, sh, h.data(), s.h_pad(), bits(e) + s.e_at, s.n};
     nonfinite |= expand_slice(expansion, rows);
+  }
+  return nonfinite;
+}
+
+// Rows in blocks of kRowBlock: a block's output rows stay in L2 from the rotation's projection to
+// the expansion, where a whole prefill slice (128 x 5632 bf16: 1.4 MB) spills and each pass read
+// it back from L3.
+constexpr int64_t kRowBlock = 64;
+
+bool apply_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                const at::Tensor& a, int64_t rank_pad, const at::Tensor& e, const at::Tensor& u, const at::Tensor& btu,
+                const at::Tensor& meta) {
+  const std::vector<Slice> slices = read_slices(meta);
+  bool nonfinite = false;
+  for (int64_t m0 = 0; m0 < batch.rows; m0 += kRowBlock) {
+    const Batch block{batch.x + m0 * batch.ld_x, batch.ld_x, batch.in, batch.y + m0 * batch.ld_y,
+                      batch.ld_y, std::min(kRowBlock, batch.rows - m0), batch.y_cols};
+    nonfinite |= apply_rows(block, scale, shift, a, rank_pad, e, u, btu, slices);
   }
   return nonfinite;
 }
@@ -455,15 +487,15 @@ bool run_slot(const Batch& batch, const std::optional<at::Tensor>& scale, const 
   const int64_t n_rows = rows->size(0);
   const int64_t* index = rows->data_ptr<int64_t>();
   const int64_t out_cols = batch.y_cols;
-  std::vector<uint16_t> x_rows(n_rows * batch.in), y_rows(n_rows * out_cols);
+  uint16_t *x_rows = scratch<kGatheredX>(n_rows * batch.in), *y_rows = scratch<kGatheredY>(n_rows * out_cols);
   for (int64_t m = 0; m < n_rows; ++m) {
-    std::memcpy(&x_rows[m * batch.in], batch.x + index[m] * batch.ld_x, batch.in * sizeof(uint16_t));
-    std::memcpy(&y_rows[m * out_cols], batch.y + index[m] * batch.ld_y, out_cols * sizeof(uint16_t));
+    std::memcpy(x_rows + m * batch.in, batch.x + index[m] * batch.ld_x, batch.in * sizeof(uint16_t));
+    std::memcpy(y_rows + m * out_cols, batch.y + index[m] * batch.ld_y, out_cols * sizeof(uint16_t));
   }
-  const Batch gathered{x_rows.data(), batch.in, batch.in, y_rows.data(), out_cols, n_rows, out_cols};
+  const Batch gathered{x_rows, batch.in, batch.in, y_rows, out_cols, n_rows, out_cols};
   const bool nonfinite = apply_slot(gathered, scale, shift, a, rank_pad, e, u, btu, meta);
   for (int64_t m = 0; m < n_rows; ++m)
-    std::memcpy(batch.y + index[m] * batch.ld_y, &y_rows[m * out_cols], out_cols * sizeof(uint16_t));
+    std::memcpy(batch.y + index[m] * batch.ld_y, y_rows + m * out_cols, out_cols * sizeof(uint16_t));
   return nonfinite;
 }
 
