@@ -123,3 +123,55 @@ def test_part_timer_passes_results_through_and_sums_per_label():
     spent = timer.take()
     assert list(spent) == ["math"] and spent["math"] > 0
     assert timer.take() == {}
+
+
+def engine_rows(rows: dict[str, dict[str, float]]) -> list[dict]:
+    """An engine's result rows with these metric medians (None: not measured)."""
+    return [
+        {"name": name} | {m: None if v is None else {"median": v} for m, v in metrics.items()}
+        for name, metrics in rows.items()
+    ]
+
+
+def test_paired_ratios_are_taken_within_each_round_as_speed_over_speed():
+    from benchmarks.serving import PAIRED_RATIOS, paired_rows
+    from benchmarks.shapes import SHAPES, decode_limit
+
+    def round_(scale: float) -> dict:  # the whole machine `scale` times slower in this round
+        disabled = {"decode": {"tpot_s": 0.05 * scale, "ttft_s": 0.2 * scale, "tok_per_s": 100 / scale}}
+        disabled["prefill"] = {"tok_per_s": 400 / scale}
+        plugin = {
+            "plugin: base requests": {"tpot_s": 0.05 * scale, "ttft_s": 0.25 * scale, "tok_per_s": 95 / scale},
+            "plugin: LoRA @ batch 8": {"tpot_s": 0.0505 * scale, "ttft_s": 0.25 * scale, "tok_per_s": 90 / scale},
+            "plugin: SORA @ batch 8": {"tpot_s": 0.052 * scale, "ttft_s": 0.25 * scale, "tok_per_s": 85 / scale},
+            "plugin: LoRA prefill": {"tok_per_s": 380 / scale},
+            "plugin: SORA prefill": {"tok_per_s": 360 / scale},
+        }
+        return {
+            "order": ["no-lora", "plugin"],
+            "results": {"no-lora": engine_rows(disabled), "plugin": engine_rows(plugin)},
+        }
+
+    shape = SHAPES["realistic"]
+    rows = {r["ratio"]: r for r in paired_rows([round_(1.0), round_(2.5)], shape)}
+    assert list(rows) == [name for name, *_ in PAIRED_RATIOS]
+    expected = {
+        "plugin LoRA / LoRA-disabled engine, decode b8 per further token": 0.05 / 0.0505,
+        "plugin SORA prefill / LoRA-disabled engine prefill": 360 / 400,
+        "base requests / LoRA-disabled engine, time to first token b8": 0.2 / 0.25,
+        "plugin SORA / LoRA-disabled engine, 16-token requests b8 (first token included)": 85 / 100,
+    }
+    for name, value in expected.items():  # the drift between rounds cancels within each
+        assert rows[name]["per_round"] == pytest.approx([value, value]) and rows[name]["mean"] == pytest.approx(value)
+    lora = rows["plugin LoRA / LoRA-disabled engine, decode b8 per further token"]
+    assert lora["limit"] == pytest.approx(decode_limit(shape, ["lora"], []))
+    assert lora["share"] == pytest.approx(lora["mean"] / lora["limit"])
+    assert rows["base requests / LoRA-disabled engine, time to first token b8"]["limit"] == 1.0
+
+
+def test_a_paired_ratio_missing_from_every_round_is_not_measured():
+    from benchmarks.serving import paired_rows
+    from benchmarks.shapes import SHAPES
+
+    empty = {"order": ["plugin", "no-lora"], "results": {"no-lora": [], "plugin": []}}
+    assert all(r["mean"] is None and r["per_round"] == [] for r in paired_rows([empty], SHAPES["realistic"]))

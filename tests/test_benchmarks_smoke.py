@@ -102,7 +102,10 @@ def test_serving_suite(tmp_path):
     )
     # quick: no second hidden size, no first-request targets; no --peers: llama.cpp's targets not measured
     peer_targets = [t for t in data["targets"] if "llama.cpp" in t["name"]]
-    assert len(data["targets"]) == 21 and len(peer_targets) == 4
+    assert len(data["targets"]) == 22 and len(peer_targets) == 4
+    # paired engines: every ratio read in the one quick round, the shares among the targets
+    assert all(len(r["per_round"]) == 1 and r["mean"] > 0 for r in data["paired"]["ratios"]), data["paired"]
+    assert sum("(paired)" in t["name"] for t in data["targets"]) == 6
     assert all(t["met"] is None for t in peer_targets)
     assert all(t["met"] in (True, False) for t in data["targets"] if t not in peer_targets)
     assert all(row["tok_per_s"]["samples"] for row in data["vllm"] if row["kind"] in ("decode", "prefill"))
