@@ -482,10 +482,10 @@ def paired_markdown(rows: list[dict], rounds: int) -> list[str]:
         "## Paired engines: the plugin's cost against the LoRA-disabled engine",
         "",
         f"{rounds} round{'s' if rounds > 1 else ''}, each starting the LoRA-disabled engine and the plugin "
-        "engine (as many slots as in the offline section) one after the other, the order reversed every other round; each ratio is taken "
-        "within a round, then averaged. Decode shares are per further token (TPOT), which is what the "
-        "bytes-per-step limit bounds; the 16-token rows include the first token (a prefill of 8 x 16), as "
-        "the offline section's decode rows do.",
+        "engine (as many slots as in the offline section) one after the other, the order reversed every "
+        "other round; each ratio is taken within a round, then averaged. Decode shares are per further "
+        "token (TPOT), which is what the bytes-per-step limit bounds; the 16-token rows include the first "
+        "token (a prefill of 8 x 16), as the offline section's decode rows do.",
         "",
         "| ratio | per round | mean [95% CI] | limit | share of limit |",
         "| --- | --- | --- | --- | --- |",
