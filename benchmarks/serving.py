@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 import sora_serve as ss
 from sora_serve.vllm_plugin.engine import default_thread_env
 
-from . import llama_cpp, scale
+from . import llama_cpp, paired, scale
 from . import online as online_load
 from .common import RESULTS, Target, bar_chart, markdown_targets, mean_ci95, save_suite, stats
 from .shapes import (
@@ -407,39 +407,12 @@ PAIRED_RATIOS = [
 
 
 def paired_engines(root: Path, shape: Shape, base: Path, dirs: dict, plan: Plan) -> list[dict]:
-    """The shares of the plugin's cost against the LoRA-disabled engine, read in pairs: each round
-    starts both engines, one after the other (the order reversed every other round), each running
-    only the scenarios of those ratios. The offline section runs each engine once, minutes apart,
-    and this VM's speed drifts by more than the 4% those targets look for."""
-    t, slots = plan.decode_tokens, max(max(plan.scale.distinct), len(KINDS))
-    engines = {
-        "no-lora": lambda: vllm_engine(
-            root, shape, base, {}, [decode("decode", [None], 8, t), prefill("prefill", [None], plan)], plan.repeats
-        ),
-        "plugin": lambda: vllm_engine(
-            root,
-            shape,
-            base,
-            {n: dirs[n] for n in ("lora", "sora")},
-            [decode("plugin: base requests", [None], 8, t)]
-            + [
-                decode(f"plugin: {label} @ batch 8", [name], 8, t)
-                for label, name in (("LoRA", "lora"), ("SORA", "sora"))
-            ]
-            + [
-                prefill(f"plugin: {label} prefill", [name], plan)
-                for label, name in (("LoRA", "lora"), ("SORA", "sora"))
-            ],
-            plan.repeats,
-            max_loras=slots,
-        ),
-    }
-    rounds = []
-    for i in tqdm(range(plan.paired_rounds), desc="paired engines", leave=False):
-        order = list(engines) if i % 2 == 0 else list(reversed(engines))
-        results = {name: engines[name]() for name in order}
-        rounds.append({"order": order, "results": {name: results[name]["results"] for name in engines}})
-    return rounds
+    """The plugin's shares against the LoRA-disabled engine, read in pairs: both engines alive in
+    one process, every scenario on one then the other seconds apart (`benchmarks.paired`). The
+    offline section runs each engine once, minutes apart, and on this VM engines started even a
+    minute apart read up to ±25% apart, far more than the 4% those targets look for."""
+    config = paired.pair_config(shape, base, dirs, plan, plan.paired_rounds)
+    return paired.run_pairs(config, root)
 
 
 def paired_rows(rounds: list[dict], shape: Shape) -> list[dict]:
@@ -481,11 +454,12 @@ def paired_markdown(rows: list[dict], rounds: int) -> list[str]:
     lines = [
         "## Paired engines: the plugin's cost against the LoRA-disabled engine",
         "",
-        f"{rounds} round{'s' if rounds > 1 else ''}, each starting the LoRA-disabled engine and the plugin "
-        "engine (as many slots as in the offline section) one after the other, the order reversed every "
-        "other round; each ratio is taken within a round, then averaged. Decode shares are per further "
-        "token (TPOT), which is what the bytes-per-step limit bounds; the 16-token rows include the first "
-        "token (a prefill of 8 x 16), as the offline section's decode rows do.",
+        f"{rounds} round{'s' if rounds > 1 else ''} (`python -m benchmarks.paired`): both engines alive in one "
+        "process (the plugin's with as many slots as in the offline section), each scenario on one engine then "
+        f"the other, {paired.IDLE_S} s apart, the order reversed every other round; each ratio is taken within "
+        "a round, then averaged. Decode shares are per further token (TPOT), which is what the "
+        "bytes-per-step limit bounds; the 16-token rows include the first token (a prefill of 8 x 16), as "
+        "the offline section's decode rows do.",
         "",
         "| ratio | per round | mean [95% CI] | limit | share of limit |",
         "| --- | --- | --- | --- | --- |",

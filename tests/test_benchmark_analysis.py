@@ -175,3 +175,17 @@ def test_a_paired_ratio_missing_from_every_round_is_not_measured():
 
     empty = {"order": ["plugin", "no-lora"], "results": {"no-lora": [], "plugin": []}}
     assert all(r["mean"] is None and r["per_round"] == [] for r in paired_rows([empty], SHAPES["realistic"]))
+
+
+def test_fused_op_table_gives_this_over_other_per_round():
+    from benchmarks.fused_op import markdown
+
+    def sample(rows: int, kind: str, ms: float) -> dict:
+        return {"rows": rows, "kind": kind, "ms": ms, "parts": {}}
+
+    rounds = [
+        {"order": ["this", "other"], "this": [sample(8, "lora", 1.0)], "other": [sample(8, "lora", 2.0)]},
+        {"order": ["other", "this"], "this": [sample(8, "lora", 3.0)], "other": [sample(8, "lora", 4.0)]},
+    ]
+    payload = {"rounds": rounds, "other": "/tmp/old", "config": {"layers": 12}, "machine": {"cpu": "x"}}
+    assert "| 8 | lora | 2.0 | 3.0 | 0.50 / 0.75 |" in markdown(payload)

@@ -126,3 +126,26 @@ def test_serving_suite(tmp_path):
         check=True,
     )
     assert "vLLM plugin LoRA / stock LoRA decode" in out.stdout and "physical limit" in out.stdout
+
+
+def test_fused_op_tool_times_every_projection_per_row_count(tmp_path):
+    """`benchmarks.fused_op` in its subprocess, one round: a sample per (rows, kind) with every
+    projection of a decoder layer, and its table."""
+    from sora_serve.vllm_plugin.backends import fused
+
+    if fused.op() is None:
+        pytest.skip("the fused op needs AVX512-BF16 and a compiler")
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.fused_op", "--rows", "8", "40", "--rounds", "1", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    data = json.loads((tmp_path / "fused-op.json").read_text())
+    samples = data["rounds"][0]["this"]
+    assert [(s["rows"], s["kind"]) for s in samples] == [(8, "lora"), (8, "sora"), (40, "lora"), (40, "sora")]
+    assert all(set(s["parts"]) == {"qkv", "o", "gate_up", "down"} and s["ms"] > 0 for s in samples)
+    assert all(s["ms"] == pytest.approx(sum(s["parts"].values())) for s in samples)
+    table = (tmp_path / "fused-op.md").read_text()
+    assert "| 40 | sora |" in table and "other checkout" not in table
