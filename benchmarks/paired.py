@@ -2,13 +2,15 @@
 
     python -m benchmarks.paired [--shape realistic] [--rounds 8] [--out results]
 
-The serving suite's ratios of the plugin engine to the LoRA-disabled one compare engines started
-minutes apart (its paired rounds: a minute apart), and on this VM engines a minute apart read up to
-±25% apart (2026-12-08). Here one process holds both engines (the suite's settings: its cached
-base and adapters, 32 slots), and every scenario runs on one engine, then on the other, seconds
-apart, the order reversed every other round. An idle vLLM worker keeps polling its queue for 1 s
-after its last step (`busy_loop_s` of vLLM's shared-memory queue) before it sleeps, so each run
-waits `IDLE_S` first: the other engine's worker is asleep while one runs.
+Engines started a minute apart read up to ±25% apart on this VM (the serving run of 2026-12-08
+03:56 started both engines afresh in each of 4 rounds: its ratios swung 0.72-1.27), far more than the
+4% the shares' targets look for. Here one process holds both engines (the serving suite's settings:
+its cached base and adapters, the offline section's slots), and each round runs the two engines'
+scenarios interleaved, one engine's then the other's, seconds apart (the LoRA-disabled engine's
+decode beside the plugin's base requests, its prefill beside the plugin's LoRA decode, the rest of
+the plugin's scenarios right after), the order reversed every other round. An idle vLLM worker
+keeps polling its queue for 1 s after its last step (`busy_loop_s` of vLLM's shared-memory queue)
+before it sleeps, so each run waits `IDLE_S` first: the other engine's worker is asleep while one runs.
 
 Each round gives one value of every ratio of `serving.PAIRED_RATIOS` (decode per further token,
 prefill of fresh prompts, base requests' TTFT); the report has them per round, their mean with a

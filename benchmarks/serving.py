@@ -455,8 +455,8 @@ def paired_markdown(rows: list[dict], rounds: int) -> list[str]:
         "## Paired engines: the plugin's cost against the LoRA-disabled engine",
         "",
         f"{rounds} round{'s' if rounds > 1 else ''} (`python -m benchmarks.paired`): both engines alive in one "
-        "process (the plugin's with as many slots as in the offline section), each scenario on one engine then "
-        f"the other, {paired.IDLE_S} s apart, the order reversed every other round; each ratio is taken within "
+        "process (the plugin's with as many slots as in the offline section), the two engines' scenarios "
+        f"interleaved {paired.IDLE_S} s apart, the order reversed every other round; each ratio is taken within "
         "a round, then averaged. Decode shares are per further token (TPOT), which is what the "
         "bytes-per-step limit bounds; the 16-token rows include the first token (a prefill of 8 x 16), as "
         "the offline section's decode rows do.",
