@@ -33,14 +33,17 @@ RANK, ROTATION_RANK = 16, 8
 KINDS = {"lora": (0, False), "sora": (ROTATION_RANK, True)}  # kind: (rotation rank, scale and shift)
 
 
-def projections(hidden: int, intermediate: int, kv_width: int) -> dict[str, tuple[int, list[int]]]:
-    """Per packed layer of a Llama decoder layer: (input width, output slices)."""
-    return {
-        "qkv": (hidden, [hidden, kv_width, kv_width]),
-        "o": (hidden, [hidden]),
-        "gate_up": (hidden, [intermediate, intermediate]),
-        "down": (intermediate, [hidden]),
-    }
+PACKED = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+def packed_layers(projections: dict[str, tuple[int, int]]) -> dict[str, tuple[int, list[int]]]:
+    """vLLM's packed layers of a Llama decoder layer from `Shape.projections()`: (input width, slices)."""
+    return {name: (projections[parts[0]][0], [projections[p][1] for p in parts]) for name, parts in PACKED.items()}
 
 
 def random_slot(fused, in_features: int, widths: list[int], rotation_rank: int, scaled: bool, generator):
@@ -76,7 +79,7 @@ def worker(config: dict) -> None:
     if fused.op() is None:
         raise SystemExit("the fused op cannot run on this machine (see the log above)")
     generator = torch.Generator().manual_seed(0)
-    layers = projections(config["hidden"], config["intermediate"], config["kv_width"])
+    layers = packed_layers(config["projections"])
     results = []
     for rows in config["rows"]:
         for kind, (rotation_rank, scaled) in KINDS.items():
@@ -129,9 +132,7 @@ def measure(args, work: Path) -> dict:
     shape = SHAPES["realistic"]
     config = {
         "rows": args.rows,
-        "hidden": shape.hidden_size,
-        "intermediate": shape.intermediate_size,
-        "kv_width": shape.hidden_size // shape.num_attention_heads * shape.num_key_value_heads,
+        "projections": shape.projections(),
         "layers": shape.num_layers,
     }
     checkouts = {"this": HERE} | ({"other": args.against.resolve()} if args.against else {})
@@ -187,6 +188,8 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker.read_text()))
         return
+    if min(args.rows) < 1:
+        parser.error(f"--rows: every row count must be at least 1, got {min(args.rows)}")
     if args.against and not (args.against / "sora_serve" / "vllm_plugin" / "backends" / "fused.py").is_file():
         parser.error(f"--against: {args.against} is not a checkout of this repository with the fused op")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,6 @@ def worker(config: dict) -> None:
                     {"name": scenario["name"]} | {m: {"median": v[0]} if v else None for m, v in sample.items()}
                 )
         rounds.append({"order": order, "results": results})
-        print(f"round {i + 1}/{config['rounds']} done", flush=True)
     print("RESULT " + json.dumps(rounds), flush=True)
 
 

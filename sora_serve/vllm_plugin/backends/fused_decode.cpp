@@ -249,7 +249,8 @@ struct NonFinite {
 };
 
 // Buffers of the calling thread reused from call to call, one per role, never shrunk: at prefill
-// sizes (MBs) a fresh vector is an mmap whose pages the kernel zeroes on every call, per slice.
+// sizes (MBs) a fresh vector is an mmap whose pages the kernel zeroes on every call. They hold the
+// largest mixed-slot batch seen: its tokens x (in + out) bf16, e.g. 2048 tokens of gate_up 50 MB.
 enum ScratchRole { kGatheredX, kGatheredY };
 
 template <ScratchRole Role>
